@@ -1,0 +1,244 @@
+"""The image format: a plain tar with `manifest.json` at its root.
+
+An image is the whole installed tree of a node. The file is an uncompressed POSIX tar so
+an agent can hash it while it streams to disk; its identity is the sha256 of the file
+bytes (`sha256:<hex>`). Building is reproducible: members are sorted, owners are 0 and
+mtimes are fixed, so the same tree and version give the same digest.
+
+manifest.json::
+
+    {"format": 1, "name": "web", "version": "2.0.0",
+     "workload": {"command": ["python3", "app.py"], "env": {"MODE": "prod"}}}
+
+Safety invariant: no member may escape the directory it is unpacked into. Absolute names,
+`..` components, links whose target resolves outside, hard links to outside names, and
+device or FIFO members are refused, both when building and when unpacking (where tarfile's
+"data" filter also runs as a second line of defence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rollout.errors import ImageError
+from rollout.model import Image
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        body = {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "workload": {"command": list(self.command), "env": dict(self.env)},
+        }
+        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ImageError(f"{where}: {MANIFEST} is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ImageError(f"{where}: {MANIFEST} must be a JSON object")
+        name, version, workload = body.get("name"), body.get("version"), body.get("workload")
+        if not isinstance(name, str) or not name:
+            raise ImageError(f"{where}: {MANIFEST}: name: expected a non-empty string")
+        if not isinstance(version, str) or not version:
+            raise ImageError(f"{where}: {MANIFEST}: version: expected a non-empty string")
+        if not isinstance(workload, dict):
+            raise ImageError(f"{where}: {MANIFEST}: workload: expected an object with command")
+        command, env = workload.get("command"), workload.get("env", {})
+        if (
+            not isinstance(command, list)
+            or not command
+            or not all(isinstance(c, str) for c in command)
+        ):
+            raise ImageError(
+                f"{where}: {MANIFEST}: workload.command: expected a non-empty list of strings"
+            )
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ImageError(f"{where}: {MANIFEST}: workload.env: expected string to string map")
+        return cls(name=name, version=version, command=tuple(command), env=dict(env))
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _inside(base: str, target: str) -> bool:
+    """True when the normalised relative path `target` stays within `base` (both posix)."""
+    joined = posixpath.normpath(posixpath.join(base, target))
+    return joined != ".." and not joined.startswith("../") and not posixpath.isabs(joined)
+
+
+def check_member(member: tarfile.TarInfo) -> None:
+    """Refuse a member that could write outside the directory it is unpacked into."""
+    name = member.name
+    if name.startswith("/") or posixpath.isabs(name):
+        raise ImageError(f"tar member {name!r}: absolute paths are not allowed")
+    if ".." in name.split("/"):
+        raise ImageError(f"tar member {name!r}: '..' components are not allowed")
+    if member.issym():
+        target = member.linkname
+        if posixpath.isabs(target) or not _inside(posixpath.dirname(name), target):
+            raise ImageError(f"tar member {name!r}: symlink to {target!r} points outside the image")
+    elif member.islnk():
+        target = member.linkname
+        if posixpath.isabs(target) or not _inside("", target):
+            raise ImageError(f"tar member {name!r}: hard link to {target!r} is outside the image")
+    elif not (member.isfile() or member.isdir()):
+        raise ImageError(f"tar member {name!r}: only files, directories and links are allowed")
+
+
+def build_image(
+    src: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    version: str,
+    name: str | None = None,
+    command: tuple[str, ...] | None = None,
+) -> Image:
+    """Pack directory `src` into an image file at `output`; return it with its digest.
+
+    `src/manifest.json`, when present, supplies name and workload; arguments override it.
+    """
+    root = Path(src)
+    if not root.is_dir():
+        raise ImageError(f"{src}: not a directory; pass the directory holding the image tree")
+    base: Manifest | None = None
+    if (root / MANIFEST).is_file():
+        raw = json.loads((root / MANIFEST).read_bytes() or b"{}")
+        raw.setdefault("version", version)
+        base = Manifest.from_json(json.dumps(raw).encode(), str(root / MANIFEST))
+    final_name = name or (base.name if base else root.resolve().name)
+    final_cmd = command or (base.command if base else None)
+    if not final_cmd:
+        raise ImageError(
+            f"{src}: no workload command; pass --workload 'CMD ARGS' or put one in {MANIFEST}"
+        )
+    manifest = Manifest(final_name, version, tuple(final_cmd), dict(base.env) if base else {})
+
+    entries: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for entry in sorted(dirnames + filenames):
+            full = Path(dirpath) / entry
+            rel = full.relative_to(root).as_posix()
+            if rel == MANIFEST:
+                continue
+            entries.append((rel, full))
+    entries.sort()
+
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            data = manifest.to_json()
+            info = _info(MANIFEST, tarfile.REGTYPE, 0o644, len(data))
+            tar.addfile(info, io.BytesIO(data))
+            for rel, full in entries:
+                st = full.lstat()
+                if full.is_symlink():
+                    info = _info(rel, tarfile.SYMTYPE, 0o777, 0)
+                    info.linkname = os.readlink(full)
+                    check_member(info)
+                    tar.addfile(info)
+                elif full.is_dir():
+                    tar.addfile(_info(rel, tarfile.DIRTYPE, st.st_mode & 0o755, 0))
+                elif full.is_file():
+                    info = _info(rel, tarfile.REGTYPE, st.st_mode & 0o755, st.st_size)
+                    with open(full, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    raise ImageError(f"{full}: only files, directories and symlinks can be packed")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Image(
+        path=str(out),
+        digest=sha256_file(out),
+        name=manifest.name,
+        version=manifest.version,
+        size=out.stat().st_size,
+    )
+
+
+def _info(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read the manifest of an image file without unpacking it."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            try:
+                member = tar.getmember(MANIFEST)
+            except KeyError:
+                raise ImageError(f"{path}: not an image: no {MANIFEST} at the root") from None
+            fh = tar.extractfile(member)
+            if fh is None:
+                raise ImageError(f"{path}: {MANIFEST} is not a regular file")
+            return Manifest.from_json(fh.read(), str(path))
+    except (tarfile.TarError, OSError) as exc:
+        raise ImageError(f"{path}: not a readable image tar: {exc}") from exc
+
+
+def load_image(path: str | os.PathLike[str]) -> Image:
+    """Describe an image file: its digest and what its manifest says."""
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such image file; build one with `rollout image build`")
+    manifest = read_manifest(path)
+    return Image(
+        path=str(path),
+        digest=sha256_file(path),
+        name=manifest.name,
+        version=manifest.version,
+        size=os.path.getsize(path),
+    )
+
+
+def unpack(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Manifest:
+    """Unpack image `path` into directory `dest`, refusing any member that would escape."""
+    manifest = read_manifest(path)
+    os.makedirs(dest, exist_ok=True)
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            for member in members:
+                check_member(member)
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise ImageError(f"{path}: refused while unpacking: {exc}") from exc
+    return manifest

@@ -1,0 +1,169 @@
+"""Core value types: nodes, images, batches, phases and the reasons a node fails.
+
+Everything here is a frozen dataclass or an enum and does no I/O, so the planner, the
+decision function and the engine can share them freely and tests can build them by hand.
+
+Node update phases follow DESIGN.md::
+
+    pending -> staging -> staged -> activating -> booting -> verifying -> healthy -> committed
+                  |          |          |            |           |
+                  +----------+----------+------------+-----------+--> failed
+    failed -> rolling_back -> rolled_back
+    pending -> skipped          (already on the target image and committed)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class ActivationMode(enum.StrEnum):
+    """How an agent boots its staged slot."""
+
+    REBOOT = "reboot"
+    KEXEC = "kexec"
+    SOFT_REBOOT = "soft-reboot"
+
+
+class NodePhase(enum.StrEnum):
+    PENDING = "pending"
+    STAGING = "staging"
+    STAGED = "staged"
+    ACTIVATING = "activating"
+    BOOTING = "booting"
+    VERIFYING = "verifying"
+    HEALTHY = "healthy"
+    COMMITTED = "committed"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ROLLBACK_FAILED = "rollback_failed"
+
+    @property
+    def in_flight(self) -> bool:
+        """True while the node is out of service because of this rollout."""
+        return self in _IN_FLIGHT
+
+    @property
+    def done(self) -> bool:
+        """True when the node runs the target image, committed."""
+        return self in (NodePhase.COMMITTED, NodePhase.SKIPPED)
+
+
+_IN_FLIGHT = frozenset(
+    {
+        NodePhase.ACTIVATING,
+        NodePhase.BOOTING,
+        NodePhase.VERIFYING,
+        NodePhase.HEALTHY,
+        NodePhase.ROLLING_BACK,
+    }
+)
+
+
+class RolloutPhase(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    HALTED = "halted"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class Step(enum.StrEnum):
+    """The timed steps of one node update (a bounded metric label)."""
+
+    STAGE = "stage"
+    ACTIVATE = "activate"
+    BOOT = "boot"
+    VERIFY = "verify"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+
+
+class Reason(enum.StrEnum):
+    """Why a node failed: named constants, bounded so they can be metric labels."""
+
+    STAGE_FAILED = "stage_failed"
+    DIGEST_MISMATCH = "digest_mismatch"
+    ACTIVATE_FAILED = "activate_failed"
+    BOOT_TIMEOUT = "boot_timeout"
+    FELL_BACK = "fell_back"
+    HEALTH_DEADLINE = "health_deadline"
+    UNHEALTHY = "unhealthy"
+    COMMIT_FAILED = "commit_failed"
+    UNREACHABLE = "unreachable"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of the fleet, as the inventory names it."""
+
+    id: str
+    address: str  # agent "host:port"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    token_file: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image file on the controller's disk and what its manifest says."""
+
+    path: str
+    digest: str  # "sha256:<hex>"
+    name: str
+    version: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step of the plan: nodes updated in parallel."""
+
+    index: int  # 1-based
+    nodes: tuple[Node, ...]
+    canary: bool = False
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        return tuple(n.id for n in self.nodes)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What an agent reports about itself (GET /v1/status), reduced to what the core uses."""
+
+    node_id: str
+    booted_slot: str
+    booted_version: str | None
+    booted_digest: str | None
+    staged_digest: str | None
+    committed: bool
+    boot_count: int
+    workload: str  # "running" | "stopped" | "failed" | "starting"
+
+    def runs(self, digest: str) -> bool:
+        return self.booted_digest == digest
+
+    def done(self, digest: str) -> bool:
+        return self.booted_digest == digest and self.committed
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """How one node ended in one rollout."""
+
+    node_id: str
+    phase: NodePhase
+    reason: Reason | None = None
+    detail: str = ""
