@@ -1,0 +1,457 @@
+"""The command line: parse, call, print. No rollout logic lives here.
+
+Exit codes (a contract, see docs/cli.md): 0 done, 1 the rollout did not succeed, 2 bad
+input (the message names what, where, and how to fix it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+
+from rollout import __version__, fleet
+from rollout.console import EventLog, LiveProgress, configure_logging, node_table
+from rollout.drivers.agent import AgentDriver
+from rollout.drivers.base import DriverError
+from rollout.engine import Engine, RolloutResult
+from rollout.errors import InputError
+from rollout.events import Fanout, Observer, Retried
+from rollout.image import build_image, load_image
+from rollout.inventory import load_inventory
+from rollout.metrics import MetricsRecorder
+from rollout.model import Node, NodePhase
+from rollout.plan import describe, plan_batches
+from rollout.policy import load_policy
+from rollout.sample import build_sample_image
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
+
+
+class RolloutGroup(click.Group):
+    """Turns InputError anywhere into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_INPUT)
+
+
+@click.group(cls=RolloutGroup)
+@click.version_option(__version__, prog_name="rollout")
+def main() -> None:
+    """Batched, health-checked A/B image rollouts over a fleet of node agents."""
+
+
+# -- images ---------------------------------------------------------------------------------
+@main.group()
+def image() -> None:
+    """Build and inspect image files."""
+
+
+@image.command("build")
+@click.argument("src_dir", type=click.Path(file_okay=False))
+@click.option("--version", "version", required=True, help="Image version, e.g. 2.0.0.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--name", help="Image name (default: manifest.json's, or the directory name).")
+@click.option("--workload", help="Workload command, e.g. 'python3 app/server.py'.")
+def image_build(
+    src_dir: str, version: str, output: str, name: str | None, workload: str | None
+) -> None:
+    """Pack SRC_DIR into an image file and print its sha256 digest."""
+    import shlex
+
+    command = tuple(shlex.split(workload)) if workload else None
+    img = build_image(src_dir, output, version=version, name=name, command=command)
+    click.echo(img.digest)
+
+
+@image.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+def image_inspect(file: str) -> None:
+    """Print an image's name, version, size and digest as JSON."""
+    img = load_image(file)
+    click.echo(json.dumps({"name": img.name, "version": img.version, "size": img.size,
+                           "digest": img.digest}, indent=2))  # fmt: skip
+
+
+# -- fleet ----------------------------------------------------------------------------------
+@main.group("fleet")
+def fleet_group() -> None:
+    """Start and stop a local fleet of real agents on loopback addresses."""
+
+
+@fleet_group.command("up")
+@click.option("--nodes", default=12, show_default=True, type=int)
+@click.option("--workdir", required=True, type=click.Path(file_okay=False))
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--base-address", default="127.0.0.2", show_default=True)
+@click.option("--agent-port", default=7000, show_default=True, type=int)
+@click.option("--workload-port", default=8080, show_default=True, type=int)
+@click.option("--firmware-delay", default=0.6, show_default=True, type=float)
+@click.option("--kernel-delay", default=0.3, show_default=True, type=float)
+@click.option("--commit-deadline", default=300.0, show_default=True, type=float)
+def fleet_up(
+    nodes: int,
+    workdir: str,
+    image_path: str,
+    base_address: str,
+    agent_port: int,
+    workload_port: int,
+    firmware_delay: float,
+    kernel_delay: float,
+    commit_deadline: float,
+) -> None:
+    """Start N agents booted on IMAGE and write WORKDIR/inventory.yaml."""
+    opts = fleet.FleetOptions(
+        nodes=nodes,
+        base_address=base_address,
+        agent_port=agent_port,
+        workload_port=workload_port,
+        firmware_delay=firmware_delay,
+        kernel_delay=kernel_delay,
+        commit_deadline=commit_deadline,
+    )
+    inventory = fleet.up(workdir, image_path, opts)
+    click.echo(f"{nodes} agents up; inventory: {inventory}")
+
+
+@fleet_group.command("down")
+@click.option("--workdir", required=True, type=click.Path(file_okay=False))
+def fleet_down(workdir: str) -> None:
+    """Stop every agent and workload of the fleet in WORKDIR."""
+    count = fleet.down(workdir)
+    click.echo(f"stopped {count} agent(s)")
+
+
+# -- status and plan ------------------------------------------------------------------------
+async def _statuses(nodes: tuple[Node, ...], workload_port: int) -> list[dict[str, Any]]:
+    driver = AgentDriver()
+
+    async def one(http: aiohttp.ClientSession, node: Node) -> dict[str, Any]:
+        row: dict[str, Any] = {"node": node.id, "address": node.address}
+        try:
+            st = await driver.status(node)
+        except DriverError as exc:
+            return row | {"error": str(exc)}
+        healthy: bool | None
+        try:
+            async with http.get(f"http://{node.host}:{workload_port}/healthz") as resp:
+                healthy = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            healthy = False
+        return row | {
+            "version": st.booted_version,
+            "digest": st.booted_digest,
+            "committed": st.committed,
+            "boot_count": st.boot_count,
+            "workload": st.workload,
+            "healthy": healthy,
+        }
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+            return list(await asyncio.gather(*(one(http, n) for n in nodes)))
+    finally:
+        await driver.close()
+
+
+def _short(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    if isinstance(out.get("digest"), str):
+        out["digest"] = out["digest"][:19]
+    out.pop("address", None)
+    return out
+
+
+@main.command()
+@click.option("--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--workload-port", default=8080, show_default=True, type=int)
+def status(inventory_path: str, output: str, workload_port: int) -> None:
+    """Show each node's booted version, digest, committed flag, boots and health."""
+    inv = load_inventory(inventory_path)
+    rows = asyncio.run(_statuses(inv.nodes, workload_port))
+    if output == "json":
+        click.echo(json.dumps({"nodes": rows}, indent=2))
+    else:
+        Console().print(node_table([_short(r) for r in rows], "fleet status"))
+    if any("error" in r for r in rows):
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Choice(["table", "json"]), default="table")
+def plan(inventory_path: str, policy_path: str, output: str) -> None:
+    """Print the batches a rollout would use; touches no node."""
+    inv = load_inventory(inventory_path)
+    pol = load_policy(policy_path)
+    batches = plan_batches(inv.nodes, pol)
+    rows = describe(batches, pol.batches.spread_by)
+    if output == "json":
+        click.echo(json.dumps({"batches": rows}, indent=2))
+        return
+    console = Console()
+    for row in rows:
+        spread = row.get("spread") or {}
+        per = ", ".join(f"{k}: {v}" for k, v in spread.items())
+        kind = " (canary)" if row.get("canary") else ""
+        console.print(
+            f"batch {row['number']}{kind}: {row['size']} node(s) {' '.join(row['nodes'])}"
+            + (f"  [{per}]" if per else "")
+        )
+
+
+# -- run ------------------------------------------------------------------------------------
+def _is_terminal(log_format: str) -> bool:
+    return log_format == "auto" and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _observers(log_format: str, console: Console, metrics_port: int | None,
+               metrics_host: str) -> Iterator[tuple[Fanout, MetricsRecorder]]:  # fmt: skip
+    recorder = MetricsRecorder()
+    if metrics_port is not None:
+        recorder.serve(metrics_port, metrics_host)
+    live = _is_terminal(log_format)
+    configure_logging("json" if log_format == "json" else "console",
+                      level=30 if live else 20)  # fmt: skip
+    observers: list[Observer] = [recorder, EventLog()]
+    if live:
+        progress = LiveProgress(console)
+        observers.append(progress)
+        with progress:
+            yield Fanout(observers), recorder
+    else:
+        yield Fanout(observers), recorder
+
+
+def run_rollout(
+    inventory_path: str,
+    policy_path: str,
+    image_path: str,
+    *,
+    log_format: str = "auto",
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    console: Console | None = None,
+) -> RolloutResult:
+    """Load inputs, run the rollout in the foreground, return its result."""
+    inv = load_inventory(inventory_path)
+    pol = load_policy(policy_path)
+    img = load_image(image_path)
+    batches = plan_batches(inv.nodes, pol)
+    console = console or Console(stderr=True)
+    with _observers(log_format, console, metrics_port, metrics_host) as (observer, _):
+
+        def retried(node: Node, op: str, attempt: int, exc: BaseException) -> None:
+            observer(Retried(node.id, op, attempt, str(exc)))
+
+        driver = AgentDriver(on_retry=retried)
+        engine = Engine(driver, pol, img, observer, policy_name=Path(policy_path).stem)
+        return asyncio.run(_run_engine(engine, batches, console))
+
+
+async def _run_engine(engine: Engine, batches: Any, console: Console) -> RolloutResult:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    presses = 0
+
+    def on_sigint() -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            console.print(
+                "[yellow]stopping: no new batch or node will start; in-flight nodes settle "
+                "per policy (Ctrl-C again to abandon them)[/]"
+            )
+            engine.request_stop()
+        elif task is not None:
+            task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGTERM, on_sigint)
+    try:
+        return await engine.run(batches)
+    except asyncio.CancelledError:
+        from rollout.model import RolloutPhase
+
+        return RolloutResult(
+            engine.rollout_id,
+            RolloutPhase.ABORTED,
+            "abandoned by a second interrupt: nodes in flight may be uncommitted and fall "
+            "back on their own at their agent's commit deadline",
+            dict(engine.records),
+        )
+    finally:
+        await engine.driver.close()
+
+
+def print_result(result: RolloutResult, console: Console) -> None:
+    rows = []
+    for rec in result.nodes.values():
+        rows.append({
+            "node": rec.node.id,
+            "batch": rec.batch,
+            "phase": str(rec.phase),
+            "version": rec.version,
+            "reason": str(rec.reason) if rec.reason else "",
+            "detail": rec.detail,
+        })  # fmt: skip
+    console.print(node_table(rows, f"rollout {result.rollout_id}: {result.phase}"))
+    style = "green" if result.succeeded else "red"
+    console.print(f"[{style}]{result.phase}[/]: {result.message}")
+    unsettled = [r.node.id for r in result.nodes.values()
+                 if r.phase.in_flight or r.phase is NodePhase.ROLLBACK_FAILED]  # fmt: skip
+    if unsettled:
+        console.print(
+            f"[bold red]not settled: {', '.join(unsettled)}[/] (uncommitted; their agents fall "
+            "back to the last good image at their commit deadline)"
+        )
+
+
+@main.command()
+@click.option("--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+    help="auto: live progress on a terminal, log lines otherwise.",
+)
+@click.option("--output", type=click.Choice(["table", "json"]), default="table")
+def run(
+    inventory_path: str,
+    policy_path: str,
+    image_path: str,
+    metrics_port: int | None,
+    metrics_host: str,
+    log_format: str,
+    output: str,
+) -> None:
+    """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
+    console = Console()
+    result = run_rollout(
+        inventory_path,
+        policy_path,
+        image_path,
+        log_format=log_format,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
+    if output == "json":
+        click.echo(json.dumps(_result_json(result), indent=2))
+    else:
+        print_result(result, console)
+    sys.exit(result.exit_code)
+
+
+def _result_json(result: RolloutResult) -> dict[str, Any]:
+    return {
+        "rollout": result.rollout_id,
+        "phase": str(result.phase),
+        "message": result.message,
+        "nodes": [
+            {
+                "node": r.node.id,
+                "batch": r.batch,
+                "phase": str(r.phase),
+                "failed": r.failed,
+                "reason": str(r.reason) if r.reason else None,
+                "detail": r.detail,
+                "version": r.version,
+                "boot_count": r.boot_count,
+            }
+            for r in result.nodes.values()
+        ],
+    }
+
+
+# -- demo -----------------------------------------------------------------------------------
+def _default_policy() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        candidate = base / "policies" / "canary.yaml"
+        if candidate.is_file():
+            return candidate
+    raise InputError("policies/canary.yaml not found; pass --policy FILE")
+
+
+@main.command()
+@click.option("--nodes", default=12, show_default=True, type=int)
+@click.option("--bad", is_flag=True, help="Make v2 fail its health check (the canary catches it).")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where the fleet lives.")
+@click.option("--keep", is_flag=True, help="Leave the fleet running (needs --workdir).")
+@click.option("--policy", "policy_path", type=click.Path(dir_okay=False))
+@click.option("--base-address", default="127.0.0.2", show_default=True)
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto")
+def demo(
+    nodes: int,
+    bad: bool,
+    workdir: str | None,
+    keep: bool,
+    policy_path: str | None,
+    base_address: str,
+    log_format: str,
+) -> None:
+    """Build v1 and v2, start a local fleet on v1, roll v2 out with policies/canary.yaml."""
+    if keep and not workdir:
+        raise InputError("--keep: needs --workdir DIR so you can find the fleet afterwards")
+    policy = Path(policy_path) if policy_path else _default_policy()
+    load_policy(policy)  # bad input is reported before anything starts
+    console = Console()
+    wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rollout-demo-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    v1 = build_sample_image(wd / "v1.img", "1.0.0")
+    v2 = build_sample_image(wd / "v2.img", "2.0.0-bad" if bad else "2.0.0", bad=bad)
+    console.print(f"images: v1 {v1.digest[:19]}  v2 {v2.digest[:19]}{' (bad)' if bad else ''}")
+    inventory = fleet.up(wd, v1.path, fleet.FleetOptions(nodes=nodes, base_address=base_address))
+    console.print(f"fleet: {nodes} agents up from {base_address}; inventory {inventory}")
+    try:
+        result = run_rollout(str(inventory), str(policy), v2.path, log_format=log_format)
+        print_result(result, console)
+        rows = asyncio.run(_statuses(load_inventory(inventory).nodes, 8080))
+        console.print(node_table([_short(r) for r in rows], "fleet after the rollout"))
+    finally:
+        if keep:
+            console.print(
+                f"fleet left running: rollout status --inventory {inventory}; "
+                f"rollout fleet down --workdir {wd}"
+            )
+        else:
+            fleet.down(wd)
+            if not workdir:
+                shutil.rmtree(wd, ignore_errors=True)
+    sys.exit(result.exit_code)
+
+
+def _register_agent() -> None:
+    from rollout.agent.cli import agent
+
+    main.add_command(agent)
+
+
+_register_agent()
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,211 @@
+"""What the operator sees: live progress (rich), structured logs (structlog), summaries.
+
+Both the progress display and the log are observers of the engine's events. On a
+terminal the CLI shows live progress and logs only warnings; elsewhere (CI, pipes) it
+writes one structured log line per event, as key=value text or, with `--log-format
+json`, as JSON. Tokens never reach either: events carry no secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from rollout.events import (
+    BatchFinished,
+    BatchStarted,
+    Event,
+    NodeChanged,
+    RolloutFinished,
+    RolloutStarted,
+    StepDone,
+)
+from rollout.model import NodePhase
+
+_STYLE = {
+    NodePhase.COMMITTED: "green",
+    NodePhase.SKIPPED: "green",
+    NodePhase.FAILED: "red",
+    NodePhase.ROLLBACK_FAILED: "bold red",
+    NodePhase.ROLLED_BACK: "yellow",
+    NodePhase.ROLLING_BACK: "yellow",
+    NodePhase.PENDING: "dim",
+}
+
+
+def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
+    """Set structlog up once: JSON for machines, key=value text otherwise, on stderr."""
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class EventLog:
+    """Observer writing one structured log line per meaningful event."""
+
+    def __init__(self) -> None:
+        self.log = structlog.get_logger("rollout")
+
+    def __call__(self, event: Event) -> None:
+        log = self.log
+        if isinstance(event, RolloutStarted):
+            self.log = log = log.bind(rollout=event.rollout_id)
+            log.info(
+                "rollout_started",
+                image=event.image.version,
+                digest=event.image.digest,
+                policy=event.policy,
+                batches=len(event.batches),
+                nodes=event.fleet_size,
+            )
+        elif isinstance(event, BatchStarted):
+            log.info(
+                "batch_started",
+                batch=event.batch.index,
+                of=event.total_batches,
+                canary=event.batch.canary,
+                nodes=list(event.batch.node_ids),
+            )
+        elif isinstance(event, StepDone):
+            emit = log.info if event.ok else log.warning
+            emit(
+                "node_step",
+                node=event.node_id,
+                step=str(event.step),
+                seconds=round(event.seconds, 3),
+                outcome="ok" if event.ok else "error",
+            )
+        elif isinstance(event, NodeChanged):
+            bad = event.phase in (NodePhase.FAILED, NodePhase.ROLLBACK_FAILED)
+            emit = log.warning if bad else log.info
+            fields: dict[str, Any] = {"node": event.node_id, "batch": event.batch}
+            if event.reason:
+                fields["reason"] = str(event.reason)
+            if event.detail:
+                fields["detail"] = event.detail
+            emit(f"node_{event.phase}", **fields)
+        elif isinstance(event, BatchFinished):
+            log.info(
+                "batch_finished",
+                batch=event.batch.index,
+                failed=event.failed,
+                decision=event.decision,
+            )
+        elif isinstance(event, RolloutFinished):
+            emit = log.info if event.phase == "succeeded" else log.warning
+            emit("rollout_finished", phase=str(event.phase), message=event.message)
+
+
+class LiveProgress:
+    """Observer drawing live progress on a terminal: batch, counts, nodes in flight."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = Live(console=console, refresh_per_second=8, transient=False)
+        self.title = ""
+        self.batch = ""
+        self.phases: dict[str, NodePhase] = {}
+        self.details: dict[str, str] = {}
+
+    def __enter__(self) -> LiveProgress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self._render())
+        self.live.__exit__(None, None, None)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RolloutStarted):
+            self.title = (
+                f"rollout {event.rollout_id}: {event.image.name} {event.image.version} "
+                f"to {event.fleet_size} nodes in {len(event.batches)} batches"
+            )
+            self.phases = {n.id: NodePhase.PENDING for b in event.batches for n in b.nodes}
+        elif isinstance(event, BatchStarted):
+            kind = "canary " if event.batch.canary else ""
+            self.batch = (
+                f"{kind}batch {event.batch.index}/{event.total_batches}: "
+                f"{', '.join(event.batch.node_ids)}"
+            )
+        elif isinstance(event, NodeChanged):
+            self.phases[event.node_id] = event.phase
+            if event.detail:
+                self.details[event.node_id] = event.detail
+        elif isinstance(event, RolloutFinished):
+            self.batch = f"{event.phase}: {event.message}"
+        self.live.update(self._render())
+
+    def _render(self) -> Group:
+        counts = Counter(self.phases.values())
+        done = counts[NodePhase.COMMITTED] + counts[NodePhase.SKIPPED]
+        failed = sum(counts[p] for p in (NodePhase.FAILED, NodePhase.ROLLED_BACK,
+                                         NodePhase.ROLLBACK_FAILED))  # fmt: skip
+        flight = [n for n, p in self.phases.items() if p not in _SETTLED]
+        line = Text.assemble(
+            (f"done {done}", "green"), "  ",
+            (f"failed {failed}", "red" if failed else "dim"), "  ",
+            (f"in flight {len(flight)}", "cyan"), "  ",
+            (f"pending {counts[NodePhase.PENDING]}", "dim"),
+        )  # fmt: skip
+        table = Table(box=None, show_header=False, pad_edge=False)
+        for node_id in flight[:16]:
+            phase = self.phases[node_id]
+            table.add_row(node_id, Text(str(phase), style=_STYLE.get(phase, "cyan")))
+        return Group(Text(self.title, style="bold"), Text(self.batch), line, table)
+
+
+_SETTLED = frozenset(
+    {
+        NodePhase.PENDING,
+        NodePhase.COMMITTED,
+        NodePhase.SKIPPED,
+        NodePhase.FAILED,
+        NodePhase.ROLLED_BACK,
+        NodePhase.ROLLBACK_FAILED,
+    }
+)
+
+
+_PHASES = frozenset(str(p) for p in NodePhase)
+
+
+def node_table(rows: Iterable[dict[str, Any]], title: str) -> Table:
+    """A table of per-node rows (as built by the CLI's status and summary commands)."""
+    table = Table(title=title)
+    rows = list(rows)
+    columns = list(rows[0].keys()) if rows else ["node"]
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col)
+            style = ""
+            if col == "phase" and value in _PHASES:
+                style = _STYLE.get(NodePhase(value), "")
+            cells.append(Text("" if value is None else str(value), style=style))
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,213 @@
+"""The agent driver: reaches a node's agent over its HTTP API v1 (docs/agent-api.md).
+
+One aiohttp session serves all nodes. Each node's bearer token is read from its token file
+once and kept in memory; it never appears in logs or errors.
+
+Retries: only idempotent calls are retried on transport errors (status, stage, commit),
+with tenacity's explicit stop and wait. `activate` and `rollback` are never retried: if the
+request may have reached the agent, the engine learns what happened from the agent's
+`boot_count` instead of risking a second boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from rollout.drivers.base import Refused, TransportError
+from rollout.errors import InputError
+from rollout.model import ActivationMode, Image, Node, NodeStatus
+
+_CHUNK = 256 * 1024
+_SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
+_STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+
+RetryHook = Callable[[Node, str, int, BaseException], None]
+
+
+def parse_status(body: dict[str, Any]) -> NodeStatus:
+    booted = body.get("booted") or {}
+    staged = body.get("staged") or {}
+    workload = body.get("workload") or {}
+    return NodeStatus(
+        node_id=str(body.get("node_id", "")),
+        booted_slot=str(booted.get("slot", "")),
+        booted_version=booted.get("version"),
+        booted_digest=booted.get("digest"),
+        staged_digest=staged.get("digest"),
+        committed=bool(body.get("committed")),
+        boot_count=int(body.get("boot_count", 0)),
+        workload=str(workload.get("state", "unknown")),
+    )
+
+
+class AgentDriver:
+    """Driver for nodes running `rollout agent`."""
+
+    def __init__(
+        self,
+        attempts: int = 5,
+        wait_max: float = 5.0,
+        on_retry: RetryHook | None = None,
+    ) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, str] = {}
+        self.attempts = attempts
+        self.wait_max = wait_max
+        self.on_retry = on_retry
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No pooling across reboots: a rebooted agent closes its sockets anyway.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, force_close=True)
+            )
+        return self._session
+
+    def _token(self, node: Node) -> str:
+        if node.token_file is None:
+            raise InputError(f"node {node.id}: no token_file in the inventory")
+        if node.token_file not in self._tokens:
+            try:
+                self._tokens[node.token_file] = Path(node.token_file).read_text().strip()
+            except OSError as exc:
+                raise InputError(
+                    f"node {node.id}: cannot read token file {node.token_file}: {exc.strerror}"
+                ) from exc
+        return self._tokens[node.token_file]
+
+    def _headers(self, node: Node) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token(node)}"}
+
+    def _url(self, node: Node, path: str) -> str:
+        return f"http://{node.address}{path}"
+
+    async def _call(
+        self,
+        node: Node,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            async with self._http().request(
+                method,
+                self._url(node, path),
+                json=json,
+                headers=self._headers(node),
+                timeout=_SHORT,
+            ) as resp:
+                return await _answer(node, resp)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
+
+    def _retrying(self, node: Node, operation: str) -> AsyncRetrying:
+        def before_sleep(state: RetryCallState) -> None:
+            if self.on_retry and state.outcome is not None:
+                exc = state.outcome.exception()
+                if exc is not None:
+                    self.on_retry(node, operation, state.attempt_number, exc)
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(TransportError),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=0.2, max=self.wait_max),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+    # -- Driver -------------------------------------------------------------------------
+    async def status(self, node: Node) -> NodeStatus:
+        """One status request, not retried: callers poll (a rebooting node is expected)."""
+        return parse_status(await self._call(node, "GET", "/v1/status"))
+
+    async def status_retrying(self, node: Node) -> NodeStatus:
+        async for attempt in self._retrying(node, "status"):
+            with attempt:
+                return await self.status(node)
+        raise AssertionError("unreachable")
+
+    async def stage(
+        self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
+    ) -> bool:
+        async for attempt in self._retrying(node, "stage"):
+            with attempt:
+                return await self._stage_once(node, image, on_bytes)
+        raise AssertionError("unreachable")
+
+    async def _stage_once(
+        self, node: Node, image: Image, on_bytes: Callable[[int], None] | None
+    ) -> bool:
+        async def body() -> AsyncIterator[bytes]:
+            with open(image.path, "rb") as fh:  # noqa: ASYNC230 - reads go to a thread
+                while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                    yield chunk
+
+        headers = self._headers(node) | {
+            "X-Image-Digest": image.digest,
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(image.size),
+        }
+        try:
+            async with self._http().put(
+                self._url(node, "/v1/image"), data=body(), headers=headers, timeout=_STREAM
+            ) as resp:
+                answer = await _answer(node, resp)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
+        return bool(answer.get("written", True))
+
+    async def activate(self, node: Node, mode: ActivationMode) -> None:
+        await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)})
+
+    async def commit(self, node: Node) -> NodeStatus:
+        async for attempt in self._retrying(node, "commit"):
+            with attempt:
+                return parse_status(await self._call(node, "POST", "/v1/commit"))
+        raise AssertionError("unreachable")
+
+    async def rollback(self, node: Node, mode: ActivationMode) -> None:
+        await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        body = await resp.json(content_type=None)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    if resp.status >= 500:
+        raise TransportError(f"{node.id}: agent answered {resp.status}: {body.get('message', '')}")
+    if resp.status == 401:
+        raise Refused("unauthorized", f"{node.id}: the agent refused the token", resp.status)
+    if resp.status >= 400:
+        raise Refused(
+            str(body.get("error", f"http_{resp.status}")),
+            str(body.get("message", "")),
+            resp.status,
+        )
+    return body
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,51 @@
+"""The Driver protocol: the engine's only way to touch a node.
+
+Errors split in two, because they are handled differently:
+- `TransportError`: the node could not be reached or answered garbage. Worth retrying
+  (tenacity, with explicit stop and wait), and expected while a node reboots.
+- `Refused`: the node answered and said no (digest mismatch, nothing staged, busy, ...).
+  A verdict, never retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from rollout.model import ActivationMode, Image, Node, NodeStatus
+
+
+class DriverError(Exception):
+    """Base of errors raised by drivers."""
+
+
+class TransportError(DriverError):
+    """The node did not answer usefully (connection refused, timeout, 5xx)."""
+
+
+class Refused(DriverError):
+    """The node answered and refused; `code` is its machine-readable error code."""
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class Driver(Protocol):
+    async def status(self, node: Node) -> NodeStatus: ...
+
+    async def stage(
+        self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
+    ) -> bool:
+        """Write `image` into the node's inactive slot; True if bytes were written."""
+        ...
+
+    async def activate(self, node: Node, mode: ActivationMode) -> None: ...
+
+    async def commit(self, node: Node) -> NodeStatus: ...
+
+    async def rollback(self, node: Node, mode: ActivationMode) -> None: ...
+
+    async def close(self) -> None: ...

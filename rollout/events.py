@@ -1,0 +1,109 @@
+"""Events the engine emits, and the Observer protocol that receives them.
+
+The engine reports everything it decides and observes as a frozen event value. Progress
+display, structured logs and Prometheus metrics are all observers of the same stream, so
+they can never disagree, and a journal can store the same values later.
+Observers must be fast and must not raise: the engine calls them inline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from rollout.model import Batch, Image, NodePhase, Reason, RolloutPhase, Step
+
+
+@dataclass(frozen=True)
+class RolloutStarted:
+    rollout_id: str
+    image: Image
+    policy: str
+    batches: tuple[Batch, ...]
+    fleet_size: int
+
+
+@dataclass(frozen=True)
+class BatchStarted:
+    batch: Batch
+    total_batches: int
+
+
+@dataclass(frozen=True)
+class NodeChanged:
+    node_id: str
+    batch: int
+    phase: NodePhase
+    reason: Reason | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    node_id: str
+    step: Step
+    seconds: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class BytesSent:
+    node_id: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Retried:
+    node_id: str
+    operation: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True)
+class HealthChecked:
+    node_id: str
+    check: str  # check type: http, tcp, agent
+    ok: bool
+
+
+@dataclass(frozen=True)
+class BatchFinished:
+    batch: Batch
+    failed: int
+    decision: str
+
+
+@dataclass(frozen=True)
+class RolloutFinished:
+    phase: RolloutPhase
+    message: str
+
+
+Event = (
+    RolloutStarted
+    | BatchStarted
+    | NodeChanged
+    | StepDone
+    | BytesSent
+    | Retried
+    | HealthChecked
+    | BatchFinished
+    | RolloutFinished
+)
+
+
+class Observer(Protocol):
+    def __call__(self, event: Event) -> None: ...
+
+
+class Fanout:
+    """Deliver each event to several observers."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self.observers = list(observers)
+
+    def __call__(self, event: Event) -> None:
+        for observer in self.observers:
+            observer(event)

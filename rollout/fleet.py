@@ -1,0 +1,232 @@
+"""The local fleet: N real agent processes, each on its own loopback address.
+
+`up` starts `python -m rollout agent` N times (127.0.0.2, 127.0.0.3, ... by default; any
+127.0.0.0/8 base), each with its own state dir under WORKDIR/nodes/<id>, booted on the
+given image, and writes WORKDIR/inventory.yaml, WORKDIR/token (0600) and WORKDIR/fleet.json
+(the pids). It returns once every agent answers /healthz, and stops everything it started
+if one does not. `down` stops the agents (each stops its own workload) and then makes sure
+no process with its working directory inside WORKDIR is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from rollout.errors import InputError
+from rollout.image import load_image
+from rollout.inventory import dump_inventory
+from rollout.model import Node
+
+FLEET_FILE = "fleet.json"
+INVENTORY = "inventory.yaml"
+TOKEN = "token"
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    nodes: int = 12
+    base_address: str = "127.0.0.2"
+    agent_port: int = 7000
+    workload_port: int = 8080
+    racks: int = 3
+    firmware_delay: float = 0.6
+    kernel_delay: float = 0.3
+    commit_deadline: float = 300.0
+    ready_timeout: float = 30.0
+
+
+def _addresses(base: str, count: int) -> list[str]:
+    try:
+        first = ipaddress.IPv4Address(base)
+    except ValueError:
+        raise InputError(f"--base-address: {base!r} is not an IPv4 address") from None
+    if not first.is_loopback:
+        raise InputError(f"--base-address: {base} is not in 127.0.0.0/8; local nodes are loopback")
+    last = first + (count - 1)
+    if not last.is_loopback:
+        raise InputError(f"--base-address: {count} nodes from {base} leave 127.0.0.0/8")
+    return [str(first + i) for i in range(count)]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> Path:
+    """Start the fleet; return the inventory path."""
+    if opts.nodes < 1:
+        raise InputError(f"--nodes: expected at least 1, got {opts.nodes}")
+    image = load_image(image_path)
+    wd = Path(workdir).resolve()
+    if (wd / FLEET_FILE).exists() and _alive(_read_pids(wd)):
+        raise InputError(
+            f"{wd}: a fleet is already running here; stop it: rollout fleet down --workdir {wd}"
+        )
+    hosts = _addresses(opts.base_address, opts.nodes)
+    for host in hosts:
+        for port in (opts.agent_port, opts.workload_port):
+            if not _port_free(host, port):
+                raise InputError(
+                    f"{host}:{port} is already in use (another fleet still running?); stop it "
+                    "with `rollout fleet down --workdir DIR` or pick --base-address"
+                )
+    wd.mkdir(parents=True, exist_ok=True)
+    token = wd / TOKEN
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    width = max(2, len(str(opts.nodes)))
+    nodes: list[Node] = []
+    procs: dict[str, int] = {}
+    for i, host in enumerate(hosts):
+        node_id = f"node-{i + 1:0{width}d}"
+        state = wd / "nodes" / node_id
+        state.mkdir(parents=True, exist_ok=True)
+        log = open(state / "agent.log", "ab")
+        cmd = [
+            sys.executable, "-m", "rollout", "agent",
+            "--listen", f"{host}:{opts.agent_port}",
+            "--state-dir", str(state),
+            "--token-file", str(token),
+            "--image", str(Path(image.path).resolve()),
+            "--node-id", node_id,
+            "--workload-port", str(opts.workload_port),
+            "--firmware-delay", str(opts.firmware_delay),
+            "--kernel-delay", str(opts.kernel_delay),
+            "--commit-deadline", str(opts.commit_deadline),
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        procs[node_id] = proc.pid
+        rack = f"rack-{i % opts.racks + 1}"
+        nodes.append(Node(node_id, f"{host}:{opts.agent_port}", {"rack": rack}, str(token)))
+    (wd / FLEET_FILE).write_text(json.dumps({"pids": procs}, indent=2) + "\n")
+    inventory = wd / INVENTORY
+    dump_inventory(nodes, TOKEN, inventory)
+    try:
+        asyncio.run(_wait_ready(nodes, opts.ready_timeout))
+    except Exception:
+        down(wd)
+        raise
+    return inventory
+
+
+async def _wait_ready(nodes: list[Node], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = {n.id: n for n in nodes}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while pending:
+            for node_id, node in list(pending.items()):
+                try:
+                    async with http.get(f"http://{node.address}/healthz") as resp:
+                        if resp.status == 200:
+                            del pending[node_id]
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    pass
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"agents did not answer within {timeout:g}s: {', '.join(sorted(pending))} "
+                    "(see nodes/<id>/agent.log in the workdir)"
+                )
+            await asyncio.sleep(0.1)  # polling interval, not a wait for an event
+
+
+def _read_pids(wd: Path) -> dict[str, int]:
+    try:
+        data = json.loads((wd / FLEET_FILE).read_text())
+        return {str(k): int(v) for k, v in data.get("pids", {}).items()}
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pids: dict[str, int]) -> bool:
+    return any(_pid_alive(p) for p in pids.values())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_under(wd: Path) -> list[int]:
+    """Pids whose working directory lies inside `wd` (workloads run in slot roots)."""
+    found = []
+    prefix = str(wd) + os.sep
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == str(wd) or cwd.startswith(prefix):
+            found.append(int(entry))
+    return found
+
+
+def down(workdir: str | os.PathLike[str], timeout: float = 15.0) -> int:
+    """Stop every process of the fleet in `workdir`; return how many agents were running."""
+    wd = Path(workdir).resolve()
+    if not (wd / FLEET_FILE).exists():
+        raise InputError(f"{wd}: no {FLEET_FILE} here; is this a fleet's --workdir?")
+    pids = _read_pids(wd)
+    running = [p for p in pids.values() if _pid_alive(p)]
+    for pid in running:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(p) for p in running) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for exit with a deadline
+    for pid in running:
+        if _pid_alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+    for pid in _processes_under(wd):
+        _signal_group(pid, signal.SIGKILL)
+    (wd / FLEET_FILE).unlink(missing_ok=True)
+    return len(running)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        _signal(pid, sig)

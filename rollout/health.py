@@ -1,0 +1,164 @@
+"""Health checks of an updated node, and the healthy-for-long-enough watcher.
+
+Probes (I/O): `http` GETs the workload and compares the status code, `tcp` connects to a
+port, `agent` asks the node's agent that the booted digest is the target and the workload
+runs. A probe's failure is information, never an exception, and is never retried: the
+watcher simply looks again at the next interval.
+
+`HealthTracker` (pure) turns a sequence of (time, all-checks-ok) observations into a
+verdict. A node is healthy only after passing continuously for `min_healthy_time`; any
+failed round resets that clock. It fails early after `failure_threshold` consecutive
+failed rounds (0 disables this), and fails when `deadline` passes first.
+
+Worked example, min_healthy_time=3, deadline=10, failure_threshold=0, rounds every 1 s::
+
+    t=0 ok   -> pending (healthy since 0)
+    t=1 fail -> pending (streak reset)
+    t=2 ok   -> pending (healthy since 2)
+    t=5 ok   -> healthy (held 3 s)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from rollout import clock
+from rollout.drivers.base import Driver, DriverError
+from rollout.model import Node
+from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
+
+
+class Verdict(enum.StrEnum):
+    PENDING = "pending"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # failure_threshold consecutive failures
+    DEADLINE = "deadline"  # never healthy long enough before the deadline
+
+
+@dataclass
+class HealthTracker:
+    started: float
+    min_healthy_time: float
+    deadline: float
+    failure_threshold: int = 0
+    healthy_since: float | None = None
+    consecutive_failures: int = 0
+
+    def observe(self, now: float, ok: bool) -> Verdict:
+        if ok:
+            self.consecutive_failures = 0
+            if self.healthy_since is None:
+                self.healthy_since = now
+            if now - self.healthy_since >= self.min_healthy_time:
+                return Verdict.HEALTHY
+        else:
+            self.healthy_since = None
+            self.consecutive_failures += 1
+            if self.failure_threshold and self.consecutive_failures >= self.failure_threshold:
+                return Verdict.UNHEALTHY
+        if now - self.started >= self.deadline:
+            return Verdict.DEADLINE
+        return Verdict.PENDING
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    kind: str
+    ok: bool
+    detail: str
+
+
+class Prober:
+    """Runs a policy's checks against one node."""
+
+    def __init__(self, driver: Driver, session: aiohttp.ClientSession) -> None:
+        self.driver = driver
+        self.session = session
+
+    async def check(self, check: Check, node: Node, target_digest: str) -> CheckResult:
+        if isinstance(check, HttpCheck):
+            return await self._http(check, node)
+        if isinstance(check, TcpCheck):
+            return await self._tcp(check, node)
+        if isinstance(check, AgentCheck):
+            return await self._agent(node, target_digest)
+        raise TypeError(f"unknown check {check!r}")
+
+    async def check_all(
+        self, checks: Sequence[Check], node: Node, target_digest: str
+    ) -> list[CheckResult]:
+        return list(await asyncio.gather(*(self.check(c, node, target_digest) for c in checks)))
+
+    async def _http(self, check: HttpCheck, node: Node) -> CheckResult:
+        url = f"http://{node.host}:{check.port}{check.path}"
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=check.timeout), allow_redirects=False
+            ) as resp:
+                await resp.read()
+                ok = resp.status == check.expect_status
+                return CheckResult("http", ok, f"GET {check.path} -> {resp.status}")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return CheckResult("http", False, f"GET {check.path}: {type(exc).__name__}")
+
+    async def _tcp(self, check: TcpCheck, node: Node) -> CheckResult:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(node.host, check.port), check.timeout
+            )
+        except (TimeoutError, OSError) as exc:
+            return CheckResult("tcp", False, f"connect :{check.port}: {type(exc).__name__}")
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+        return CheckResult("tcp", True, f"connect :{check.port}")
+
+    async def _agent(self, node: Node, target_digest: str) -> CheckResult:
+        try:
+            st = await self.driver.status(node)
+        except DriverError as exc:
+            return CheckResult("agent", False, f"status: {exc}")
+        if st.booted_digest != target_digest:
+            return CheckResult("agent", False, f"booted {st.booted_version} is not the target")
+        if st.workload != "running":
+            return CheckResult("agent", False, f"workload {st.workload}")
+        return CheckResult("agent", True, "on target, workload running")
+
+
+async def watch(
+    prober: Prober,
+    health: Health,
+    node: Node,
+    target_digest: str,
+    on_result: Callable[[CheckResult], None] | None = None,
+) -> tuple[Verdict, str]:
+    """Check `node` every interval until it is healthy long enough, or fails.
+
+    Returns the verdict and the detail of the last failed check (empty when healthy).
+    """
+    tracker = HealthTracker(
+        started=clock.now(),
+        min_healthy_time=health.min_healthy_time,
+        deadline=health.deadline,
+        failure_threshold=health.failure_threshold,
+    )
+    last_failure = ""
+    while True:
+        results = await prober.check_all(health.checks, node, target_digest)
+        for r in results:
+            if on_result is not None:
+                on_result(r)
+            if not r.ok:
+                last_failure = f"{r.kind}: {r.detail}"
+        ok = all(r.ok for r in results)
+        verdict = tracker.observe(clock.now(), ok)
+        if verdict is not Verdict.PENDING:
+            return verdict, "" if verdict is Verdict.HEALTHY else last_failure
+        await clock.sleep(health.interval)
