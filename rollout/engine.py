@@ -115,6 +115,7 @@ class Engine:
         observer: Observer,
         policy_name: str = "",
         rollout_id: str | None = None,
+        reach_timeout: float = REACH_TIMEOUT,
     ) -> None:
         self.driver = driver
         self.policy = policy
@@ -122,6 +123,7 @@ class Engine:
         self.observer = observer
         self.policy_name = policy_name
         self.rollout_id = rollout_id or uuid.uuid4().hex[:12]
+        self.reach_timeout = reach_timeout
         self.records: dict[str, NodeRecord] = {}
         self._stop = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -218,7 +220,7 @@ class Engine:
 
     async def _update_steps(self, rec: NodeRecord, prober: Prober) -> None:
         node, target = rec.node, self.image.digest
-        st = await self._reach(node, REACH_TIMEOUT)
+        st = await self._reach(node, self.reach_timeout)
         rec.boot_count_start = rec.boot_count = st.boot_count
         rec.version = st.booted_version
         if st.done(target):

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rollout.model import Image
+from rollout import fleet
+from rollout.fleet import FleetOptions
+from rollout.inventory import load_inventory
+from rollout.model import Image, Node
 from rollout.sample import build_sample_image
 
 # Each test process gets its own 127.X.0.0/16 so parallel or leftover runs never collide.
@@ -21,6 +24,16 @@ _hosts = itertools.count(1)
 def next_host() -> str:
     """A fresh loopback address (127.X.Y.Z) no other test in this run uses."""
     n = next(_hosts)
+    return f"127.{_SECOND_OCTET}.{n // 250}.{n % 250 + 2}"
+
+
+def next_block(count: int) -> str:
+    """First of `count` consecutive fresh loopback addresses within one /24."""
+    global _hosts
+    n = next(_hosts)
+    if n % 250 + count > 250:
+        n = (n // 250 + 1) * 250
+    _hosts = itertools.count(n + count)
     return f"127.{_SECOND_OCTET}.{n // 250}.{n % 250 + 2}"
 
 
@@ -44,3 +57,36 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleImages]:
         v2=build_sample_image(d / "v2.img", "2.0.0"),
         bad=build_sample_image(d / "bad.img", "2.0.0-bad", bad=True),
     )
+
+
+@dataclass(frozen=True)
+class LocalFleet:
+    workdir: Path
+    inventory: Path
+    nodes: tuple[Node, ...]
+
+
+@pytest.fixture
+def make_fleet(
+    tmp_path: Path, images: SampleImages
+) -> Iterator[Callable[..., LocalFleet]]:
+    """Start real local fleets (agent processes on fresh loopback addresses); stop them after."""
+    started: list[Path] = []
+
+    def make(count: int, image: Image | None = None, **opts: float) -> LocalFleet:
+        workdir = tmp_path / f"fleet-{len(started)}"
+        options = FleetOptions(
+            nodes=count,
+            base_address=next_block(count),
+            firmware_delay=opts.pop("firmware_delay", 0.2),
+            kernel_delay=opts.pop("kernel_delay", 0.1),
+            commit_deadline=opts.pop("commit_deadline", 120.0),
+        )
+        started.append(workdir)
+        inventory = fleet.up(workdir, (image or images.v1).path, options)
+        return LocalFleet(workdir, inventory, load_inventory(inventory).nodes)
+
+    yield make
+    for workdir in started:
+        if (workdir / fleet.FLEET_FILE).exists():
+            fleet.down(workdir)

@@ -1,0 +1,212 @@
+"""The CLI as a user runs it: real subprocesses, real fleets, exit codes and output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rollout import fleet
+from tests.conftest import LocalFleet, SampleImages, next_block
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_POLICY: dict[str, Any] = {
+    "activation": "reboot",
+    "batches": {"canary": 1, "size": "50%", "max_unavailable": "50%"},
+    "health": {
+        "checks": [{"type": "http", "port": 8080, "path": "/healthz"}, {"type": "agent"}],
+        "interval": "200ms",
+        "min_healthy_time": "600ms",
+        "deadline": "15s",
+        "boot_timeout": "20s",
+        "failure_threshold": 4,
+    },
+    "failure": {"max_failed": 0, "action": "rollback"},
+}
+
+
+def rollout(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rollout", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def write_policy(tmp_path: Path, data: dict[str, Any] = FAST_POLICY) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def status_json(inventory: Path) -> dict[str, dict[str, Any]]:
+    proc = rollout("status", "--inventory", str(inventory), "--output", "json")
+    assert proc.returncode == 0, proc.stderr
+    return {row["node"]: row for row in json.loads(proc.stdout)["nodes"]}
+
+
+def test_run_then_status_shows_every_node_on_target_with_one_more_boot(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    fl = make_fleet(4)
+    before = status_json(fl.inventory)
+    policy = write_policy(tmp_path)
+    proc = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v2.path, "--log-format", "json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    events = {line["event"] for line in lines}
+    assert {"rollout_started", "batch_started", "node_committed", "rollout_finished"} <= events
+    steps = [line for line in lines if line["event"] == "node_step"]
+    assert {s["step"] for s in steps} == {"stage", "activate", "boot", "verify", "commit"}
+    token = Path(fl.nodes[0].token_file or "").read_text().strip()
+    assert token not in proc.stderr and token not in proc.stdout
+    after = status_json(fl.inventory)
+    for node_id, row in after.items():
+        assert row["digest"] == images.v2.digest
+        assert row["committed"] is True
+        assert row["boot_count"] == before[node_id]["boot_count"] + 1
+        assert row["healthy"] is True
+
+
+def test_bad_policy_is_exit_2_with_file_and_field(
+    make_fleet: Callable[..., LocalFleet], tmp_path: Path
+) -> None:
+    bad = dict(FAST_POLICY, batches={"size": "lots"})
+    policy = write_policy(tmp_path, bad)
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(yaml.safe_dump({"token_file": "t", "nodes": [
+        {"id": "a", "address": "127.0.0.1:1"}]}))  # fmt: skip
+    proc = rollout("plan", "--inventory", str(inventory), "--policy", str(policy))
+    assert proc.returncode == 2
+    assert f"{policy}: batches.size:" in proc.stderr
+    assert '"lots"' in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_image_is_exit_2(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path)
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(yaml.safe_dump({"token_file": "t", "nodes": [
+        {"id": "a", "address": "127.0.0.1:1"}]}))  # fmt: skip
+    proc = rollout(
+        "run", "--inventory", str(inventory), "--policy", str(policy),
+        "--image", str(tmp_path / "nope.img"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "nope.img" in proc.stderr
+
+
+def test_plan_prints_batches_without_touching_nodes(tmp_path: Path) -> None:
+    inventory = tmp_path / "inv.yaml"
+    nodes = [
+        {"id": f"n{i}", "address": f"127.0.0.{i + 2}:7000", "labels": {"rack": f"r{i % 2}"}}
+        for i in range(6)
+    ]
+    inventory.write_text(yaml.safe_dump({"token_file": "t", "nodes": nodes}))
+    proc = rollout(
+        "plan", "--inventory", str(inventory), "--policy", str(ROOT / "policies/canary.yaml"),
+        "--output", "json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    batches = json.loads(proc.stdout)["batches"]
+    assert batches[0]["size"] == 1
+    assert sorted(n for b in batches for n in b["nodes"]) == sorted(n["id"] for n in nodes)
+
+
+def test_image_build_prints_digest_and_refuses_escaping_link(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "app").mkdir(parents=True)
+    (src / "app" / "run.sh").write_text("echo hi\n")
+    out = tmp_path / "x.img"
+    proc = rollout("image", "build", str(src), "--version", "3", "--output", str(out),
+                   "--workload", "sh app/run.sh")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    digest = proc.stdout.strip()
+    assert digest.startswith("sha256:") and len(digest) == 71
+    with tarfile.open(out) as tar:
+        assert "manifest.json" in tar.getnames()
+    (src / "escape").symlink_to("/etc/passwd")
+    proc = rollout("image", "build", str(src), "--version", "3", "--output", str(out),
+                   "--workload", "sh app/run.sh")  # fmt: skip
+    assert proc.returncode == 2
+    assert "escape" in proc.stderr and "outside" in proc.stderr
+
+
+def _pids_alive(workdir: Path) -> list[int]:
+    return [p for p in fleet._processes_under(workdir)]
+
+
+def test_demo_bad_rolls_back_canary_and_exits_1(images: SampleImages, tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    base = next_block(3)
+    proc = rollout(
+        "demo", "--nodes", "3", "--bad", "--workdir", str(workdir), "--keep",
+        "--base-address", base, "--log-format", "console", timeout=180,
+    )  # fmt: skip
+    try:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "rolled_back" in proc.stdout
+        rows = status_json(workdir / "inventory.yaml")
+        v1 = json.loads(rollout("image", "inspect", str(workdir / "v1.img")).stdout)
+        assert all(r["digest"] == v1["digest"] and r["committed"] for r in rows.values())
+    finally:
+        fleet.down(workdir)
+    assert _pids_alive(workdir) == []
+
+
+def test_demo_succeeds_and_leaves_nothing_running(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    proc = rollout(
+        "demo", "--nodes", "3", "--workdir", str(workdir), "--base-address", next_block(3),
+        "--log-format", "console", timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "succeeded" in proc.stdout
+    assert _pids_alive(workdir) == []
+    assert not (workdir / fleet.FLEET_FILE).exists()
+
+
+def test_ctrl_c_starts_nothing_new_and_settles_in_flight(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    fl = make_fleet(4)
+    data = dict(FAST_POLICY, batches={"canary": 1, "size": 1, "max_unavailable": 1})
+    policy = write_policy(tmp_path, data)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout", "run", "--inventory", str(fl.inventory),
+         "--policy", str(policy), "--image", images.v2.path, "--log-format", "json",
+         "--output", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:  # wait for the canary to be activated, then interrupt
+        if '"node_booting"' in line:
+            os.kill(proc.pid, signal.SIGINT)
+            break
+        assert time.monotonic() < deadline
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 1
+    result = json.loads(out)
+    assert result["phase"] == "aborted"
+    phases = {n["node"]: n["phase"] for n in result["nodes"]}
+    assert phases[fl.nodes[0].id] == "committed"  # in flight: settled
+    assert all(phases[n.id] == "pending" for n in fl.nodes[1:])  # nothing new started
+    rows = status_json(fl.inventory)
+    assert rows[fl.nodes[0].id]["digest"] == images.v2.digest
+    assert all(rows[n.id]["digest"] == images.v1.digest for n in fl.nodes[1:])
+    assert all(r["committed"] for r in rows.values())
