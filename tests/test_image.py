@@ -1,0 +1,100 @@
+"""Image building and unpacking: digests, reproducibility, and members that escape."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from rollout.errors import ImageError
+from rollout.image import Manifest, build_image, load_image, read_manifest, unpack
+from rollout.sample import write_sample_tree
+
+
+def test_build_is_reproducible_and_digest_is_sha256_of_file(tmp_path: Path) -> None:
+    import hashlib
+
+    src = write_sample_tree(tmp_path / "src")
+    a = build_image(src, tmp_path / "a.img", version="1")
+    b = build_image(src, tmp_path / "b.img", version="1")
+    c = build_image(src, tmp_path / "c.img", version="2")
+    assert a.digest == b.digest != c.digest
+    assert a.digest == "sha256:" + hashlib.sha256(Path(a.path).read_bytes()).hexdigest()
+    assert read_manifest(a.path).command == ("python3", "app/server.py")
+    assert load_image(c.path).version == "2"
+
+
+def test_build_needs_a_workload(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ImageError, match="no workload command"):
+        build_image(tmp_path / "src", tmp_path / "x.img", version="1")
+
+
+def test_build_refuses_link_out_but_keeps_link_in(tmp_path: Path) -> None:
+    src = write_sample_tree(tmp_path / "src")
+    (src / "app" / "inside").symlink_to("server.py")
+    (src / "up").symlink_to("app/../etc/motd")
+    img = build_image(src, tmp_path / "ok.img", version="1")
+    dest = tmp_path / "root"
+    unpack(img.path, dest)
+    assert (dest / "app" / "inside").read_text() == (src / "app" / "server.py").read_text()
+    (src / "app" / "out").symlink_to("../../outside")
+    with pytest.raises(ImageError, match="points outside"):
+        build_image(src, tmp_path / "bad.img", version="1")
+
+
+def _evil_tar(path: Path, member: tarfile.TarInfo, data: bytes = b"x") -> None:
+    manifest = Manifest("evil", "1", ("true",)).to_json()
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+        if member.isfile():
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        else:
+            tar.addfile(member)
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        (_member("/etc/evil"), "absolute"),
+        (_member("../evil"), "'..'"),
+        (_member("a/../../evil"), "'..'"),
+        (_member("link", tarfile.SYMTYPE, "/etc/passwd"), "points outside"),
+        (_member("a/link", tarfile.SYMTYPE, "../../etc"), "points outside"),
+        (_member("hard", tarfile.LNKTYPE, "../x"), "outside the image"),
+        (_member("dev", tarfile.CHRTYPE), "only files"),
+        (_member("fifo", tarfile.FIFOTYPE), "only files"),
+    ],
+)
+def test_unpack_refuses_escaping_members(
+    tmp_path: Path, member: tarfile.TarInfo, message: str
+) -> None:
+    evil = tmp_path / "evil.img"
+    _evil_tar(evil, member)
+    dest = tmp_path / "slot" / "root"
+    with pytest.raises(ImageError, match=message):
+        unpack(evil, dest)
+    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "slot" / "evil").exists()
+    assert not dest.exists() or list(dest.iterdir()) == []
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(junk)
+    with pytest.raises(ImageError, match="no such image file"):
+        load_image(tmp_path / "missing.img")
