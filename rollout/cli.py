@@ -214,7 +214,8 @@ def plan(inventory_path: str, policy_path: str, output: str) -> None:
         kind = " (canary)" if row.get("canary") else ""
         console.print(
             f"batch {row['number']}{kind}: {row['size']} node(s) {' '.join(row['nodes'])}"
-            + (f"  [{per}]" if per else "")
+            + (f"  ({per})" if per else ""),
+            markup=False,
         )
 
 

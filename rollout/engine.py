@@ -312,15 +312,16 @@ class Engine:
         return st
 
     async def _wait_boot(self, node: Node, boot_count: int, timeout: float) -> NodeStatus:
-        """Poll until the node has booted once more than `boot_count`."""
+        """Poll until the node has booted once more than `boot_count` and its workload is
+        past starting (so health checks judge a started workload, not a starting one)."""
         deadline = clock.now() + timeout
         last = "no answer"
         while clock.now() < deadline:
             try:
                 st = await self.driver.status(node)
-                if st.boot_count > boot_count:
+                if st.boot_count > boot_count and st.workload != "starting":
                     return st
-                last = f"still boot {st.boot_count}"
+                last = f"boot {st.boot_count}, workload {st.workload}"
             except TransportError as exc:
                 last = str(exc)
             except Refused as exc:

@@ -1,0 +1,264 @@
+"""The inventory file: which nodes make up the fleet and how to reach their agents.
+
+::
+
+    # inventory.yaml
+    token_file: token            # default for all nodes, relative to this file's directory
+    nodes:
+      - id: node-01
+        address: 127.0.0.2:7000  # agent host:port
+        labels: {rack: r1}
+        token_file: other-token  # optional override
+
+Design and invariants of a loaded `Inventory`:
+
+- at least one node; ids are unique and use only ``[A-Za-z0-9._-]`` (they end up in file
+  names, metric labels and URLs); addresses are ``host:port`` (``[v6]:port`` for IPv6),
+  port 1-65535, and unique (host compared case-insensitively);
+- labels are a str -> str mapping (integer values such as ``rack: 3`` are read as ``"3"``);
+- ``token_file`` paths are resolved to absolute paths against the inventory file's
+  directory (``~`` expanded); whether the files exist is checked by whoever reads them,
+  not here: loading reads exactly one file.
+
+Errors are one `InputError` line ``<file>: <field.path>: <problem>``, built by the same
+machinery as policy errors (rollout/policy.py). `dump_inventory` writes the format back
+(the local fleet uses it); ``load_inventory(dump_inventory(...))`` gives the same nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import model_validator as _model_validator
+
+from rollout.errors import InputError
+from rollout.model import Node
+from rollout.policy import FieldProblem, read_yaml, show, validation_message
+
+__all__ = ["Inventory", "dump_inventory", "load_inventory", "parse_inventory", "split_address"]
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+_ADDRESS_RE = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split an agent address into host and port; ValueError with a user-facing message.
+
+    >>> split_address("127.0.0.2:7000"), split_address("[::1]:7000")
+    (('127.0.0.2', 7000), ('[::1]', 7000))
+    """
+    m = _ADDRESS_RE.fullmatch(address)
+    if not m:
+        raise ValueError(f'expected host:port like "127.0.0.2:7000", got {show(address)}')
+    port = int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535, got {show(address)}")
+    return m.group("host"), port
+
+
+def _check_id(value: str) -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(f'may only contain letters, digits, ".", "_" and "-", got {show(value)}')
+    return value
+
+
+def _check_address(value: str) -> str:
+    split_address(value)
+    return value
+
+
+def _labels_as_strings(value: object) -> object:
+    """YAML reads ``rack: 3`` as an int; a label value is a string, so take its text."""
+    if not isinstance(value, Mapping):
+        return value
+
+    def text(v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    return {text(k): text(v) for k, v in value.items()}
+
+
+_CONFIG = ConfigDict(extra="forbid", frozen=True)
+_Path = Annotated[str, Field(min_length=1)]
+
+
+class _NodeEntry(BaseModel):
+    model_config = _CONFIG
+
+    id: Annotated[str, Field(min_length=1), AfterValidator(_check_id)] = Field(
+        description='Unique node name: letters, digits, ".", "_" and "-".'
+    )
+    address: Annotated[str, AfterValidator(_check_address)] = Field(
+        description="The node agent's host:port (IPv6 as [addr]:port)."
+    )
+    labels: Annotated[
+        dict[Annotated[str, Field(min_length=1)], str], BeforeValidator(_labels_as_strings)
+    ] = Field(
+        default_factory=dict,
+        description="Free-form string labels, e.g. {rack: r1}; policies spread batches by one.",
+    )
+    token_file: _Path | None = Field(
+        default=None,
+        description="File holding this agent's bearer token; overrides the top-level default.",
+    )
+
+
+class _InventoryFile(BaseModel):
+    model_config = _CONFIG
+
+    token_file: _Path | None = Field(
+        default=None,
+        description=(
+            "Default token file for every node, relative to the inventory file's directory."
+        ),
+    )
+    nodes: list[_NodeEntry] = Field(
+        min_length=1, description="The fleet, in order (the planner keeps this order)."
+    )
+
+    @_model_validator(mode="after")
+    def _unique(self) -> _InventoryFile:
+        ids: dict[str, int] = {}
+        addresses: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            if node.id in ids:
+                raise FieldProblem(
+                    f"nodes[{i}].id",
+                    f"duplicate id {show(node.id)} (also nodes[{ids[node.id]}])",
+                )
+            ids[node.id] = i
+            host, port = split_address(node.address)
+            key = f"{host.lower()}:{port}"
+            if key in addresses:
+                raise FieldProblem(
+                    f"nodes[{i}].address",
+                    f"duplicate address {show(node.address)} "
+                    f"(also nodes[{addresses[key]}], {self.nodes[addresses[key]].id})",
+                )
+            addresses[key] = i
+        return self
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A validated fleet: ``nodes`` in file order, ``source`` the file it came from.
+
+    ``token_file`` is the resolved top-level default (each Node already carries its own
+    resolved token file, so callers rarely need it).
+    """
+
+    nodes: tuple[Node, ...]
+    source: str
+    token_file: str | None = None
+
+    def node(self, node_id: str) -> Node:
+        """The node with this id; KeyError if there is none."""
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(n.id for n in self.nodes)
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    return os.path.abspath(base / Path(path).expanduser())
+
+
+def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+    """Read an inventory file; raise InputError with one line ``<file>: <field>: <problem>``."""
+    source = os.fspath(path)
+    data = read_yaml(
+        source,
+        kind="inventory file",
+        hint="write one listing nodes (see docs/inventory.md)",
+    )
+    return parse_inventory(data, source, Path(source).parent)
+
+
+def parse_inventory(data: object, source: str, base_dir: str | os.PathLike[str] = ".") -> Inventory:
+    """Validate an already-parsed inventory; relative token files resolve against ``base_dir``.
+
+    >>> inv = parse_inventory(
+    ...     {"token_file": "token", "nodes": [{"id": "n1", "address": "10.0.0.1:7000"}]},
+    ...     "inv.yaml", "/etc/rollout")
+    >>> inv.nodes[0].token_file, inv.nodes[0].labels
+    ('/etc/rollout/token', {})
+    >>> parse_inventory({"nodes": []}, "inv.yaml")
+    Traceback (most recent call last):
+    rollout.errors.InputError: inv.yaml: nodes: the inventory lists no nodes; add at least one
+    """
+    if data is None:
+        raise InputError(f"{source}: the inventory is empty; expected a mapping with nodes:")
+    if not isinstance(data, Mapping):
+        raise InputError(
+            f"{source}: expected a mapping at the top level (with token_file and nodes), "
+            f"got {show(data)}"
+        )
+    try:
+        parsed = _InventoryFile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if tuple(first["loc"]) == ("nodes",) and first["type"] == "too_short":
+            raise InputError(
+                f"{source}: nodes: the inventory lists no nodes; add at least one"
+            ) from exc
+        raise InputError(validation_message(exc, _InventoryFile, source)) from exc
+    base = Path(base_dir)
+    default = _resolve(parsed.token_file, base)
+    nodes = tuple(
+        Node(
+            id=e.id,
+            address=e.address,
+            labels=dict(e.labels),
+            token_file=_resolve(e.token_file, base) if e.token_file else default,
+        )
+        for e in parsed.nodes
+    )
+    return Inventory(nodes=nodes, source=source, token_file=default)
+
+
+def dump_inventory(
+    nodes: Iterable[Node],
+    token_file: str | os.PathLike[str] | None,
+    path: str | os.PathLike[str],
+) -> None:
+    """Write ``nodes`` as an inventory file at ``path`` (replacing it atomically).
+
+    ``token_file`` becomes the top-level default, written as given (a relative one is
+    relative to ``path``'s directory, as `load_inventory` reads it). A node's own
+    ``token_file`` is written only where it differs from that default.
+    """
+    target = Path(path)
+    base = target.parent
+    default = os.fspath(token_file) if token_file is not None else None
+    resolved_default = _resolve(default, base)
+    body: dict[str, Any] = {}
+    if default is not None:
+        body["token_file"] = default
+    entries: list[dict[str, Any]] = []
+    for node in nodes:
+        entry: dict[str, Any] = {"id": node.id, "address": node.address}
+        if node.labels:
+            entry["labels"] = dict(node.labels)
+        if node.token_file is not None and _resolve(node.token_file, base) != resolved_default:
+            entry["token_file"] = node.token_file
+        entries.append(entry)
+    body["nodes"] = entries
+    text = "# rollout inventory (format: docs/inventory.md)\n" + yaml.safe_dump(
+        body, sort_keys=False, default_flow_style=False
+    )
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
