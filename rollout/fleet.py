@@ -10,7 +10,6 @@ no process with its working directory inside WORKDIR is left.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
@@ -20,10 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiohttp
 
 from rollout.errors import InputError
 from rollout.image import load_image
@@ -125,33 +124,34 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
     inventory = wd / INVENTORY
     dump_inventory(nodes, TOKEN, inventory)
     try:
-        asyncio.run(_wait_ready(nodes, opts.ready_timeout))
+        _wait_ready(nodes, opts.ready_timeout)
     except Exception:
         down(wd)
         raise
     return inventory
 
 
-async def _wait_ready(nodes: list[Node], timeout: float) -> None:
+def _wait_ready(nodes: list[Node], timeout: float) -> None:
+    """Poll each agent's /healthz until all answer (synchronous: callers may be inside an
+    event loop, e.g. async tests, where asyncio.run is not allowed)."""
     deadline = time.monotonic() + timeout
     pending = {n.id: n for n in nodes}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while pending:
-            for node_id, node in list(pending.items()):
-                try:
-                    async with http.get(f"http://{node.address}/healthz") as resp:
-                        if resp.status == 200:
-                            del pending[node_id]
-                except (aiohttp.ClientError, TimeoutError, OSError):
-                    pass
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"agents did not answer within {timeout:g}s: {', '.join(sorted(pending))} "
-                    "(see nodes/<id>/agent.log in the workdir)"
-                )
-            await asyncio.sleep(0.1)  # polling interval, not a wait for an event
+    while pending:
+        for node_id, node in list(pending.items()):
+            try:
+                with urllib.request.urlopen(f"http://{node.address}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        del pending[node_id]
+            except (urllib.error.URLError, OSError):
+                pass
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"agents did not answer within {timeout:g}s: {', '.join(sorted(pending))} "
+                "(see nodes/<id>/agent.log in the workdir)"
+            )
+        time.sleep(0.1)  # polling interval, not a wait for an event
 
 
 def _read_pids(wd: Path) -> dict[str, int]:
