@@ -173,7 +173,7 @@ async def _statuses(nodes: tuple[Node, ...], workload_port: int) -> list[dict[st
 def _short(row: dict[str, Any]) -> dict[str, Any]:
     out = dict(row)
     if isinstance(out.get("digest"), str):
-        out["digest"] = out["digest"][:19]
+        out["digest"] = out["digest"].removeprefix("sha256:")[:12]
     out.pop("address", None)
     return out
 
@@ -425,9 +425,14 @@ def demo(
     wd.mkdir(parents=True, exist_ok=True)
     v1 = build_sample_image(wd / "v1.img", "1.0.0")
     v2 = build_sample_image(wd / "v2.img", "2.0.0-bad" if bad else "2.0.0", bad=bad)
-    console.print(f"images: v1 {v1.digest[:19]}  v2 {v2.digest[:19]}{' (bad)' if bad else ''}")
+    console.print(
+        f"images: v1 {v1.digest[:19]}  v2 {v2.digest[:19]}{' (bad)' if bad else ''}",
+        soft_wrap=True,
+    )
     inventory = fleet.up(wd, v1.path, fleet.FleetOptions(nodes=nodes, base_address=base_address))
-    console.print(f"fleet: {nodes} agents up from {base_address}; inventory {inventory}")
+    console.print(
+        f"fleet: {nodes} agents up from {base_address}; inventory {inventory}", soft_wrap=True
+    )
     try:
         result = run_rollout(str(inventory), str(policy), v2.path, log_format=log_format)
         print_result(result, console)
@@ -437,7 +442,8 @@ def demo(
         if keep:
             console.print(
                 f"fleet left running: rollout status --inventory {inventory}; "
-                f"rollout fleet down --workdir {wd}"
+                f"rollout fleet down --workdir {wd}",
+                soft_wrap=True,
             )
         else:
             fleet.down(wd)

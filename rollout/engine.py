@@ -148,6 +148,8 @@ class Engine:
             rec.reason = reason
         if detail:
             rec.detail = detail
+        elif not rec.failed:
+            rec.detail = ""
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
 
     # -- the rollout --------------------------------------------------------------------
@@ -258,9 +260,7 @@ class Engine:
                 raise NodeFailed(Reason.UNREACHABLE, f"agent refused status: {exc}") from exc
             await clock.sleep(POLL_INTERVAL)
 
-    async def _timed(
-        self, rec: NodeRecord, step: Step, work: Callable[[], Awaitable[T]]
-    ) -> T:
+    async def _timed(self, rec: NodeRecord, step: Step, work: Callable[[], Awaitable[T]]) -> T:
         start = clock.now()
         ok = False
         try:
@@ -290,7 +290,7 @@ class Engine:
 
     async def _activate(self, rec: NodeRecord, before: NodeStatus) -> NodeStatus:
         node, mode = rec.node, self.policy.activation
-        self._set(rec, NodePhase.ACTIVATING, detail=str(mode))
+        self._set(rec, NodePhase.ACTIVATING)
         try:
             await self._timed(rec, Step.ACTIVATE, lambda: self.driver.activate(node, mode))
         except Refused as exc:
@@ -393,7 +393,9 @@ class Engine:
         finally:
             self._emit(StepDone(node.id, Step.ROLLBACK, clock.now() - start, ok))
         if ok:
-            self._set(rec, NodePhase.ROLLED_BACK, detail=f"back on {rec.previous_version}")
+            back = f"back on {rec.previous_version}"
+            detail = f"{rec.detail}; {back}" if rec.detail else back
+            self._set(rec, NodePhase.ROLLED_BACK, detail=detail)
         else:
             self._set(
                 rec,
@@ -415,4 +417,3 @@ class Engine:
         st = await self._wait_boot(node, st.boot_count, self.policy.health.boot_timeout)
         rec.boot_count, rec.version = st.boot_count, st.booted_version
         return st.booted_digest == rec.previous_digest and st.committed
-

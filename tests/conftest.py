@@ -67,9 +67,7 @@ class LocalFleet:
 
 
 @pytest.fixture
-def make_fleet(
-    tmp_path: Path, images: SampleImages
-) -> Iterator[Callable[..., LocalFleet]]:
+def make_fleet(tmp_path: Path, images: SampleImages) -> Iterator[Callable[..., LocalFleet]]:
     """Start real local fleets (agent processes on fresh loopback addresses); stop them after."""
     started: list[Path] = []
 

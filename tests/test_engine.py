@@ -119,9 +119,7 @@ async def test_rerun_skips_done_nodes(
     assert {r.phase for r in second.nodes.values()} == {NodePhase.SKIPPED}
     assert not [e for e in events if isinstance(e, BytesSent)]
     after = await statuses(fl.nodes)
-    assert {n: s.boot_count for n, s in after.items()} == {
-        n: s.boot_count for n, s in mid.items()
-    }
+    assert {n: s.boot_count for n, s in after.items()} == {n: s.boot_count for n, s in mid.items()}
 
 
 async def test_canary_failure_rolls_back_and_spares_the_rest(

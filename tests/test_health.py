@@ -18,8 +18,13 @@ P, H, U, D = Verdict.PENDING, Verdict.HEALTHY, Verdict.UNHEALTHY, Verdict.DEADLI
         (3, 10, 0, [(0, True), (1, False), (2, True), (5, True)], [P, P, P, H]),
         (0, 10, 0, [(0, True)], [H]),
         # consecutive failures fail early; a pass in between resets the count
-        (3, 10, 3, [(0, False), (1, False), (2, True), (3, False), (4, False), (5, False)],
-         [P, P, P, P, P, U]),
+        (
+            3,
+            10,
+            3,
+            [(0, False), (1, False), (2, True), (3, False), (4, False), (5, False)],
+            [P, P, P, P, P, U],
+        ),
         # the deadline passes before the streak is long enough
         (3, 4, 0, [(0, False), (2, True), (4, True)], [P, P, D]),
         # healthy wins over the deadline when both hold in the same round

@@ -1,0 +1,189 @@
+"""The agent's HTTP API (aiohttp): thin handlers over node.Agent.
+
+Every endpoint but `GET /healthz` needs `Authorization: Bearer <token>`; the token is
+compared with `hmac.compare_digest` and never logged. Every error is JSON
+`{"error": "<code>", "message": "<text>", ...}`; the codes and their HTTP statuses are
+listed in `STATUS_OF` and documented in docs/agent-api.md.
+
+Activate and rollback answer 202 first: the handler writes and finishes the response,
+and only then starts the switch (which may end this process with a re-exec).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import ClientPayloadError, web
+
+from rollout.agent.node import Agent
+from rollout.agent.state import AgentError
+from rollout.model import ActivationMode
+
+log = structlog.get_logger("rollout.agent.http")
+
+AGENT_KEY = web.AppKey("agent", Agent)
+TOKEN_KEY = web.AppKey("token", bytes)
+
+STATUS_OF: dict[str, int] = {
+    "bad_request": 400,
+    "upload_incomplete": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "busy": 409,
+    "nothing_staged": 409,
+    "already_booted": 409,
+    "not_committed": 409,
+    "nothing_to_roll_back": 409,
+    "digest_mismatch": 422,
+    "bad_image": 422,
+    "unsafe_image": 422,
+    "internal": 500,
+}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+_CHUNK = 1 << 16
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(code: str, message: str, status: int | None = None, **extra: Any) -> web.Response:
+    headers = {"WWW-Authenticate": "Bearer"} if code == "unauthorized" else None
+    return web.json_response(
+        {"error": code, "message": message, **extra},
+        status=status or STATUS_OF.get(code, 400),
+        headers=headers,
+    )
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AgentError as exc:
+        return error(exc.code, exc.message, **exc.extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error(code, exc.reason, status=exc.status)
+    except Exception as exc:
+        log.exception("request_failed", path=request.path, method=request.method)
+        return error("internal", f"internal error: {type(exc).__name__}", status=500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == "/healthz":
+        return await handler(request)
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    token = request.app[TOKEN_KEY]
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), token):
+        log.info("unauthorized", path=request.path, method=request.method, remote=request.remote)
+        return error("unauthorized", "missing or wrong bearer token (Authorization: Bearer ...)")
+    return await handler(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].status())
+
+
+async def put_image(request: web.Request) -> web.Response:
+    digest = request.headers.get("X-Image-Digest")
+    if digest is None:
+        raise AgentError(
+            "bad_request",
+            "X-Image-Digest: header is required: sha256:<64 hex>",
+            field="X-Image-Digest",
+        )
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                yield chunk
+        except (ConnectionError, ClientPayloadError) as exc:
+            raise AgentError("upload_incomplete", f"the image upload broke off: {exc}") from None
+
+    result = await request.app[AGENT_KEY].stage(digest.strip(), body())
+    return web.json_response(result)
+
+
+async def _mode(request: web.Request, *, required: bool) -> ActivationMode:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise AgentError("bad_request", 'body: expected JSON {"mode": ...}', field="mode")
+        return ActivationMode.REBOOT
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise AgentError("bad_request", "body: not valid JSON", field="body") from None
+    if not isinstance(body, dict):
+        raise AgentError("bad_request", "body: expected a JSON object", field="body")
+    if "mode" not in body and not required:
+        return ActivationMode.REBOOT
+    mode = body.get("mode")
+    choices = ", ".join(m.value for m in ActivationMode)
+    if not isinstance(mode, str) or mode not in {m.value for m in ActivationMode}:
+        raise AgentError(
+            "bad_request", f"mode: expected one of {choices}, got {mode!r}", field="mode"
+        )
+    return ActivationMode(mode)
+
+
+async def _switch_response(
+    request: web.Request, prepared: tuple[dict[str, Any], Any]
+) -> web.StreamResponse:
+    agent = request.app[AGENT_KEY]
+    body, new = prepared
+    try:
+        response = web.json_response(body, status=202)
+        await response.prepare(request)
+        await response.write_eof()
+    except BaseException:
+        agent.busy = None
+        raise
+    agent.begin_switch(new)
+    return response
+
+
+async def activate(request: web.Request) -> web.StreamResponse:
+    mode = await _mode(request, required=True)
+    return await _switch_response(request, request.app[AGENT_KEY].prepare_activate(mode))
+
+
+async def rollback(request: web.Request) -> web.StreamResponse:
+    mode = await _mode(request, required=False)
+    return await _switch_response(request, request.app[AGENT_KEY].prepare_rollback(mode))
+
+
+async def commit(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].commit())
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware])
+    app[AGENT_KEY] = agent
+    app[TOKEN_KEY] = agent.config.token.encode()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", status)
+    app.router.add_put("/v1/image", put_image)
+    app.router.add_post("/v1/activate", activate)
+    app.router.add_post("/v1/commit", commit)
+    app.router.add_post("/v1/rollback", rollback)
+    return app

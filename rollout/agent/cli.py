@@ -1,0 +1,206 @@
+"""`rollout agent`: run the node agent in the foreground.
+
+The process is the simulated machine: a reboot or kexec is a real re-exec of this same
+command line (`os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])`, same PID),
+done here after the event loop has shut the server and the workload down, so no socket or
+child process leaks into the new image.
+
+Exit codes: 0 after SIGTERM/SIGINT, 2 on bad input (flags, token file, state dir, image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import structlog
+from aiohttp import web
+
+from rollout.agent.app import make_app
+from rollout.agent.node import Agent, AgentConfig, ExitAction
+from rollout.errors import InputError
+
+log = structlog.get_logger("rollout.agent")
+
+
+def configure_logging() -> None:
+    """One JSON line per event on stderr."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port).
+
+    >>> parse_listen("127.0.0.5:7000")
+    ('127.0.0.5', 7000)
+    """
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--listen: expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise InputError(f"--token-file {path}: cannot read: {exc.strerror}") from exc
+    if not token:
+        raise InputError(f"--token-file {path}: the file is empty; put the bearer token in it")
+    return token
+
+
+async def serve(config: AgentConfig) -> ExitAction:
+    """Boot, listen until stopped, shut down; return whether to exit or re-exec."""
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_exit)
+    runner: web.AppRunner | None = None
+    try:
+        boot = asyncio.create_task(agent.start(), name="boot")
+        stop = asyncio.create_task(agent.stopping.wait(), name="stop")
+        await asyncio.wait({boot, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not boot.done():  # asked to stop while booting
+            boot.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await boot
+            return ExitAction.EXIT
+        boot.result()
+        runner = web.AppRunner(make_app(agent), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("listening", host=config.host, port=config.port, node_id=config.node_id)
+        await stop
+        return agent.exit_action
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await agent.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def reexec() -> None:
+    """Replace this process with a fresh run of the same command line (same PID)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+@click.command("agent")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the agent API; HOST is also where the workload listens.",
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory holding state.json, the slots and workload.log.",
+)
+@click.option(
+    "--token-file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the bearer token (whitespace stripped).",
+)
+@click.option(
+    "--image",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Image installed into slot A on first start (ignored once state exists).",
+)
+@click.option("--node-id", default=None, help="Node id reported in status [default: HOST].")
+@click.option(
+    "--workload-port",
+    type=click.IntRange(1, 65535),
+    default=8080,
+    show_default=True,
+    help="Port given to the workload (ROLLOUT_WORKLOAD_PORT).",
+)
+@click.option(
+    "--firmware-delay",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Simulated firmware seconds (reboot only).",
+)
+@click.option(
+    "--kernel-delay",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="Simulated kernel boot seconds (reboot and kexec).",
+)
+@click.option(
+    "--commit-deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds an uncommitted boot may last before fallback.",
+)
+@click.option(
+    "--workload-grace",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds the workload must survive to count as running.",
+)
+def agent(
+    listen: str,
+    state_dir: Path,
+    token_file: Path,
+    image: Path | None,
+    node_id: str | None,
+    workload_port: int,
+    firmware_delay: float,
+    kernel_delay: float,
+    commit_deadline: float,
+    workload_grace: float,
+) -> None:
+    """Run the node agent: A/B slots, boot counting, workload, HTTP API."""
+    configure_logging()
+    try:
+        host, port = parse_listen(listen)
+        config = AgentConfig(
+            host=host,
+            port=port,
+            state_dir=state_dir.absolute(),
+            token=read_token(token_file),
+            node_id=node_id or host,
+            image=image.absolute() if image is not None else None,
+            workload_port=workload_port,
+            firmware_delay=firmware_delay,
+            kernel_delay=kernel_delay,
+            commit_deadline=commit_deadline,
+            workload_grace=workload_grace,
+        )
+        action = asyncio.run(serve(config))
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # e.g. the address is in use
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if action is ExitAction.REEXEC:
+        reexec()

@@ -1,0 +1,406 @@
+"""The agent runtime: applies the pure transitions of state.py, persists, then acts.
+
+Rule: every state change goes `new = transition(state)`, `store.save(new)`, then side
+effects (start/stop the workload, arm the deadline, re-exec). So after a crash the next
+start finds a state that already says what was being done.
+
+Boots:
+
+- On process start, `start()` plans the boot (state.plan_boot), consumes a try and
+  persists it, sleeps the simulated boot delay (reboot = firmware + kernel, kexec =
+  kernel), finishes the boot, persists, and starts the workload. Only then does the
+  caller start listening.
+- Reboot and kexec end the process: the runtime records `ExitAction.REEXEC` and sets
+  `stopping`; the CLI shuts the server down and calls `os.execv` on the same argv.
+- Soft reboot stays in-process: stop the workload, boot, start the workload.
+
+Safety without a controller: an uncommitted boot arms a timer for the persisted wall-clock
+commit deadline, and the supervisor reports a workload exit before commit. Either one
+calls `_fall_back`, which plans a rollback reboot to the last good slot with a reason.
+
+`busy` serialises the operations that change slots: at most one stage or activation at a
+time; the others get AgentError("busy").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import re
+import time
+from collections.abc import AsyncIterable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from rollout.agent import state as sm
+from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
+from rollout.agent.store import Store
+from rollout.agent.workload import Supervisor, WorkloadSpec
+from rollout.errors import InputError
+from rollout.model import ActivationMode
+
+log = structlog.get_logger("rollout.agent")
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_WRITE_CHUNK = 1 << 20
+
+
+class ExitAction(enum.StrEnum):
+    EXIT = "exit"
+    REEXEC = "reexec"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str
+    port: int
+    state_dir: Path
+    token: str = field(repr=False)
+    node_id: str
+    image: Path | None = None
+    workload_port: int = 8080
+    firmware_delay: float = 1.0
+    kernel_delay: float = 0.5
+    commit_deadline: float = 300.0
+    workload_grace: float = 1.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = Store(config.state_dir)
+        self.busy: Busy | None = None
+        self.stopping = asyncio.Event()
+        self.exit_action = ExitAction.EXIT
+        self.workload = Supervisor(
+            log_path=self.store.log_path,
+            port=config.workload_port,
+            grace=config.workload_grace,
+            should_restart=lambda: self.state.committed,
+            on_failed=self._workload_failed,
+        )
+        self._state: AgentState | None = None
+        self._deadline: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def state(self) -> AgentState:
+        if self._state is None:
+            raise RuntimeError("agent not started")
+        return self._state
+
+    def _save(self, new: AgentState) -> None:
+        self.store.save(new)
+        self._state = new
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("task_failed", task=task.get_name(), error=repr(exc))
+
+    # --- boot --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load (or factory-install) the state and boot; returns once the node is up."""
+        loaded = await asyncio.to_thread(self.store.load)
+        if loaded is None:
+            loaded = await asyncio.to_thread(self._factory_install)
+        self._state = loaded
+        log.info("agent_start", pid=os.getpid(), node_id=self.config.node_id)
+        await self._boot(soft=False)
+
+    def _factory_install(self) -> AgentState:
+        if self.config.image is None:
+            raise InputError(
+                f"{self.config.state_dir}: no agent state yet; pass --image FILE to "
+                "install the first image into slot A"
+            )
+        image = self.store.install_file(Slot.A, self.config.image)
+        state = sm.factory_state(image)
+        self.store.save(state)
+        log.info("factory_install", slot="A", digest=image.digest, version=image.version)
+        return state
+
+    async def _boot(self, *, soft: bool) -> None:
+        plan = sm.plan_boot(self.state)
+        if plan.consumes_try:
+            self._save(sm.begin_boot(self.state, plan))
+        delay = (
+            0.0
+            if soft
+            else sm.boot_delay(
+                plan.mode, firmware=self.config.firmware_delay, kernel=self.config.kernel_delay
+            )
+        )
+        if delay:
+            await asyncio.sleep(delay)
+        new = sm.finish_boot(
+            self.state, plan, now=time.time(), commit_deadline=self.config.commit_deadline
+        )
+        self._save(new)
+        image = new.booted_image
+        log.info(
+            "boot",
+            slot=str(new.booted),
+            version=image.version,
+            digest=image.digest,
+            mode=str(ActivationMode.SOFT_REBOOT) if soft else (plan.mode and str(plan.mode)),
+            boot_delay=round(delay, 3),
+            committed=new.committed,
+            boot_count=new.boot_count,
+            tries_left=new.tries_left,
+        )
+        if plan.fallback is not None:
+            log.warning(
+                "fallback",
+                reason=str(plan.fallback),
+                from_slot=str(plan.from_slot),
+                to_slot=str(new.booted),
+                boot_count=new.boot_count,
+            )
+        self._start_workload()
+        self._arm_deadline()
+
+    def _start_workload(self) -> None:
+        state = self.state
+        image = state.booted_image
+        manifest = self.store.manifest(state.booted)
+        env = {
+            **os.environ,
+            **manifest.env,
+            "ROLLOUT_WORKLOAD_HOST": self.config.host,
+            "ROLLOUT_WORKLOAD_PORT": str(self.config.workload_port),
+            "ROLLOUT_NODE_ID": self.config.node_id,
+            "ROLLOUT_IMAGE_VERSION": image.version,
+            "ROLLOUT_IMAGE_DIGEST": image.digest,
+        }
+        self.workload.start(
+            WorkloadSpec(command=manifest.command, cwd=self.store.root(state.booted), env=env)
+        )
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        at = self.state.commit_deadline_at
+        if not self.state.committed and at is not None:
+            self._deadline = asyncio.create_task(self._deadline_watch(at), name="deadline")
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    async def _deadline_watch(self, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+        if not self.state.committed and self.state.commit_deadline_at == at:
+            self._deadline = None
+            self._fall_back(FallbackReason.COMMIT_DEADLINE)
+
+    def _workload_failed(self, exit_code: int, ran: float) -> None:
+        if not self.state.committed:
+            log.warning("workload_failed_before_commit", exit_code=exit_code, ran_s=round(ran, 3))
+            self._fall_back(FallbackReason.WORKLOAD_FAILED)
+
+    def _fall_back(self, reason: FallbackReason) -> None:
+        """Leave the uncommitted booted slot: reboot into last good (no controller needed)."""
+        if self.busy is not None or self.state.committed:
+            return
+        self.busy = Busy.ACTIVATING
+        new = sm.plan_fallback(self.state, reason)
+        log.warning(
+            "fallback_decided",
+            reason=str(reason),
+            from_slot=str(self.state.booted),
+            to_slot=str(new.last_good),
+        )
+        self._spawn(self._switch(new), name="fallback")
+
+    async def _switch(self, new: AgentState) -> None:
+        """Stop the workload, persist the pending boot, then reboot (re-exec) or soft-boot."""
+        pending = new.pending
+        if pending is None:
+            raise ValueError("switch without a pending boot")
+        self._disarm_deadline()
+        await self.workload.stop()
+        self._save(new)
+        if pending.mode is ActivationMode.SOFT_REBOOT:
+            try:
+                await self._boot(soft=True)
+            finally:
+                self.busy = None
+        else:
+            log.info("reboot", mode=str(pending.mode), slot=str(pending.slot))
+            self.exit_action = ExitAction.REEXEC
+            self.stopping.set()
+
+    # --- requests ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        s = self.state
+        staged = s.slot(s.staged) if s.staged is not None else None
+        f = s.fell_back
+        return {
+            "node_id": self.config.node_id,
+            "booted": s.booted_image.describe(s.booted),
+            "staged": staged.describe(s.staged) if staged is not None and s.staged else None,
+            "committed": s.committed,
+            "last_good_slot": str(s.last_good),
+            "boot_tries_left": s.tries_left,
+            "boot_count": s.boot_count,
+            "workload": self.workload.snapshot(),
+            "fell_back": None
+            if f is None
+            else {
+                "from_slot": str(f.from_slot),
+                "digest": f.digest,
+                "reason": str(f.reason),
+                "boot_count": f.boot_count,
+            },
+            "busy": str(self.busy) if self.busy is not None else None,
+        }
+
+    def _check_not_busy(self) -> None:
+        if self.busy is not None:
+            raise AgentError(
+                "busy", f"the agent is busy {self.busy}; retry later", busy=str(self.busy)
+            )
+
+    def _claim(self, what: Busy) -> None:
+        self._check_not_busy()
+        self.busy = what
+
+    async def stage(self, digest: str, body: AsyncIterable[bytes]) -> dict[str, Any]:
+        """Stream an image into the inactive slot, verify `digest`, unpack, stage it."""
+        if not DIGEST_RE.match(digest):
+            raise AgentError(
+                "bad_request",
+                "X-Image-Digest: expected 'sha256:' and 64 lowercase hex digits",
+                field="X-Image-Digest",
+            )
+        self._check_not_busy()
+        slot = sm.stage_target(self.state, digest)
+        if slot is None:
+            async for _ in body:
+                pass
+            staged = self.state.staged
+            image = self.state.slot(staged) if staged is not None else None
+            if staged is None or image is None:
+                raise RuntimeError("staged slot vanished")
+            log.info("stage_skipped", slot=str(staged), digest=digest)
+            return {**_stage_body(staged, image), "bytes": 0, "written": False}
+        self._claim(Busy.STAGING)
+        try:
+            return await self._write_slot(slot, digest, body)
+        finally:
+            self.busy = None
+
+    async def _write_slot(
+        self, slot: Slot, digest: str, body: AsyncIterable[bytes]
+    ) -> dict[str, Any]:
+        self._save(sm.begin_stage(self.state, slot))
+        log.info("stage_begin", slot=str(slot), digest=digest)
+        ok = False
+        try:
+            writer = await asyncio.to_thread(self.store.open_writer, slot)
+            try:
+                buf = bytearray()
+                async for chunk in body:
+                    buf += chunk
+                    if len(buf) >= _WRITE_CHUNK:
+                        data, buf = bytes(buf), bytearray()
+                        await asyncio.to_thread(writer.write, data)
+                if buf:
+                    await asyncio.to_thread(writer.write, bytes(buf))
+                actual, size = await asyncio.to_thread(writer.finish)
+            except AgentError as exc:
+                writer.abort()
+                log.warning("stage_aborted", slot=str(slot), error=exc.code, message=exc.message)
+                raise
+            except BaseException:
+                writer.abort()
+                raise
+            if actual != digest:
+                log.warning("stage_digest_mismatch", slot=str(slot), expected=digest, actual=actual)
+                raise AgentError(
+                    "digest_mismatch",
+                    f"the image written has digest {actual}, the request said {digest}",
+                    expected=digest,
+                    actual=actual,
+                )
+            try:
+                image = await asyncio.to_thread(self.store.install, slot, digest)
+            except AgentError as exc:
+                log.warning("stage_refused", slot=str(slot), error=exc.code, message=exc.message)
+                raise
+            self._save(sm.finish_stage(self.state, slot, image))
+            ok = True
+        finally:
+            if not ok:
+                self.store.clear_slot(slot)
+        log.info("stage", slot=str(slot), digest=digest, version=image.version, bytes=size)
+        return {**_stage_body(slot, image), "bytes": size, "written": True}
+
+    def prepare_activate(self, mode: ActivationMode) -> tuple[dict[str, Any], AgentState]:
+        """Validate an activate; claim `busy`. Call `begin_switch` once the 202 is sent."""
+        self._check_not_busy()
+        new = sm.plan_activate(self.state, mode)
+        return self._prepared("activate", new, mode)
+
+    def prepare_rollback(self, mode: ActivationMode) -> tuple[dict[str, Any], AgentState]:
+        self._check_not_busy()
+        new = sm.plan_rollback(self.state, mode)
+        return self._prepared("rollback", new, mode)
+
+    def _prepared(
+        self, what: str, new: AgentState, mode: ActivationMode
+    ) -> tuple[dict[str, Any], AgentState]:
+        self._claim(Busy.ACTIVATING)
+        pending = new.pending
+        if pending is None:
+            raise RuntimeError("planned switch without a pending boot")
+        log.info(what, slot=str(pending.slot), mode=str(mode), boot_count=self.state.boot_count)
+        body = {
+            "booting": str(pending.slot),
+            "mode": str(mode),
+            "boot_count": self.state.boot_count,
+        }
+        return body, new
+
+    def begin_switch(self, new: AgentState) -> None:
+        self._spawn(self._switch(new), name="switch")
+
+    def commit(self) -> dict[str, Any]:
+        if self.busy is Busy.ACTIVATING:
+            raise AgentError("busy", "the agent is busy activating; retry later", busy="activating")
+        if not self.state.committed or self.state.pending is not None:
+            self._disarm_deadline()
+            self._save(sm.commit(self.state))
+            log.info("commit", slot=str(self.state.booted), digest=self.state.booted_image.digest)
+        return self.status()
+
+    # --- shutdown ----------------------------------------------------------------------
+
+    def request_exit(self) -> None:
+        log.info("shutdown_requested")
+        self.stopping.set()
+
+    async def close(self) -> None:
+        """Stop timers, background tasks and the workload (no orphan processes)."""
+        self._disarm_deadline()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.workload.stop()
+
+
+def _stage_body(slot: Slot, image: sm.SlotImage) -> dict[str, Any]:
+    return {"slot": str(slot), "digest": image.digest, "version": image.version, "name": image.name}
