@@ -231,15 +231,15 @@ def _observers(log_format: str, console: Console, metrics_port: int | None,
     if metrics_port is not None:
         recorder.serve(metrics_port, metrics_host)
     live = _is_terminal(log_format)
-    configure_logging("json" if log_format == "json" else "console",
-                      level=30 if live else 20)  # fmt: skip
-    observers: list[Observer] = [recorder, EventLog()]
-    if live:
+    configure_logging("json" if log_format == "json" else "console")
+    observers: list[Observer] = [recorder]
+    if live:  # on a terminal the live view and the summary say it all
         progress = LiveProgress(console)
         observers.append(progress)
         with progress:
             yield Fanout(observers), recorder
     else:
+        observers.append(EventLog())
         yield Fanout(observers), recorder
 
 

@@ -123,7 +123,8 @@ class LiveProgress:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.live = Live(console=console, refresh_per_second=8, transient=False)
+        # Transient: the summary table printed afterwards replaces the live view.
+        self.live = Live(console=console, refresh_per_second=8, transient=True)
         self.title = ""
         self.batch = ""
         self.phases: dict[str, NodePhase] = {}
@@ -134,7 +135,6 @@ class LiveProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.live.update(self._render())
         self.live.__exit__(None, None, None)
 
     def __call__(self, event: Event) -> None:
