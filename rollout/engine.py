@@ -25,7 +25,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -74,7 +74,7 @@ class NodeFailed(Exception):
 
 @dataclass
 class NodeRecord:
-    """What the engine knows about one node during this rollout."""
+    """What the engine knows about one node during this rollout (journaled on change)."""
 
     node: Node
     batch: int
@@ -88,6 +88,48 @@ class NodeRecord:
     boot_count_start: int | None = None
     boot_count: int | None = None
     version: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to do for this node in this run."""
+        if self.phase in (NodePhase.COMMITTED, NodePhase.SKIPPED, NodePhase.ROLLED_BACK):
+            return True
+        if self.phase is NodePhase.ROLLBACK_FAILED:
+            return True
+        return self.phase is NodePhase.FAILED and not self.activated
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.node.id,
+            "batch": self.batch,
+            "phase": str(self.phase),
+            "reason": str(self.reason) if self.reason else None,
+            "detail": self.detail,
+            "failed": self.failed,
+            "activated": self.activated,
+            "previous_digest": self.previous_digest,
+            "previous_version": self.previous_version,
+            "boot_count_start": self.boot_count_start,
+            "boot_count": self.boot_count,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, node: Node, data: dict[str, Any]) -> NodeRecord:
+        return cls(
+            node=node,
+            batch=int(data.get("batch", 0)),
+            phase=NodePhase(data.get("phase", "pending")),
+            reason=Reason(data["reason"]) if data.get("reason") else None,
+            detail=str(data.get("detail", "")),
+            failed=bool(data.get("failed", False)),
+            activated=bool(data.get("activated", False)),
+            previous_digest=data.get("previous_digest"),
+            previous_version=data.get("previous_version"),
+            boot_count_start=data.get("boot_count_start"),
+            boot_count=data.get("boot_count"),
+            version=data.get("version"),
+        )
 
 
 @dataclass
@@ -106,6 +148,42 @@ class RolloutResult:
         return 0 if self.succeeded else 1
 
 
+class Control:
+    """Operator commands an engine obeys at its checkpoints (before a batch, a stage or an
+    activation): pause waits there, abort starts nothing new. In-flight nodes settle."""
+
+    def __init__(self) -> None:
+        self._running = asyncio.Event()
+        self._running.set()
+        self.aborted = False
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._running.set()
+
+    async def checkpoint(self) -> bool:
+        """Wait while paused; False when the rollout is being aborted."""
+        await self._running.wait()
+        return not self.aborted
+
+
+Journal = Callable[[str, dict[str, Any]], object]
+
+
+def _no_journal(kind: str, data: dict[str, Any]) -> None:
+    return None
+
+
 class Engine:
     def __init__(
         self,
@@ -116,6 +194,9 @@ class Engine:
         policy_name: str = "",
         rollout_id: str | None = None,
         reach_timeout: float = REACH_TIMEOUT,
+        journal: Journal = _no_journal,
+        records: dict[str, NodeRecord] | None = None,
+        control: Control | None = None,
     ) -> None:
         self.driver = driver
         self.policy = policy
@@ -124,18 +205,18 @@ class Engine:
         self.policy_name = policy_name
         self.rollout_id = rollout_id or uuid.uuid4().hex[:12]
         self.reach_timeout = reach_timeout
-        self.records: dict[str, NodeRecord] = {}
-        self._stop = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self.journal = journal
+        self.records: dict[str, NodeRecord] = dict(records or {})
+        self.control = control or Control()
 
     # -- control ------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Start nothing new; let in-flight nodes settle (first Ctrl-C)."""
-        self._stop.set()
+        self.control.abort()
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self.control.aborted
 
     def _emit(self, event: Event) -> None:
         self.observer(event)
@@ -150,65 +231,95 @@ class Engine:
             rec.detail = detail
         elif not rec.failed:
             rec.detail = ""
+        self.journal("node", rec.to_json())  # durable before anything acts on it
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
+
+    def _finish(self, phase: RolloutPhase, message: str) -> RolloutResult:
+        self.journal("phase", {"phase": str(phase), "message": message})
+        self._emit(RolloutFinished(phase, message))
+        return RolloutResult(self.rollout_id, phase, message, dict(self.records))
 
     # -- the rollout --------------------------------------------------------------------
     async def run(self, batches: Sequence[Batch]) -> RolloutResult:
+        """Run (or continue) the rollout: nodes already settled are left as they are, so
+        the same call resumes a journaled rollout after a crash, a halt or an abort."""
         fleet = [n for b in batches for n in b.nodes]
         for b in batches:
             for n in b.nodes:
-                self.records[n.id] = NodeRecord(n, b.index)
+                self.records.setdefault(n.id, NodeRecord(n, b.index))
+        self.journal("phase", {"phase": str(RolloutPhase.RUNNING), "message": ""})
         self._emit(
             RolloutStarted(
                 self.rollout_id, self.image, self.policy_name, tuple(batches), len(fleet)
             )
         )
         tolerated = self.policy.failure.max_failed.resolve(len(fleet), round_up=False)
-        phase, message = RolloutPhase.SUCCEEDED, ""
-        failed_total = 0
         async with aiohttp.ClientSession() as session:
-            self._session = session
             prober = Prober(self.driver, session)
             for batch in batches:
-                if self.stopping:
-                    break
-                self._emit(BatchStarted(batch, len(batches)))
-                async with asyncio.TaskGroup() as tg:
-                    for node in batch.nodes:
-                        tg.create_task(self._update(self.records[node.id], prober))
-                failed = [self.records[n.id] for n in batch.nodes if self.records[n.id].failed]
-                failed_total += len(failed)
+                records = [self.records[n.id] for n in batch.nodes]
+                if any(not r.settled for r in records):
+                    if not await self.control.checkpoint():
+                        break
+                    self.journal("batch_started", {"batch": batch.index})
+                    self._emit(BatchStarted(batch, len(batches)))
+                    async with asyncio.TaskGroup() as tg:
+                        for rec in records:
+                            if not rec.settled:
+                                tg.create_task(self._update(rec, prober))
+                done = [b for b in batches if b.index <= batch.index]
+                failed_total = sum(self.records[n.id].failed for b in done for n in b.nodes)
+                failed = [r for r in records if r.failed]
                 decision = after_batch(failed_total, tolerated, self.policy.failure.action)
-                self._emit(BatchFinished(batch, len(failed), str(decision)))
+                if failed or any(r.phase is not NodePhase.PENDING for r in records):
+                    self.journal(
+                        "batch_finished",
+                        {"batch": batch.index, "failed": len(failed), "decision": str(decision)},
+                    )
+                    self._emit(BatchFinished(batch, len(failed), str(decision)))
                 if decision is Decision.CONTINUE:
                     continue
-                names = ", ".join(r.node.id for r in failed)
+                names = ", ".join(r.node.id for r in failed) or "none in this batch"
                 why = (
                     f"batch {batch.index}: {len(failed)} node(s) failed ({names}); "
                     f"{failed_total} failed in all, {tolerated} tolerated"
                 )
                 if decision is Decision.HALT:
-                    phase, message = RolloutPhase.HALTED, f"{why}; halted"
-                elif decision is Decision.ROLLBACK_BATCH:
-                    await self._rollback_many(
-                        [self.records[n.id] for n in batch.nodes], "the failed batch"
-                    )
-                    phase, message = RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back"
-                else:
-                    await self._rollback_many(list(self.records.values()), "every updated node")
-                    phase, message = RolloutPhase.ROLLED_BACK, f"{why}; all rolled back"
-                break
-        self._session = None
-        if phase is RolloutPhase.SUCCEEDED:
-            if self.stopping and not all(r.phase.done for r in self.records.values()):
-                phase, message = RolloutPhase.ABORTED, "stopped by the operator"
-            elif failed_total:
-                phase = RolloutPhase.FAILED
-                message = f"{failed_total} node(s) failed; the rest were updated"
-            else:
-                message = f"{len(fleet)} node(s) on {self.image.version}"
-        self._emit(RolloutFinished(phase, message))
-        return RolloutResult(self.rollout_id, phase, message, dict(self.records))
+                    return self._finish(RolloutPhase.HALTED, f"{why}; halted")
+                self.journal("phase", {"phase": str(RolloutPhase.ROLLING_BACK), "message": why})
+                if decision is Decision.ROLLBACK_BATCH:
+                    await self._rollback_many(records)
+                    return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
+                await self._rollback_many(list(self.records.values()))
+                return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
+        failed_total = sum(r.failed for r in self.records.values())
+        if not all(r.settled for r in self.records.values()):
+            return self._finish(RolloutPhase.ABORTED, "stopped by the operator")
+        if failed_total:
+            return self._finish(
+                RolloutPhase.FAILED, f"{failed_total} node(s) failed; the rest were updated"
+            )
+        return self._finish(RolloutPhase.SUCCEEDED, f"{len(fleet)} node(s) on {self.image.version}")
+
+    async def rollback_all(self) -> RolloutResult:
+        """Return every node this rollout updated to its previous image (operator command)."""
+        self.journal("phase", {"phase": str(RolloutPhase.ROLLING_BACK), "message": ""})
+        await self._rollback_many(list(self.records.values()))
+        bad = [r.node.id for r in self.records.values() if r.phase is NodePhase.ROLLBACK_FAILED]
+        if bad:
+            return self._finish(RolloutPhase.FAILED, f"rollback failed on {', '.join(bad)}")
+        return self._finish(RolloutPhase.ROLLED_BACK, "rolled back by the operator")
+
+    @staticmethod
+    def retry_failed(records: dict[str, NodeRecord]) -> list[str]:
+        """Make failed nodes pending again (the retry command); return their ids."""
+        again = []
+        for rec in records.values():
+            if rec.failed and rec.phase in (NodePhase.ROLLED_BACK, NodePhase.FAILED):
+                rec.phase, rec.failed, rec.reason, rec.detail = NodePhase.PENDING, False, None, ""
+                rec.activated = False
+                again.append(rec.node.id)
+        return again
 
     # -- one node -----------------------------------------------------------------------
     async def _update(self, rec: NodeRecord, prober: Prober) -> None:
@@ -221,16 +332,19 @@ class Engine:
                 await self._rollback_node(rec)
 
     async def _update_steps(self, rec: NodeRecord, prober: Prober) -> None:
+        """Drive one node to committed, from wherever the journal says it is."""
         node, target = rec.node, self.image.digest
+        if rec.phase is NodePhase.FAILED or rec.phase is NodePhase.ROLLING_BACK:
+            await self._rollback_node(rec)  # a crash interrupted its rollback
+            return
         st = await self._reach(node, self.reach_timeout)
-        rec.boot_count_start = rec.boot_count = st.boot_count
-        rec.version = st.booted_version
-        if st.done(target):
+        if rec.activated:
+            # Resumed after activation: the boot count recorded before it tells the rest.
+            await self._resume_activated(rec, st)
+        elif st.done(target):
+            rec.boot_count, rec.version = st.boot_count, st.booted_version
             self._set(rec, NodePhase.SKIPPED, detail="already on the target, committed")
             return
-        if not st.committed and st.runs(target):
-            # Activated earlier (e.g. by a crashed run) and not yet committed: verify it.
-            rec.activated = True
         elif not st.committed:
             raise NodeFailed(
                 Reason.ACTIVATE_FAILED,
@@ -239,14 +353,29 @@ class Engine:
             )
         else:
             rec.previous_digest, rec.previous_version = st.booted_digest, st.booted_version
-            if self.stopping:
+            rec.boot_count_start = rec.boot_count = st.boot_count
+            rec.version = st.booted_version
+            if not await self.control.checkpoint():
                 return
             await self._stage(rec)
-            if self.stopping:
+            if not await self.control.checkpoint():
                 return
-            st = await self._activate(rec, st)
+            await self._activate(rec)
         await self._verify(rec, prober)
         await self._commit(rec)
+
+    async def _resume_activated(self, rec: NodeRecord, st: NodeStatus) -> None:
+        """The journal says activation was (or was about to be) sent: find out if it was."""
+        start = rec.boot_count_start if rec.boot_count_start is not None else st.boot_count
+        if st.boot_count == start and st.busy is None and not st.runs(self.image.digest):
+            if st.staged_digest != self.image.digest:
+                await self._stage(rec)
+            await self._activate(rec)  # it never arrived: boot count unchanged, agent idle
+            return
+        self._set(rec, NodePhase.BOOTING, detail="resumed")
+        timeout = self.policy.health.boot_timeout
+        st = await self._timed(rec, Step.BOOT, lambda: self._wait_boot(rec.node, start, timeout))
+        self._booted(rec, st)
 
     async def _reach(self, node: Node, timeout: float) -> NodeStatus:
         deadline = clock.now() + timeout
@@ -288,28 +417,31 @@ class Engine:
             raise NodeFailed(Reason.STAGE_FAILED, f"could not stream the image: {exc}") from exc
         self._set(rec, NodePhase.STAGED, detail="" if written else "already staged")
 
-    async def _activate(self, rec: NodeRecord, before: NodeStatus) -> NodeStatus:
+    async def _activate(self, rec: NodeRecord) -> None:
         node, mode = rec.node, self.policy.activation
+        start = rec.boot_count if rec.boot_count is not None else 0
+        rec.boot_count_start = start
+        rec.activated = True  # journaled with ACTIVATING, before the request leaves
         self._set(rec, NodePhase.ACTIVATING)
         try:
             await self._timed(rec, Step.ACTIVATE, lambda: self.driver.activate(node, mode))
         except Refused as exc:
+            rec.activated = False
             raise NodeFailed(Reason.ACTIVATE_FAILED, f"agent refused to activate: {exc}") from exc
         except TransportError:
-            pass  # the request may have arrived: boot_count below tells
-        rec.activated = True
+            pass  # the request may have arrived: the boot count tells
         self._set(rec, NodePhase.BOOTING)
         timeout = self.policy.health.boot_timeout
-        st = await self._timed(
-            rec, Step.BOOT, lambda: self._wait_boot(node, before.boot_count, timeout)
-        )
+        st = await self._timed(rec, Step.BOOT, lambda: self._wait_boot(node, start, timeout))
+        self._booted(rec, st)
+
+    def _booted(self, rec: NodeRecord, st: NodeStatus) -> None:
         rec.boot_count, rec.version = st.boot_count, st.booted_version
         if not st.runs(self.image.digest):
             raise NodeFailed(
                 Reason.FELL_BACK,
                 f"node booted {st.booted_version} instead of the target (it fell back)",
             )
-        return st
 
     async def _wait_boot(self, node: Node, boot_count: int, timeout: float) -> NodeStatus:
         """Poll until the node has booted once more than `boot_count` and its workload is
@@ -363,10 +495,18 @@ class Engine:
         self._set(rec, NodePhase.COMMITTED)
 
     # -- rollback -----------------------------------------------------------------------
-    async def _rollback_many(self, records: Sequence[NodeRecord], what: str) -> None:
-        """Return committed nodes of this rollout to their previous image, max_unavailable
-        at a time (a rollback takes nodes out of service too)."""
-        todo = [r for r in records if r.phase is NodePhase.COMMITTED and r.previous_digest]
+    async def _rollback_many(self, records: Sequence[NodeRecord]) -> None:
+        """Return nodes this rollout updated to their previous image, max_unavailable at a
+        time (a rollback takes nodes out of service too)."""
+        todo = [
+            r
+            for r in records
+            if r.previous_digest
+            and (
+                r.phase in (NodePhase.COMMITTED, NodePhase.ROLLING_BACK)
+                or (r.phase is NodePhase.FAILED and r.activated)
+            )
+        ]
         if not todo:
             return
         fleet = len(self.records)
@@ -406,14 +546,18 @@ class Engine:
     async def _rollback_steps(self, rec: NodeRecord) -> bool:
         node = rec.node
         st = await self._reach(node, self.policy.health.boot_timeout)
+        timeout = self.policy.health.boot_timeout
+        if st.busy is not None:  # a boot is under way (perhaps our rollback before a crash)
+            st = await self._wait_boot(node, st.boot_count, timeout)
         if st.booted_digest == rec.previous_digest and st.committed:
-            return True  # the agent already fell back on its own
+            rec.boot_count, rec.version = st.boot_count, st.booted_version
+            return True  # already back (the agent fell back, or an earlier request did it)
         try:
             await self.driver.rollback(node, self.policy.activation)
         except Refused as exc:
             raise NodeFailed(Reason.ACTIVATE_FAILED, f"agent refused: {exc}") from exc
         except TransportError:
             pass  # may have arrived; the boot count tells
-        st = await self._wait_boot(node, st.boot_count, self.policy.health.boot_timeout)
+        st = await self._wait_boot(node, st.boot_count, timeout)
         rec.boot_count, rec.version = st.boot_count, st.booted_version
         return st.booted_digest == rec.previous_digest and st.committed

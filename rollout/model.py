@@ -67,6 +67,8 @@ _IN_FLIGHT = frozenset(
 class RolloutPhase(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    PAUSED = "paused"
+    WAITING = "waiting"  # on a gate between batches
     SUCCEEDED = "succeeded"
     HALTED = "halted"
     ROLLING_BACK = "rolling_back"
@@ -151,6 +153,7 @@ class NodeStatus:
     committed: bool
     boot_count: int
     workload: str  # "running" | "stopped" | "failed" | "starting"
+    busy: str | None = None  # "staging" | "activating" while the agent works on a request
 
     def runs(self, digest: str) -> bool:
         return self.booted_digest == digest

@@ -49,6 +49,7 @@ def parse_status(body: dict[str, Any]) -> NodeStatus:
         committed=bool(body.get("committed")),
         boot_count=int(body.get("boot_count", 0)),
         workload=str(workload.get("state", "unknown")),
+        busy=body.get("busy"),
     )
 
 
