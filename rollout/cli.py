@@ -24,17 +24,19 @@ from rich.console import Console
 
 from rollout import __version__, fleet
 from rollout.console import EventLog, LiveProgress, configure_logging, node_table
+from rollout.controller import Controller, rebuild
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import DriverError
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Control, RolloutResult
 from rollout.errors import InputError
-from rollout.events import Fanout, Observer, Retried
+from rollout.events import Fanout, Observer
 from rollout.image import build_image, load_image
-from rollout.inventory import load_inventory
+from rollout.inventory import Inventory, load_inventory
+from rollout.journal import SQLiteStore, unfinished
 from rollout.metrics import MetricsRecorder
-from rollout.model import Node, NodePhase
+from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
-from rollout.policy import load_policy
+from rollout.policy import Policy, load_policy
 from rollout.sample import build_sample_image
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
@@ -243,35 +245,64 @@ def _observers(log_format: str, console: Console, metrics_port: int | None,
         yield Fanout(observers), recorder
 
 
+DEFAULT_STATE = ".rollout/state.db"
+
+
+def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Image,
+                  policy_name: str, console: Console) -> str:  # fmt: skip
+    """Resume the unfinished rollout of these nodes and this image, or create a new one."""
+    wanted = set(inv.ids)
+    for state in unfinished(controller.store):
+        overlap = wanted & set(state.node_ids)
+        if not overlap:
+            continue
+        image = state.created.get("image", {})
+        if image.get("digest") == img.digest and set(state.node_ids) == wanted:
+            console.print(
+                f"resuming rollout {state.rollout_id} ({state.phase}) from the journal",
+                soft_wrap=True,
+            )
+            return state.rollout_id
+        raise InputError(
+            f"rollout {state.rollout_id} (image {image.get('version')}) over "
+            f"{', '.join(sorted(overlap)[:5])} is not finished in this state file; resume it "
+            "by running it again with its inventory and image, or use another --state"
+        )
+    return controller.create(inv.nodes, pol, img, policy_name=policy_name, by="run").rollout_id
+
+
 def run_rollout(
     inventory_path: str,
     policy_path: str,
     image_path: str,
     *,
+    state_path: str = DEFAULT_STATE,
     log_format: str = "auto",
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     console: Console | None = None,
 ) -> RolloutResult:
-    """Load inputs, run the rollout in the foreground, return its result."""
+    """Load inputs, run (or resume) the rollout in the foreground, return its result."""
     inv = load_inventory(inventory_path)
     pol = load_policy(policy_path)
     img = load_image(image_path)
-    batches = plan_batches(inv.nodes, pol)
     console = console or Console(stderr=True)
-    with _observers(log_format, console, metrics_port, metrics_host) as (observer, _):
+    store = SQLiteStore(state_path)
+    try:
+        controller = Controller(store)
+        rollout_id = _pick_rollout(controller, inv, pol, img, Path(policy_path).stem, console)
+        with _observers(log_format, console, metrics_port, metrics_host) as (observer, _):
+            return asyncio.run(_run_controller(controller, rollout_id, observer, console))
+    finally:
+        store.close()
 
-        def retried(node: Node, op: str, attempt: int, exc: BaseException) -> None:
-            observer(Retried(node.id, op, attempt, str(exc)))
 
-        driver = AgentDriver(on_retry=retried)
-        engine = Engine(driver, pol, img, observer, policy_name=Path(policy_path).stem)
-        return asyncio.run(_run_engine(engine, batches, console))
-
-
-async def _run_engine(engine: Engine, batches: Any, console: Console) -> RolloutResult:
+async def _run_controller(
+    controller: Controller, rollout_id: str, observer: Observer, console: Console
+) -> RolloutResult:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    control = controller.controls.setdefault(rollout_id, Control())
     presses = 0
 
     def on_sigint() -> None:
@@ -282,7 +313,8 @@ async def _run_engine(engine: Engine, batches: Any, console: Console) -> Rollout
                 "[yellow]stopping: no new batch or node will start; in-flight nodes settle "
                 "per policy (Ctrl-C again to abandon them)[/]"
             )
-            engine.request_stop()
+            controller.store.append(rollout_id, "command", {"command": "abort", "by": "signal"})
+            control.abort()
         elif task is not None:
             task.cancel()
 
@@ -290,19 +322,16 @@ async def _run_engine(engine: Engine, batches: Any, console: Console) -> Rollout
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
     try:
-        return await engine.run(batches)
+        return await controller.execute(rollout_id, observer)
     except asyncio.CancelledError:
-        from rollout.model import RolloutPhase
-
+        engine_records = rebuild(controller.state(rollout_id)).records
         return RolloutResult(
-            engine.rollout_id,
+            rollout_id,
             RolloutPhase.ABORTED,
-            "abandoned by a second interrupt: nodes in flight may be uncommitted and fall "
-            "back on their own at their agent's commit deadline",
-            dict(engine.records),
+            "abandoned by a second interrupt: nodes in flight may be uncommitted; run the "
+            "same command again to resume, or their agents fall back at the commit deadline",
+            engine_records,
         )
-    finally:
-        await engine.driver.close()
 
 
 def print_result(result: RolloutResult, console: Console) -> None:
@@ -342,10 +371,19 @@ def print_result(result: RolloutResult, console: Console) -> None:
     help="auto: live progress on a terminal, log lines otherwise.",
 )
 @click.option("--output", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--state",
+    "state_path",
+    default=DEFAULT_STATE,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Journal file (SQLite); running again with it resumes an unfinished rollout.",
+)
 def run(
     inventory_path: str,
     policy_path: str,
     image_path: str,
+    state_path: str,
     metrics_port: int | None,
     metrics_host: str,
     log_format: str,
@@ -357,6 +395,7 @@ def run(
         inventory_path,
         policy_path,
         image_path,
+        state_path=state_path,
         log_format=log_format,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
@@ -434,7 +473,10 @@ def demo(
         f"fleet: {nodes} agents up from {base_address}; inventory {inventory}", soft_wrap=True
     )
     try:
-        result = run_rollout(str(inventory), str(policy), v2.path, log_format=log_format)
+        result = run_rollout(
+            str(inventory), str(policy), v2.path, state_path=str(wd / "state.db"),
+            log_format=log_format,
+        )  # fmt: skip
         print_result(result, console)
         rows = asyncio.run(_statuses(load_inventory(inventory).nodes, 8080))
         console.print(node_table([_short(r) for r in rows], "fleet after the rollout"))

@@ -247,7 +247,8 @@ class Engine:
         for b in batches:
             for n in b.nodes:
                 self.records.setdefault(n.id, NodeRecord(n, b.index))
-        self.journal("phase", {"phase": str(RolloutPhase.RUNNING), "message": ""})
+        if not self.control.paused:
+            self.journal("phase", {"phase": str(RolloutPhase.RUNNING), "message": ""})
         self._emit(
             RolloutStarted(
                 self.rollout_id, self.image, self.policy_name, tuple(batches), len(fleet)
@@ -312,10 +313,11 @@ class Engine:
 
     @staticmethod
     def retry_failed(records: dict[str, NodeRecord]) -> list[str]:
-        """Make failed nodes pending again (the retry command); return their ids."""
+        """Make failed and rolled-back nodes pending again (the retry command); return
+        their ids. A node whose rollback failed is left for the operator to inspect."""
         again = []
         for rec in records.values():
-            if rec.failed and rec.phase in (NodePhase.ROLLED_BACK, NodePhase.FAILED):
+            if rec.phase in (NodePhase.ROLLED_BACK, NodePhase.FAILED):
                 rec.phase, rec.failed, rec.reason, rec.detail = NodePhase.PENDING, False, None, ""
                 rec.activated = False
                 again.append(rec.node.id)

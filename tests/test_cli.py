@@ -64,7 +64,7 @@ def test_run_then_status_shows_every_node_on_target_with_one_more_boot(
     policy = write_policy(tmp_path)
     proc = rollout(
         "run", "--inventory", str(fl.inventory), "--policy", str(policy),
-        "--image", images.v2.path, "--log-format", "json",
+        "--image", images.v2.path, "--log-format", "json", "--state", str(tmp_path / "s.db"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
@@ -104,7 +104,7 @@ def test_missing_image_is_exit_2(tmp_path: Path) -> None:
         {"id": "a", "address": "127.0.0.1:1"}]}))  # fmt: skip
     proc = rollout(
         "run", "--inventory", str(inventory), "--policy", str(policy),
-        "--image", str(tmp_path / "nope.img"),
+        "--image", str(tmp_path / "nope.img"), "--state", str(tmp_path / "s.db"),
     )  # fmt: skip
     assert proc.returncode == 2
     assert "nope.img" in proc.stderr
@@ -189,7 +189,7 @@ def test_ctrl_c_starts_nothing_new_and_settles_in_flight(
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollout", "run", "--inventory", str(fl.inventory),
          "--policy", str(policy), "--image", images.v2.path, "--log-format", "json",
-         "--output", "json"],
+         "--output", "json", "--state", str(tmp_path / "s.db")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     assert proc.stderr is not None

@@ -5,6 +5,11 @@ compared with `hmac.compare_digest` and never logged. Every error is JSON
 `{"error": "<code>", "message": "<text>", ...}`; the codes and their HTTP statuses are
 listed in `STATUS_OF` and documented in docs/agent-api.md.
 
+Leases: `PUT /v1/lease` takes or renews, `DELETE /v1/lease` releases. The slot-changing
+endpoints pass the `X-Rollout-Lease` header to the agent, which refuses them with
+`leased` (409) while someone else's lease is live; the check runs before anything else
+(before the body is read), so a refused request changes nothing.
+
 Activate and rollback answer 202 first: the handler writes and finishes the response,
 and only then starts the switch (which may end this process with a re-exec).
 """
@@ -19,6 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import ClientPayloadError, web
 
+from rollout.agent import state as sm
 from rollout.agent.node import Agent
 from rollout.agent.state import AgentError
 from rollout.model import ActivationMode
@@ -27,6 +33,7 @@ log = structlog.get_logger("rollout.agent.http")
 
 AGENT_KEY = web.AppKey("agent", Agent)
 TOKEN_KEY = web.AppKey("token", bytes)
+LEASE_HEADER = "X-Rollout-Lease"
 
 STATUS_OF: dict[str, int] = {
     "bad_request": 400,
@@ -36,6 +43,7 @@ STATUS_OF: dict[str, int] = {
     "method_not_allowed": 405,
     "too_large": 413,
     "busy": 409,
+    "leased": 409,
     "nothing_staged": 409,
     "already_booted": 409,
     "not_committed": 409,
@@ -103,7 +111,39 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[AGENT_KEY].status())
 
 
+def _lease(request: web.Request) -> str | None:
+    """The caller's lease holder from `X-Rollout-Lease`, or None without the header."""
+    value = request.headers.get(LEASE_HEADER)
+    return value.strip() if value is not None else None
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise AgentError("bad_request", "body: not valid JSON", field="body") from None
+    if not isinstance(body, dict):
+        raise AgentError("bad_request", "body: expected a JSON object", field="body")
+    return body
+
+
+async def put_lease(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    holder = sm.lease_holder(body.get("holder"))
+    ttl = sm.lease_ttl(body.get("ttl"))
+    return web.json_response(request.app[AGENT_KEY].acquire_lease(holder, ttl))
+
+
+async def delete_lease(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    holder = sm.lease_holder(body.get("holder"))
+    return web.json_response(request.app[AGENT_KEY].release_lease(holder))
+
+
 async def put_image(request: web.Request) -> web.Response:
+    lease = _lease(request)
+    request.app[AGENT_KEY].check_lease(lease, "stage")
     digest = request.headers.get("X-Image-Digest")
     if digest is None:
         raise AgentError(
@@ -119,7 +159,7 @@ async def put_image(request: web.Request) -> web.Response:
         except (ConnectionError, ClientPayloadError) as exc:
             raise AgentError("upload_incomplete", f"the image upload broke off: {exc}") from None
 
-    result = await request.app[AGENT_KEY].stage(digest.strip(), body())
+    result = await request.app[AGENT_KEY].stage(digest.strip(), body(), lease=lease)
     return web.json_response(result)
 
 
@@ -163,17 +203,21 @@ async def _switch_response(
 
 
 async def activate(request: web.Request) -> web.StreamResponse:
+    agent, lease = request.app[AGENT_KEY], _lease(request)
+    agent.check_lease(lease, "activate")  # before the body; checked again with the claim
     mode = await _mode(request, required=True)
-    return await _switch_response(request, request.app[AGENT_KEY].prepare_activate(mode))
+    return await _switch_response(request, agent.prepare_activate(mode, lease=lease))
 
 
 async def rollback(request: web.Request) -> web.StreamResponse:
+    agent, lease = request.app[AGENT_KEY], _lease(request)
+    agent.check_lease(lease, "rollback")
     mode = await _mode(request, required=False)
-    return await _switch_response(request, request.app[AGENT_KEY].prepare_rollback(mode))
+    return await _switch_response(request, agent.prepare_rollback(mode, lease=lease))
 
 
 async def commit(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].commit())
+    return web.json_response(request.app[AGENT_KEY].commit(lease=_lease(request)))
 
 
 def make_app(agent: Agent) -> web.Application:
@@ -186,4 +230,6 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_post("/v1/activate", activate)
     app.router.add_post("/v1/commit", commit)
     app.router.add_post("/v1/rollback", rollback)
+    app.router.add_put("/v1/lease", put_lease)
+    app.router.add_delete("/v1/lease", delete_lease)
     return app

@@ -20,6 +20,11 @@ calls `_fall_back`, which plans a rollback reboot to the last good slot with a r
 
 `busy` serialises the operations that change slots: at most one stage or activation at a
 time; the others get AgentError("busy").
+
+Leases: stage, activate, rollback and commit take the caller's lease holder (the
+`X-Rollout-Lease` header, or None) and check it against the live lease first, in the same
+synchronous step that claims `busy`, so no other request slips in between. Lease changes
+made while a switch stops the workload are carried into the state the switch persists.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +235,8 @@ class Agent:
             raise ValueError("switch without a pending boot")
         self._disarm_deadline()
         await self.workload.stop()
-        self._save(new)
+        # `new` was planned before the stop; keep a lease taken, renewed or released since.
+        self._save(replace(new, lease=self.state.lease))
         if pending.mode is ActivationMode.SOFT_REBOOT:
             try:
                 await self._boot(soft=True)
@@ -265,7 +271,50 @@ class Agent:
                 "boot_count": f.boot_count,
             },
             "busy": str(self.busy) if self.busy is not None else None,
+            "lease": self._lease_body(),
         }
+
+    def _lease_body(self) -> dict[str, Any] | None:
+        now = time.time()
+        lease = sm.live_lease(self.state, now)
+        if lease is None:
+            return None
+        return {"holder": lease.holder, "expires_in": round(lease.expires_in(now), 3)}
+
+    # --- leases --------------------------------------------------------------------------
+
+    def acquire_lease(self, holder: str, ttl: float) -> dict[str, Any]:
+        """Take or renew the lease (persisted); AgentError leased if another holds it."""
+        now = time.time()
+        try:
+            new, acquired = sm.acquire_lease(self.state, holder, ttl, now=now)
+        except AgentError as exc:
+            log.info("lease_refused", what="acquire", holder=holder, leased_to=exc.extra["holder"])
+            raise
+        self._save(new)
+        log.info("lease_acquired" if acquired else "lease_renewed", holder=holder, ttl=ttl)
+        return {"holder": holder, "expires_in": round(ttl, 3), "acquired": acquired}
+
+    def release_lease(self, holder: str) -> dict[str, Any]:
+        now = time.time()
+        try:
+            new, released = sm.release_lease(self.state, holder, now=now)
+        except AgentError as exc:
+            log.info("lease_refused", what="release", holder=holder, leased_to=exc.extra["holder"])
+            raise
+        if new != self.state:
+            self._save(new)
+        if released:
+            log.info("lease_released", holder=holder)
+        return {"released": released}
+
+    def check_lease(self, holder: str | None, what: str) -> None:
+        """Refuse `what` (AgentError leased) unless there is no live lease or `holder` has it."""
+        try:
+            sm.check_lease(self.state, holder, now=time.time())
+        except AgentError as exc:
+            log.info("lease_refused", what=what, holder=holder, leased_to=exc.extra["holder"])
+            raise
 
     def _check_not_busy(self) -> None:
         if self.busy is not None:
@@ -277,8 +326,11 @@ class Agent:
         self._check_not_busy()
         self.busy = what
 
-    async def stage(self, digest: str, body: AsyncIterable[bytes]) -> dict[str, Any]:
+    async def stage(
+        self, digest: str, body: AsyncIterable[bytes], *, lease: str | None = None
+    ) -> dict[str, Any]:
         """Stream an image into the inactive slot, verify `digest`, unpack, stage it."""
+        self.check_lease(lease, "stage")
         if not DIGEST_RE.match(digest):
             raise AgentError(
                 "bad_request",
@@ -348,13 +400,19 @@ class Agent:
         log.info("stage", slot=str(slot), digest=digest, version=image.version, bytes=size)
         return {**_stage_body(slot, image), "bytes": size, "written": True}
 
-    def prepare_activate(self, mode: ActivationMode) -> tuple[dict[str, Any], AgentState]:
+    def prepare_activate(
+        self, mode: ActivationMode, *, lease: str | None = None
+    ) -> tuple[dict[str, Any], AgentState]:
         """Validate an activate; claim `busy`. Call `begin_switch` once the 202 is sent."""
+        self.check_lease(lease, "activate")
         self._check_not_busy()
         new = sm.plan_activate(self.state, mode)
         return self._prepared("activate", new, mode)
 
-    def prepare_rollback(self, mode: ActivationMode) -> tuple[dict[str, Any], AgentState]:
+    def prepare_rollback(
+        self, mode: ActivationMode, *, lease: str | None = None
+    ) -> tuple[dict[str, Any], AgentState]:
+        self.check_lease(lease, "rollback")
         self._check_not_busy()
         new = sm.plan_rollback(self.state, mode)
         return self._prepared("rollback", new, mode)
@@ -377,7 +435,8 @@ class Agent:
     def begin_switch(self, new: AgentState) -> None:
         self._spawn(self._switch(new), name="switch")
 
-    def commit(self) -> dict[str, Any]:
+    def commit(self, *, lease: str | None = None) -> dict[str, Any]:
+        self.check_lease(lease, "commit")
         if self.busy is Busy.ACTIVATING:
             raise AgentError("busy", "the agent is busy activating; retry later", busy="activating")
         if not self.state.committed or self.state.pending is not None:

@@ -15,6 +15,7 @@ Slots and flags::
     last_good  the slot to fall back to; equals `booted` whenever `committed`
     staged     the inactive slot, holding a verified image not yet booted (or none)
     pending    a boot asked for but not yet confirmed: {slot, tries_left, mode, rollback}
+    lease      the rollout that may drive this node, until a wall-clock expiry (or none)
 
 Boot counting, on every boot (process start or soft reboot), decided by `plan_boot`:
 
@@ -27,6 +28,12 @@ Boot counting, on every boot (process start or soft reboot), decided by `plan_bo
     boot_count += 1 on every boot. An uncommitted boot gets a commit deadline (wall-clock,
     persisted); when it passes, or the workload exits before commit, the runtime calls
     `plan_fallback` and reboots: the pending rollback to last_good carries the reason.
+
+Leases ("one rollout per node"): a controller takes a lease `{holder, expires_at}` with a
+ttl and renews it; while it is live (`now < expires_at`) the slot-changing requests of
+anyone else are refused with `leased`. The lease is part of the persisted state, with an
+absolute wall-clock expiry, so it survives a reboot, a kexec and a crash: a node stays
+leased to the rollout that rebooted it. An expired lease is as good as none.
 
 Worked example (tries = 1)::
 
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,6 +57,9 @@ from rollout.model import ActivationMode
 
 STATE_FORMAT = 1
 BOOT_TRIES = 1  # tries a pending (non-rollback) boot gets before it counts as failed
+LEASE_TTL_MIN = 1.0  # seconds
+LEASE_TTL_MAX = 3600.0
+LEASE_HOLDER_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # visible ASCII: it goes in a header
 
 
 class Slot(enum.StrEnum):
@@ -132,6 +143,20 @@ class FellBack:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """The rollout `holder` may drive this node until `expires_at` (wall-clock epoch s)."""
+
+    holder: str
+    expires_at: float
+
+    def live(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def expires_in(self, now: float) -> float:
+        return max(0.0, self.expires_at - now)
+
+
+@dataclass(frozen=True)
 class AgentState:
     slot_a: SlotImage | None
     slot_b: SlotImage | None
@@ -143,6 +168,7 @@ class AgentState:
     boot_count: int = 0
     fell_back: FellBack | None = None
     commit_deadline_at: float | None = None  # wall-clock epoch seconds
+    lease: Lease | None = None
 
     def slot(self, slot: Slot) -> SlotImage | None:
         return self.slot_a if slot is Slot.A else self.slot_b
@@ -341,6 +367,106 @@ def commit(state: AgentState) -> AgentState:
     )
 
 
+# --- leases ------------------------------------------------------------------------------
+
+
+def lease_holder(value: Any) -> str:
+    """Validate a lease holder (a rollout id): 1-128 visible ASCII characters.
+
+    It travels in the `X-Rollout-Lease` header, so it has no spaces or control characters.
+    """
+    if not isinstance(value, str) or not LEASE_HOLDER_RE.match(value):
+        raise AgentError(
+            "bad_request",
+            f"holder: expected 1-128 visible ASCII characters (no spaces), got {value!r}",
+            field="holder",
+        )
+    return value
+
+
+def lease_ttl(value: Any) -> float:
+    """Validate a lease ttl: a number of seconds from LEASE_TTL_MIN to LEASE_TTL_MAX.
+
+    >>> lease_ttl(30)
+    30.0
+    """
+    if not _is_number(value) or not LEASE_TTL_MIN <= value <= LEASE_TTL_MAX:
+        raise AgentError(
+            "bad_request",
+            f"ttl: expected seconds from {LEASE_TTL_MIN:g} to {LEASE_TTL_MAX:g}, got {value!r}",
+            field="ttl",
+        )
+    return float(value)
+
+
+def live_lease(state: AgentState, now: float) -> Lease | None:
+    """The lease in force at `now`: None when there is none or it has expired.
+
+    >>> s = replace(factory_state(SlotImage("sha256:1", "web", "1")), lease=Lease("r1", 130.0))
+    >>> live_lease(s, now=129.5), live_lease(s, now=130.0)
+    (Lease(holder='r1', expires_at=130.0), None)
+    """
+    lease = state.lease
+    return lease if lease is not None and lease.live(now) else None
+
+
+def leased_error(lease: Lease, now: float) -> AgentError:
+    """The refusal for anyone but `lease.holder` while the lease is live."""
+    left = lease.expires_in(now)
+    return AgentError(
+        "leased",
+        f"the node is leased to rollout {lease.holder!r} for another {left:.1f}s; "
+        "wait for it to be released or to expire",
+        holder=lease.holder,
+        expires_in=round(left, 3),
+    )
+
+
+def acquire_lease(
+    state: AgentState, holder: str, ttl: float, *, now: float
+) -> tuple[AgentState, bool]:
+    """Take or renew the lease for `holder` until `now + ttl`; True when newly taken.
+
+    Renewing sets the expiry to `now + ttl` (it may shorten it). Taking over an expired
+    lease, whoever held it, counts as newly taken. Another holder's live lease: `leased`.
+
+    >>> s0 = factory_state(SlotImage("sha256:1", "web", "1"))
+    >>> s1, new = acquire_lease(s0, "r1", 30, now=100.0)
+    >>> s1.lease, new
+    (Lease(holder='r1', expires_at=130.0), True)
+    >>> s2, new = acquire_lease(s1, "r1", 30, now=120.0)
+    >>> s2.lease, new
+    (Lease(holder='r1', expires_at=150.0), False)
+    """
+    current = live_lease(state, now)
+    if current is not None and current.holder != holder:
+        raise leased_error(current, now)
+    return replace(state, lease=Lease(holder, now + ttl)), current is None
+
+
+def release_lease(state: AgentState, holder: str, *, now: float) -> tuple[AgentState, bool]:
+    """Drop `holder`'s live lease; True when it was released.
+
+    No live lease: nothing to release (False; an expired lease is dropped too). Another
+    holder's live lease: `leased`.
+    """
+    current = live_lease(state, now)
+    if current is not None and current.holder != holder:
+        raise leased_error(current, now)
+    return replace(state, lease=None), current is not None
+
+
+def check_lease(state: AgentState, holder: str | None, *, now: float) -> None:
+    """Refuse (`leased`) a slot-changing request from anyone but the live lease's holder.
+
+    With no live lease anyone may proceed (leases are opt-in); `holder` None is a request
+    without the lease header.
+    """
+    current = live_lease(state, now)
+    if current is not None and current.holder != holder:
+        raise leased_error(current, now)
+
+
 # --- staging -----------------------------------------------------------------------------
 
 
@@ -386,7 +512,7 @@ def to_json(state: AgentState) -> dict[str, Any]:
             return None
         return {"digest": i.digest, "name": i.name, "version": i.version, "good": i.good}
 
-    p, f = state.pending, state.fell_back
+    p, f, lease = state.pending, state.fell_back, state.lease
     return {
         "format": STATE_FORMAT,
         "slots": {"A": img(state.slot_a), "B": img(state.slot_b)},
@@ -413,6 +539,9 @@ def to_json(state: AgentState) -> dict[str, Any]:
             "boot_count": f.boot_count,
         },
         "commit_deadline_at": state.commit_deadline_at,
+        "lease": None
+        if lease is None
+        else {"holder": lease.holder, "expires_at": lease.expires_at},
     }
 
 
@@ -421,6 +550,16 @@ def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
         raise ValueError(f"{where}.{key}: expected {kind}, got {value!r}")
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _number(value: Any, where: str) -> float:
+    if not _is_number(value):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    return float(value)
 
 
 def from_json(raw: Any) -> AgentState:
@@ -464,12 +603,17 @@ def from_json(raw: Any) -> AgentState:
             reason=FallbackReason(_get(f, "reason", str, "state.fell_back")),
             boot_count=_get(f, "boot_count", int, "state.fell_back"),
         )
+    lease: Lease | None = None
+    if (le := raw.get("lease")) is not None:  # absent in states written before leases
+        if not isinstance(le, dict):
+            raise ValueError("state.lease: expected an object or null")
+        lease = Lease(
+            holder=_get(le, "holder", str, "state.lease"),
+            expires_at=_number(le.get("expires_at"), "state.lease.expires_at"),
+        )
     staged = raw.get("staged")
     deadline = raw.get("commit_deadline_at")
-    if deadline is not None and (
-        not isinstance(deadline, int | float) or isinstance(deadline, bool) or math.isnan(deadline)
-    ):
-        raise ValueError("state.commit_deadline_at: expected a number or null")
+    deadline_at = _number(deadline, "state.commit_deadline_at") if deadline is not None else None
     state = AgentState(
         slot_a=img(slots.get("A"), "state.slots.A"),
         slot_b=img(slots.get("B"), "state.slots.B"),
@@ -480,7 +624,8 @@ def from_json(raw: Any) -> AgentState:
         pending=pending,
         boot_count=_get(raw, "boot_count", int, "state"),
         fell_back=fell_back,
-        commit_deadline_at=float(deadline) if deadline is not None else None,
+        commit_deadline_at=deadline_at,
+        lease=lease,
     )
     if state.slot(state.booted) is None:
         raise ValueError(f"state: booted slot {state.booted} holds no image")

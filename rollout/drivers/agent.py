@@ -61,12 +61,14 @@ class AgentDriver:
         attempts: int = 5,
         wait_max: float = 5.0,
         on_retry: RetryHook | None = None,
+        lease_holder: str | None = None,
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}
         self.attempts = attempts
         self.wait_max = wait_max
         self.on_retry = on_retry
+        self.lease_holder = lease_holder  # sent on mutating calls (X-Rollout-Lease)
 
     # -- plumbing -----------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
@@ -90,7 +92,10 @@ class AgentDriver:
         return self._tokens[node.token_file]
 
     def _headers(self, node: Node) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token(node)}"}
+        headers = {"Authorization": f"Bearer {self._token(node)}"}
+        if self.lease_holder:
+            headers["X-Rollout-Lease"] = self.lease_holder
+        return headers
 
     def _url(self, node: Node, path: str) -> str:
         return f"http://{node.address}{path}"
@@ -184,6 +189,19 @@ class AgentDriver:
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
         await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)})
 
+    async def lease(self, node: Node, ttl: float) -> bool:
+        """Take or renew this driver's lease on the node; Refused("leased") if another
+        rollout holds it. True when newly taken."""
+        if not self.lease_holder:
+            raise ValueError("lease() needs a lease_holder")
+        body = {"holder": self.lease_holder, "ttl": ttl}
+        answer = await self._call(node, "PUT", "/v1/lease", json=body)
+        return bool(answer.get("acquired"))
+
+    async def release(self, node: Node) -> None:
+        if self.lease_holder:
+            await self._call(node, "DELETE", "/v1/lease", json={"holder": self.lease_holder})
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -198,6 +216,10 @@ async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
         body = {}
     if resp.status >= 500:
         raise TransportError(f"{node.id}: agent answered {resp.status}: {body.get('message', '')}")
+    if resp.status == 409 and body.get("error") == "busy":
+        # Transient: the agent is finishing another request (e.g. cleaning up an upload
+        # a crashed controller abandoned). Worth retrying, like a transport fault.
+        raise TransportError(f"{node.id}: agent busy: {body.get('message', '')}")
     if resp.status == 401:
         raise Refused("unauthorized", f"{node.id}: the agent refused the token", resp.status)
     if resp.status >= 400:
@@ -205,6 +227,8 @@ async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
             str(body.get("error", f"http_{resp.status}")),
             str(body.get("message", "")),
             resp.status,
+            holder=body.get("holder"),
+            expires_in=float(body.get("expires_in") or 0.0),
         )
     return body
 

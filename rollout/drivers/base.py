@@ -26,11 +26,20 @@ class TransportError(DriverError):
 class Refused(DriverError):
     """The node answered and refused; `code` is its machine-readable error code."""
 
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int = 0,
+        holder: str | None = None,
+        expires_in: float = 0.0,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.holder = holder  # for code "leased": the rollout holding the node
+        self.expires_in = expires_in
 
 
 class Driver(Protocol):

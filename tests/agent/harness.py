@@ -130,12 +130,15 @@ class AgentProc:
 
         return await eventually(probe, what=what, timeout=timeout)
 
-    async def stage(self, image_path: str, digest: str) -> tuple[int, dict[str, Any]]:
+    async def stage(
+        self, image_path: str, digest: str, *, lease: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        headers = {"X-Image-Digest": digest}
+        if lease is not None:
+            headers["X-Rollout-Lease"] = lease
         fh = await asyncio.to_thread(open, image_path, "rb")
         try:  # streamed from the file, as the controller does
-            code, body, _ = await self.request(
-                "PUT", "/v1/image", data=fh, headers={"X-Image-Digest": digest}
-            )
+            code, body, _ = await self.request("PUT", "/v1/image", data=fh, headers=headers)
         finally:
             fh.close()
         return code, body

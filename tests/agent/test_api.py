@@ -31,6 +31,7 @@ STATUS_KEYS = {
     "workload",
     "fell_back",
     "busy",
+    "lease",
 }
 
 
@@ -95,6 +96,7 @@ async def test_status_shape(start_agent: StartAgent, images: SampleImages) -> No
     assert status["boot_count"] == 1
     assert status["fell_back"] is None
     assert status["busy"] is None
+    assert status["lease"] is None
     workload = status["workload"]
     assert set(workload) == {"state", "pid", "port", "exit_code", "restarts"}
     assert workload["port"] == agent.workload_port and isinstance(workload["pid"], int)

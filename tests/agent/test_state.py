@@ -15,6 +15,7 @@ from rollout.agent.state import (
     BootPlan,
     FallbackReason,
     FellBack,
+    Lease,
     PendingBoot,
     Slot,
     SlotImage,
@@ -254,6 +255,7 @@ def test_boot_delay(mode: ActivationMode | None, expected: float) -> None:
         COMMITTED_B,
         sm.plan_fallback(UNCOMMITTED, FallbackReason.WORKLOAD_FAILED),
         replace(FACTORY, fell_back=FellBack(Slot.B, None, FallbackReason.COMMIT_DEADLINE, 7)),
+        replace(UNCOMMITTED, lease=Lease("r1", 1234.5)),
     ],
 )
 def test_json_round_trip(state: AgentState, tmp_path: Path) -> None:
@@ -272,6 +274,10 @@ def test_json_round_trip(state: AgentState, tmp_path: Path) -> None:
         lambda d: d.update(committed="yes"),
         lambda d: d.update(boot_count=True),
         lambda d: d["slots"].update(A=None),
+        lambda d: d.update(lease="r1"),
+        lambda d: d.update(lease={"holder": "r1"}),
+        lambda d: d.update(lease={"holder": "r1", "expires_at": "soon"}),
+        lambda d: d.update(lease={"holder": 7, "expires_at": 1.0}),
     ],
 )
 def test_from_json_refuses_bad_state(mutate: object) -> None:
@@ -280,3 +286,176 @@ def test_from_json_refuses_bad_state(mutate: object) -> None:
     mutate(raw)
     with pytest.raises(ValueError):
         sm.from_json(raw)
+
+
+def test_a_state_written_before_leases_loads_unleased() -> None:
+    raw = sm.to_json(FACTORY)
+    del raw["lease"]
+    assert sm.from_json(raw) == FACTORY
+
+
+# --- leases ------------------------------------------------------------------------------
+
+T0 = 1000.0
+HELD = replace(FACTORY, lease=Lease("r1", T0 + 30))  # r1 until T0 + 30
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "now", "expected"),
+    [
+        ("no lease", FACTORY, T0, None),
+        ("well before expiry", HELD, T0, Lease("r1", T0 + 30)),
+        ("just before expiry", HELD, T0 + 29.999, Lease("r1", T0 + 30)),
+        ("at expiry it is gone", HELD, T0 + 30, None),
+        ("after expiry", HELD, T0 + 3600, None),
+        ("clock before acquire still held", HELD, T0 - 5, Lease("r1", T0 + 30)),
+    ],
+)
+def test_live_lease(name: str, state: AgentState, now: float, expected: Lease | None) -> None:
+    assert sm.live_lease(state, now) == expected, name
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"), [(T0, 30.0), (T0 + 12.5, 17.5), (T0 + 30, 0.0), (T0 + 99, 0.0)]
+)
+def test_expires_in_counts_down_to_zero(now: float, expected: float) -> None:
+    assert Lease("r1", T0 + 30).expires_in(now) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "holder", "ttl", "now", "expected"),
+    [
+        ("free -> taken", FACTORY, "r1", 30, T0, (Lease("r1", T0 + 30), True)),
+        ("renew extends from now", HELD, "r1", 30, T0 + 20, (Lease("r1", T0 + 50), False)),
+        ("renew may shorten", HELD, "r1", 5, T0 + 1, (Lease("r1", T0 + 6), False)),
+        ("own expired lease -> taken anew", HELD, "r1", 10, T0 + 30, (Lease("r1", T0 + 40), True)),
+        ("other's expired lease -> taken", HELD, "r2", 10, T0 + 31, (Lease("r2", T0 + 41), True)),
+        ("other's live lease -> leased", HELD, "r2", 10, T0 + 29, "leased"),
+    ],
+)
+def test_acquire_lease(
+    name: str, state: AgentState, holder: str, ttl: float, now: float, expected: object
+) -> None:
+    if expected == "leased":
+        with pytest.raises(AgentError) as exc:
+            sm.acquire_lease(state, holder, ttl, now=now)
+        assert exc.value.code == "leased", name
+        assert exc.value.extra == {"holder": "r1", "expires_in": 1.0}, name
+        return
+    new, acquired = sm.acquire_lease(state, holder, ttl, now=now)
+    assert (new.lease, acquired) == expected, name
+    assert replace(new, lease=state.lease) == state, "nothing but the lease changes"
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "holder", "now", "expected"),
+    [
+        ("holder releases", HELD, "r1", T0, True),
+        ("no lease", FACTORY, "r1", T0, False),
+        ("expired: nothing to release, dropped", HELD, "r1", T0 + 30, False),
+        ("other's expired lease: dropped", HELD, "r2", T0 + 30, False),
+        ("other's live lease -> leased", HELD, "r2", T0, "leased"),
+    ],
+)
+def test_release_lease(
+    name: str, state: AgentState, holder: str, now: float, expected: object
+) -> None:
+    if expected == "leased":
+        with pytest.raises(AgentError) as exc:
+            sm.release_lease(state, holder, now=now)
+        assert (exc.value.code, exc.value.extra["holder"]) == ("leased", "r1"), name
+        return
+    new, released = sm.release_lease(state, holder, now=now)
+    assert (new.lease, released) == (None, expected), name
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "holder", "now", "refused"),
+    [
+        ("no lease, no header", FACTORY, None, T0, False),
+        ("no lease, any header", FACTORY, "r9", T0, False),
+        ("holder", HELD, "r1", T0, False),
+        ("no header while leased", HELD, None, T0, True),
+        ("other holder while leased", HELD, "r2", T0 + 29.9, True),
+        ("holder names differ by case", HELD, "R1", T0, True),
+        ("no header after expiry", HELD, None, T0 + 30, False),
+        ("other holder after expiry", HELD, "r2", T0 + 30, False),
+    ],
+)
+def test_check_lease(
+    name: str, state: AgentState, holder: str | None, now: float, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(AgentError) as exc:
+            sm.check_lease(state, holder, now=now)
+        assert exc.value.code == "leased", name
+        assert exc.value.extra["holder"] == "r1", name
+        assert 0 < exc.value.extra["expires_in"] <= 30, name
+    else:
+        sm.check_lease(state, holder, now=now)
+
+
+def test_the_lease_survives_boots_and_transitions() -> None:
+    lease = Lease("r1", T0 + 300)
+    s = replace(STAGED, lease=lease)
+    s = sm.plan_activate(s, REBOOT)
+    plan = sm.plan_boot(s)
+    s = sm.finish_boot(sm.begin_boot(s, plan), plan, now=T0, commit_deadline=DEADLINE)
+    assert s.booted == Slot.B and s.lease == lease
+    assert sm.commit(s).lease == lease
+    fell = sm.plan_fallback(s, FallbackReason.WORKLOAD_FAILED)
+    plan = sm.plan_boot(fell)
+    assert sm.finish_boot(fell, plan, now=T0, commit_deadline=DEADLINE).lease == lease
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1, 1.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        (3600, 3600.0),
+        (0, None),
+        (0.5, None),
+        (3601, None),
+        (-1, None),
+        (True, None),
+        ("30", None),
+        (None, None),
+        (float("nan"), None),
+        (float("inf"), None),
+    ],
+)
+def test_lease_ttl(value: object, expected: float | None) -> None:
+    if expected is None:
+        with pytest.raises(AgentError) as exc:
+            sm.lease_ttl(value)
+        assert (exc.value.code, exc.value.extra) == ("bad_request", {"field": "ttl"})
+    else:
+        assert sm.lease_ttl(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("r1", True),
+        ("3f2a9c1b7d4e", True),
+        ("x" * 128, True),
+        ("rollout:web/canary@2", True),
+        ("", False),
+        ("x" * 129, False),
+        ("has space", False),
+        (" r1", False),
+        ("tab\there", False),
+        ("caf\u00e9", False),
+        (7, False),
+        (None, False),
+    ],
+)
+def test_lease_holder(value: object, ok: bool) -> None:
+    if ok:
+        assert sm.lease_holder(value) == value
+    else:
+        with pytest.raises(AgentError) as exc:
+            sm.lease_holder(value)
+        assert (exc.value.code, exc.value.extra) == ("bad_request", {"field": "holder"})

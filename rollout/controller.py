@@ -1,0 +1,337 @@
+"""The controller: rollouts as journaled objects, created, run, resumed and commanded.
+
+Both front ends use it: `rollout run` (one rollout in the foreground) and `rollout serve`
+(any number over disjoint nodes, driven over HTTP). It owns:
+
+- creation: plan, lock the nodes in the store (one rollout per node), journal `created`;
+- execution: rebuild policy, image, plan and node records from the journal, take the
+  agents' leases, run the engine, keep locks and leases renewed while it runs, release
+  them when the rollout finishes;
+- commands: pause, resume, abort, retry, rollback, each checked against the rollout's
+  phase (an illegal one raises `IllegalCommand` and changes nothing) and journaled.
+
+A crashed controller resumes by calling `execute` again on the unfinished rollout: the
+engine reconciles each node's journaled phase with its agent's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.drivers.agent import AgentDriver
+from rollout.drivers.base import Refused, TransportError
+from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
+from rollout.errors import InputError
+from rollout.events import Observer, Retried
+from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
+from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
+from rollout.plan import plan_batches
+from rollout.policy import Policy, parse_policy
+
+LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
+
+
+class IllegalCommand(Exception):
+    """A command that does not apply to the rollout's phase (HTTP 409)."""
+
+
+class UnknownRollout(KeyError):
+    """No such rollout id (HTTP 404)."""
+
+
+def _node_json(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "address": node.address,
+        "labels": dict(node.labels),
+        "token_file": node.token_file,
+    }
+
+
+def _node_from(data: dict[str, Any]) -> Node:
+    return Node(data["id"], data["address"], dict(data.get("labels", {})), data.get("token_file"))
+
+
+@dataclass
+class Loaded:
+    """A rollout rebuilt from its journal, ready to execute."""
+
+    state: RolloutState
+    policy: Policy
+    image: Image
+    nodes: dict[str, Node]
+    batches: tuple[Batch, ...]
+    records: dict[str, NodeRecord] = field(default_factory=dict)
+
+
+def rebuild(state: RolloutState) -> Loaded:
+    created = state.created
+    policy = parse_policy(created["policy"], f"journal of {state.rollout_id}")
+    image = Image(**created["image"])
+    nodes = {n["id"]: _node_from(n) for n in created["inventory"]}
+    batches = tuple(
+        Batch(b["index"], tuple(nodes[i] for i in b["nodes"]), bool(b.get("canary")))
+        for b in created["batches"]
+    )
+    records = {
+        node_id: NodeRecord.from_json(nodes[node_id], snap)
+        for node_id, snap in state.nodes.items()
+        if node_id in nodes and "batch" in snap
+    }
+    return Loaded(state, policy, image, nodes, batches, records)
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        lock_ttl: float = LOCK_TTL,
+        reach_timeout: float = REACH_TIMEOUT,
+    ) -> None:
+        self.store = store
+        self.lock_ttl = lock_ttl
+        self.reach_timeout = reach_timeout
+        self.controls: dict[str, Control] = {}
+        self.engines: dict[str, Engine] = {}
+        self.tasks: dict[str, asyncio.Task[RolloutResult]] = {}
+
+    # -- creation -------------------------------------------------------------------------
+    def create(
+        self,
+        nodes: Sequence[Node],
+        policy: Policy,
+        image: Image,
+        policy_name: str = "",
+        by: str = "cli",
+    ) -> RolloutState:
+        """Plan and journal a new rollout, locking its nodes; LockConflict if overlapping."""
+        if not nodes:
+            raise InputError("the rollout selects no nodes")
+        rollout_id = uuid.uuid4().hex[:12]
+        batches = plan_batches(nodes, policy)
+        self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)
+        self.store.append(
+            rollout_id,
+            "created",
+            {
+                "by": by,
+                "policy_name": policy_name,
+                "policy": policy.model_dump(mode="json"),
+                "image": {
+                    "path": image.path,
+                    "digest": image.digest,
+                    "name": image.name,
+                    "version": image.version,
+                    "size": image.size,
+                },
+                "inventory": [_node_json(n) for n in nodes],
+                "batches": [
+                    {"index": b.index, "canary": b.canary, "nodes": list(b.node_ids)}
+                    for b in batches
+                ],
+            },
+        )
+        return load_state(self.store, rollout_id)
+
+    def state(self, rollout_id: str) -> RolloutState:
+        try:
+            return load_state(self.store, rollout_id)
+        except KeyError:
+            raise UnknownRollout(rollout_id) from None
+
+    def states(self) -> list[RolloutState]:
+        return [load_state(self.store, r) for r in self.store.rollout_ids()]
+
+    # -- execution ------------------------------------------------------------------------
+    def start(self, rollout_id: str, observer: Observer) -> asyncio.Task[RolloutResult]:
+        """Run (or resume) a rollout in the background; its task is kept in `tasks`."""
+        if rollout_id in self.tasks and not self.tasks[rollout_id].done():
+            return self.tasks[rollout_id]
+        task = asyncio.create_task(self.execute(rollout_id, observer), name=rollout_id)
+        self.tasks[rollout_id] = task
+        return task
+
+    async def execute(
+        self,
+        rollout_id: str,
+        observer: Observer,
+        action: Callable[[Engine], Any] | None = None,
+    ) -> RolloutResult:
+        """Run the rollout to its end (or the end of `action`, e.g. a rollback)."""
+        loaded = rebuild(self.state(rollout_id))
+        state = loaded.state
+        control = self.controls.setdefault(rollout_id, Control())
+        if state.phase is RolloutPhase.PAUSED:
+            control.pause()
+        driver = AgentDriver(lease_holder=rollout_id, on_retry=self._retry_hook(observer))
+        engine = Engine(
+            driver,
+            loaded.policy,
+            loaded.image,
+            observer,
+            policy_name=str(state.created.get("policy_name", "")),
+            rollout_id=rollout_id,
+            journal=lambda kind, data: self.store.append(rollout_id, kind, data),
+            records=loaded.records,
+            control=control,
+            reach_timeout=self.reach_timeout,
+        )
+        self.engines[rollout_id] = engine
+        nodes = list(loaded.nodes.values())
+        try:
+            self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)
+            await self._lease_all(driver, nodes, rollout_id)
+            async with self._renewing(driver, nodes, rollout_id):
+                if action is not None:
+                    result: RolloutResult = await action(engine)
+                else:
+                    result = await engine.run(loaded.batches)
+            if result.phase in FINISHED:
+                self.store.unlock(rollout_id)
+                await self._release_all(driver, nodes, rollout_id)
+            return result
+        finally:
+            await driver.close()
+            self.engines.pop(rollout_id, None)
+
+    def _retry_hook(self, observer: Observer) -> Callable[[Node, str, int, BaseException], None]:
+        def hook(node: Node, op: str, attempt: int, exc: BaseException) -> None:
+            observer(Retried(node.id, op, attempt, str(exc)))
+
+        return hook
+
+    async def _lease_all(self, driver: AgentDriver, nodes: list[Node], holder: str) -> None:
+        """Take every node's agent lease; refuse the whole rollout if one is held."""
+
+        async def one(node: Node) -> None:
+            try:
+                await driver.lease(node, self.lock_ttl)
+            except Refused as exc:
+                if exc.code == "leased":
+                    raise LockConflict(exc.holder or "?", [node.id], exc.expires_in) from exc
+                raise
+            except TransportError:
+                pass  # unreachable now (perhaps rebooting); the engine deals with it
+
+        async with asyncio.TaskGroup() as tg:
+            for node in nodes:
+                tg.create_task(one(node))
+
+    async def _release_all(self, driver: AgentDriver, nodes: list[Node], holder: str) -> None:
+        async def one(node: Node) -> None:
+            with contextlib.suppress(Refused, TransportError):
+                await driver.release(node)
+
+        await asyncio.gather(*(one(n) for n in nodes))
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, driver: AgentDriver, nodes: list[Node], holder: str) -> Any:
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lock_ttl / 3)
+                with contextlib.suppress(LockConflict):
+                    self.store.lock(holder, [n.id for n in nodes], self.lock_ttl)
+                for node in nodes:
+                    with contextlib.suppress(Refused, TransportError):
+                        await driver.lease(node, self.lock_ttl)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- commands -------------------------------------------------------------------------
+    def command(self, rollout_id: str, command: str, observer: Observer, by: str = "api") -> str:
+        """Apply an operator command; return a message. IllegalCommand changes nothing."""
+        state = self.state(rollout_id)
+        phase = state.phase
+        running = rollout_id in self.tasks and not self.tasks[rollout_id].done()
+        control = self.controls.setdefault(rollout_id, Control())
+        if command == "pause":
+            if phase not in (RolloutPhase.RUNNING, RolloutPhase.WAITING, RolloutPhase.PENDING):
+                raise IllegalCommand(f"cannot pause a rollout that is {phase}")
+            self._journal_command(rollout_id, command, by, RolloutPhase.PAUSED)
+            control.pause()
+            return "paused: no new batch, stage or activation starts until resumed"
+        if command == "resume":
+            if phase is not RolloutPhase.PAUSED:
+                raise IllegalCommand(f"cannot resume a rollout that is {phase}, not paused")
+            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING)
+            control.resume()
+            if not running:
+                self.start(rollout_id, observer)
+            return "resumed"
+        if command == "abort":
+            if state.finished:
+                raise IllegalCommand(f"cannot abort a rollout that is already {phase}")
+            self._journal_command(rollout_id, command, by, None)
+            control.abort()
+            if not running:
+                self.store.append(
+                    rollout_id, "phase", {"phase": "aborted", "message": f"aborted by {by}"}
+                )
+                self.store.unlock(rollout_id)
+            return "aborting: nothing new starts; nodes in flight settle"
+        if command == "retry":
+            retryable = (
+                RolloutPhase.HALTED,
+                RolloutPhase.ABORTED,
+                RolloutPhase.FAILED,
+                RolloutPhase.ROLLED_BACK,
+            )
+            if phase not in retryable:
+                raise IllegalCommand(
+                    f"cannot retry a rollout that is {phase}; retry applies to halted, "
+                    "aborted, failed or rolled back rollouts"
+                )
+            if running:
+                raise IllegalCommand("the rollout is still settling; retry when it has stopped")
+            self._lock_again(state)
+            loaded = rebuild(state)
+            again = Engine.retry_failed(loaded.records)
+            for node_id in again:
+                self.store.append(rollout_id, "node", loaded.records[node_id].to_json())
+            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, nodes=again)
+            self.controls[rollout_id] = Control()
+            self.start(rollout_id, observer)
+            return f"retrying; {len(again)} failed or rolled back node(s) will be tried again"
+        if command == "rollback":
+            if phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.ROLLING_BACK):
+                raise IllegalCommand(f"the rollout is already {phase}")
+            if running:
+                raise IllegalCommand("the rollout is running; pause or abort it first")
+            if not any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values()):
+                raise IllegalCommand("no node of this rollout is on the new image")
+            self._lock_again(state)
+            self._journal_command(rollout_id, command, by, None)
+            self.controls[rollout_id] = Control()
+            task = asyncio.create_task(
+                self.execute(rollout_id, observer, action=lambda e: e.rollback_all()),
+                name=f"{rollout_id}-rollback",
+            )
+            self.tasks[rollout_id] = task
+            return "rolling back every node this rollout updated"
+        raise IllegalCommand(f"unknown command {command!r}")
+
+    def _lock_again(self, state: RolloutState) -> None:
+        self.store.lock(state.rollout_id, state.node_ids, self.lock_ttl)
+
+    def _journal_command(
+        self,
+        rollout_id: str,
+        command: str,
+        by: str,
+        phase: RolloutPhase | None,
+        **extra: Any,
+    ) -> None:
+        self.store.append(rollout_id, "command", {"command": command, "by": by, **extra})
+        if phase is not None:
+            self.store.append(rollout_id, "phase", {"phase": str(phase), "message": command})
