@@ -27,6 +27,7 @@ with no samples, and `gate_waiting()` / `gate_result()` record them.
 from __future__ import annotations
 
 import platform
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -101,7 +102,12 @@ class MetricsRecorder:
         self._rollouts: dict[str, _Rollout] = {}
         self._current: _Rollout | None = None
         self._server: Any = None
+        self._collected = threading.Condition()
+        self._collections = 0
         r = self.registry
+        # Registered first, so collected first: a scrape counted after an event reads the
+        # metrics after that event (wait_for_scrape relies on it).
+        r.register(_CollectionCounter(self))
         # -- the controller --------------------------------------------------------------
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -228,8 +234,7 @@ class MetricsRecorder:
         if isinstance(event, BatchStarted):
             self._set(self.batch_current, ro, value=event.batch.index)
         elif isinstance(event, NodeChanged):
-            ro.phases[event.node_id] = event.phase
-            self._count_nodes(ro)
+            self._move_node(ro, event.node_id, event.phase)
             self._set(self.last_progress, ro, value=self._wall())
             if event.phase in _RESULTS:
                 self._inc(self.updates, ro, _RESULTS[event.phase])
@@ -284,6 +289,31 @@ class MetricsRecorder:
         self._server = started[0] if isinstance(started, tuple) else None
 
     @property
+    def collections(self) -> int:
+        """How many times the registry was collected (each /metrics scrape is one)."""
+        with self._collected:
+            return self._collections
+
+    def wait_for_scrape(self, timeout: float, since: int | None = None) -> bool:
+        """Block until the registry has been collected (a scrape of /metrics) after this
+        call, or after `collections` was `since`; at most `timeout` seconds. True if it
+        was. A one-shot `rollout run` calls it before exiting, so that Prometheus sees the
+        final state."""
+        deadline = time.monotonic() + timeout
+        with self._collected:
+            seen = self._collections if since is None else since
+            while self._collections == seen:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._collected.wait(left):
+                    return self._collections != seen
+        return True
+
+    def _was_collected(self) -> None:
+        with self._collected:
+            self._collections += 1
+            self._collected.notify_all()
+
+    @property
     def port(self) -> int | None:
         """The port `serve()` listens on, or None when not serving."""
         if self._server is None:
@@ -299,16 +329,22 @@ class MetricsRecorder:
 
     # -- helpers -----------------------------------------------------------------------------
     def _start(self, event: RolloutStarted) -> None:
-        ro = _Rollout(event.rollout_id)
+        # The same rollout started again in this process (resumed after a pause, a halt or
+        # a retry) keeps its series and what the recorder knows of its nodes.
+        known = self._rollouts.get(event.rollout_id)
+        ro = known or _Rollout(event.rollout_id)
         self._rollouts[ro.id] = ro
         self._current = ro
         self._set(self.info, ro, event.policy, event.image.name, event.image.version, value=1)
         self._set(self.batch_total, ro, value=len(event.batches))
         self._set(self.batch_current, ro, value=0)
         now = self._wall()
-        self._set(self.started, ro, value=now)
+        if known is None:
+            self._set(self.started, ro, value=now)
         self._set(self.last_progress, ro, value=now)
-        ro.phases = {n.id: NodePhase.PENDING for b in event.batches for n in b.nodes}
+        ro.phases = {
+            n.id: ro.phases.get(n.id, NodePhase.PENDING) for b in event.batches for n in b.nodes
+        }
         self._set_phase(ro, RolloutPhase.RUNNING)
         self._count_nodes(ro)
         # Counters whose label values are known start at 0, so that the first failure or
@@ -342,3 +378,25 @@ class MetricsRecorder:
         tally = Tally(ro.phases.values())
         for s in NodePhase:
             self._set(self.nodes, ro, str(s), value=tally.get(s, 0))
+
+    def _move_node(self, ro: _Rollout, node_id: str, phase: NodePhase) -> None:
+        """One node changed state: adjust two counts (O(1), whatever the fleet's size)."""
+        old = ro.phases.get(node_id)
+        ro.phases[node_id] = phase
+        if old is not None:
+            self._child(self.nodes, ro, str(old)).dec()
+        self._child(self.nodes, ro, str(phase)).inc()
+
+
+class _CollectionCounter:
+    """A collector with no metrics that tells the recorder each time it is collected."""
+
+    def __init__(self, recorder: MetricsRecorder) -> None:
+        self.recorder = recorder
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.recorder._was_collected()
+        return []

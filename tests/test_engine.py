@@ -87,13 +87,14 @@ async def test_success_updates_every_node_once(
     sent = sum(e.count for e in events if isinstance(e, BytesSent))
     assert sent == 4 * images.v2.size
     reg = recorder.registry
-    assert reg.get_sample_value("rollout_image_bytes_transferred_total") == sent
-    assert reg.get_sample_value("rollout_node_updates_total", {"result": "committed"}) == 4
-    assert reg.get_sample_value("rollout_nodes", {"state": "committed"}) == 4
-    assert reg.get_sample_value("rollout_batch_current") == 3  # canary, 2, 1
+    rid = {"rollout": result.rollout_id}
+    assert reg.get_sample_value("rollout_image_bytes_transferred_total", rid) == sent
+    assert reg.get_sample_value("rollout_node_updates_total", rid | {"result": "committed"}) == 4
+    assert reg.get_sample_value("rollout_nodes", rid | {"state": "committed"}) == 4
+    assert reg.get_sample_value("rollout_batch_current", rid) == 3  # canary, 2, 1
     assert (
         reg.get_sample_value(
-            "rollout_node_step_duration_seconds_count", {"step": "boot", "result": "ok"}
+            "rollout_node_step_duration_seconds_count", rid | {"step": "boot", "result": "ok"}
         )
         == 4
     )

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import threading
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -186,6 +190,23 @@ def test_failure_is_counted_by_reason_and_rollback_by_result() -> None:
                  result="ok") == 1  # fmt: skip
 
 
+def test_a_rollout_started_again_keeps_its_nodes_and_counters() -> None:
+    wall = FakeWall()
+    rec = MetricsRecorder(wall=wall)
+    events = list(rollout_events())
+    cut = next(i for i, e in enumerate(events) if isinstance(e, BatchStarted) and i > 1)
+    feed(rec, iter(events[:cut]))  # the canary is committed, then the run stops
+    wall.t += 60
+    feed(rec, iter(events[:1]))  # ... and is resumed: the engine starts it again
+    assert nodes_by_state(rec) == {"committed": 1, "pending": 2}
+    assert value(rec, "rollout_start_timestamp_seconds") == wall.t - 60
+    assert value(rec, "rollout_last_progress_timestamp_seconds") == wall.t
+    feed(rec, iter(events[cut:]))
+    assert nodes_by_state(rec) == {"committed": 3}
+    assert value(rec, "rollout_node_updates_total", result="committed") == 3
+    assert value(rec, "rollout_phase", phase="succeeded") == 1
+
+
 def test_gates_have_families_but_no_samples_until_used() -> None:
     rec = MetricsRecorder()
     families = {m.name: m for m in rec.registry.collect()}
@@ -213,6 +234,27 @@ def test_two_rollouts_keep_apart_and_forget_removes_one() -> None:
     assert "rollout_build_info{" in text
 
 
+def test_wait_for_scrape_returns_once_metrics_are_fetched() -> None:
+    rec = MetricsRecorder()
+    rec.serve(0, "127.0.0.1")
+    try:
+        assert rec.wait_for_scrape(0.05) is False  # nobody scrapes
+        fetched: list[bytes] = []
+
+        def scrape() -> None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{rec.port}/metrics", timeout=10) as r:
+                fetched.append(r.read())
+
+        since = rec.collections
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        assert rec.wait_for_scrape(10, since=since) is True
+        scraper.join(10)
+        assert b"rollout_build_info" in fetched[0]
+    finally:
+        rec.close()
+
+
 def test_labels_never_carry_node_ids_or_error_text() -> None:
     rec = MetricsRecorder()
     feed(rec, rollout_events(bad_last=True))
@@ -235,3 +277,25 @@ def test_exposition_passes_promtool_check_metrics() -> None:
         [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=30
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b""), exposition.decode()
+
+
+def test_docs_table_matches_the_registry() -> None:
+    """docs/metrics.md lists every rollout_* family with its type and labels, and no more."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    table = docs.split("## Rollout metrics", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for row in re.findall(r"^\| `(rollout_\w+)` \| (\w+) \| ([^|]*) \|", table, re.M):
+        name, kind, labels = row
+        documented[name] = (kind, tuple(re.findall(r"`(\w+)`", labels)))
+    rec = MetricsRecorder()
+    feed(rec, rollout_events(bad_last=True))
+    rec.gate_result("bake", "bake", "passed")
+    exported = {}
+    for family in rec.registry.collect():
+        if not family.name.startswith("rollout_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        first = next(s for s in family.samples if not s.name.endswith("_created"))
+        labels = tuple(k for k in first.labels if k != "le")
+        exported[name] = (family.type, labels)
+    assert documented == exported
