@@ -280,6 +280,7 @@ def run_rollout(
     log_format: str = "auto",
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    metrics_linger: float = 0.0,
     console: Console | None = None,
 ) -> RolloutResult:
     """Load inputs, run (or resume) the rollout in the foreground, return its result."""
@@ -291,14 +292,18 @@ def run_rollout(
     try:
         controller = Controller(store)
         rollout_id = _pick_rollout(controller, inv, pol, img, Path(policy_path).stem, console)
-        with _observers(log_format, console, metrics_port, metrics_host) as (observer, _):
-            return asyncio.run(_run_controller(controller, rollout_id, observer, console))
+        with _observers(log_format, console, metrics_port, metrics_host) as (observer, rec):
+            controller.observer_for = lambda _: observer
+            result = asyncio.run(_run_controller(controller, rollout_id, console))
+            if metrics_port is not None and metrics_linger > 0:
+                rec.wait_for_scrape(metrics_linger)  # let Prometheus see the final state
+            return result
     finally:
         store.close()
 
 
 async def _run_controller(
-    controller: Controller, rollout_id: str, observer: Observer, console: Console
+    controller: Controller, rollout_id: str, console: Console
 ) -> RolloutResult:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -322,7 +327,7 @@ async def _run_controller(
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
     try:
-        return await controller.execute(rollout_id, observer)
+        return await controller.execute(rollout_id)
     except asyncio.CancelledError:
         engine_records = rebuild(controller.state(rollout_id)).records
         return RolloutResult(
@@ -364,6 +369,15 @@ def print_result(result: RolloutResult, console: Console) -> None:
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option(
+    "--metrics-linger",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="After the rollout, keep /metrics up until it is scraped once more (at most "
+    "SECONDS), so Prometheus sees the final state.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
     default="auto",
@@ -386,6 +400,7 @@ def run(
     state_path: str,
     metrics_port: int | None,
     metrics_host: str,
+    metrics_linger: float,
     log_format: str,
     output: str,
 ) -> None:
@@ -399,6 +414,7 @@ def run(
         log_format=log_format,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        metrics_linger=metrics_linger,
     )
     if output == "json":
         click.echo(json.dumps(_result_json(result), indent=2))
@@ -494,13 +510,15 @@ def demo(
     sys.exit(result.exit_code)
 
 
-def _register_agent() -> None:
+def _register() -> None:
+    from rollout import client
     from rollout.agent.cli import agent
 
     main.add_command(agent)
+    client.register(main)
 
 
-_register_agent()
+_register()
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))

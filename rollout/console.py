@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +26,9 @@ from rollout.events import (
     BatchStarted,
     Event,
     NodeChanged,
+    Retried,
     RolloutFinished,
+    RolloutPhaseChanged,
     RolloutStarted,
     StepDone,
 )
@@ -65,13 +68,22 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
 class EventLog:
     """Observer writing one structured log line per meaningful event."""
 
-    def __init__(self) -> None:
-        self.log = structlog.get_logger("rollout")
+    def __init__(self, rollout_id: str | None = None) -> None:
+        base = structlog.get_logger("rollout")
+        self.log = base.bind(rollout=rollout_id) if rollout_id else base
+        self.batch_of: dict[str, int] = {}
+        self.started: float | None = None
+
+    def bound(self, rollout_id: str) -> EventLog:
+        """A log for one rollout (the service runs several at once)."""
+        return EventLog(rollout_id)
 
     def __call__(self, event: Event) -> None:
         log = self.log
         if isinstance(event, RolloutStarted):
             self.log = log = log.bind(rollout=event.rollout_id)
+            self.batch_of = {n.id: b.index for b in event.batches for n in b.nodes}
+            self.started = time.monotonic()
             log.info(
                 "rollout_started",
                 image=event.image.version,
@@ -93,6 +105,7 @@ class EventLog:
             emit(
                 "node_step",
                 node=event.node_id,
+                batch=self.batch_of.get(event.node_id),
                 step=str(event.step),
                 seconds=round(event.seconds, 3),
                 outcome="ok" if event.ok else "error",
@@ -106,6 +119,16 @@ class EventLog:
             if event.detail:
                 fields["detail"] = event.detail
             emit(f"node_{event.phase}", **fields)
+        elif isinstance(event, Retried):
+            log.warning(
+                "transport_retry",
+                node=event.node_id,
+                operation=event.operation,
+                attempt=event.attempt,
+                error=event.error,
+            )
+        elif isinstance(event, RolloutPhaseChanged):
+            log.info("rollout_phase", phase=str(event.phase), message=event.message)
         elif isinstance(event, BatchFinished):
             log.info(
                 "batch_finished",
@@ -115,7 +138,13 @@ class EventLog:
             )
         elif isinstance(event, RolloutFinished):
             emit = log.info if event.phase == "succeeded" else log.warning
-            emit("rollout_finished", phase=str(event.phase), message=event.message)
+            seconds = time.monotonic() - self.started if self.started is not None else None
+            emit(
+                "rollout_finished",
+                phase=str(event.phase),
+                message=event.message,
+                seconds=round(seconds, 3) if seconds is not None else None,
+            )
 
 
 class LiveProgress:

@@ -27,7 +27,7 @@ from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import Refused, TransportError
 from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
 from rollout.errors import InputError
-from rollout.events import Observer, Retried
+from rollout.events import Observer, Retried, RolloutPhaseChanged
 from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
@@ -90,10 +90,12 @@ class Controller:
     def __init__(
         self,
         store: Store,
+        observer_for: Callable[[str], Observer] = lambda rollout_id: lambda event: None,
         lock_ttl: float = LOCK_TTL,
         reach_timeout: float = REACH_TIMEOUT,
     ) -> None:
         self.store = store
+        self.observer_for = observer_for  # each rollout's engine reports to its own observer
         self.lock_ttl = lock_ttl
         self.reach_timeout = reach_timeout
         self.controls: dict[str, Control] = {}
@@ -148,21 +150,21 @@ class Controller:
         return [load_state(self.store, r) for r in self.store.rollout_ids()]
 
     # -- execution ------------------------------------------------------------------------
-    def start(self, rollout_id: str, observer: Observer) -> asyncio.Task[RolloutResult]:
+    def start(self, rollout_id: str) -> asyncio.Task[RolloutResult]:
         """Run (or resume) a rollout in the background; its task is kept in `tasks`."""
         if rollout_id in self.tasks and not self.tasks[rollout_id].done():
             return self.tasks[rollout_id]
-        task = asyncio.create_task(self.execute(rollout_id, observer), name=rollout_id)
+        task = asyncio.create_task(self.execute(rollout_id), name=rollout_id)
         self.tasks[rollout_id] = task
         return task
 
     async def execute(
         self,
         rollout_id: str,
-        observer: Observer,
         action: Callable[[Engine], Any] | None = None,
     ) -> RolloutResult:
         """Run the rollout to its end (or the end of `action`, e.g. a rollback)."""
+        observer = self.observer_for(rollout_id)
         loaded = rebuild(self.state(rollout_id))
         state = loaded.state
         control = self.controls.setdefault(rollout_id, Control())
@@ -249,25 +251,26 @@ class Controller:
                 await task
 
     # -- commands -------------------------------------------------------------------------
-    def command(self, rollout_id: str, command: str, observer: Observer, by: str = "api") -> str:
+    def command(self, rollout_id: str, command: str, by: str = "api") -> str:
         """Apply an operator command; return a message. IllegalCommand changes nothing."""
         state = self.state(rollout_id)
+        observer = self.observer_for(rollout_id)
         phase = state.phase
         running = rollout_id in self.tasks and not self.tasks[rollout_id].done()
         control = self.controls.setdefault(rollout_id, Control())
         if command == "pause":
             if phase not in (RolloutPhase.RUNNING, RolloutPhase.WAITING, RolloutPhase.PENDING):
                 raise IllegalCommand(f"cannot pause a rollout that is {phase}")
-            self._journal_command(rollout_id, command, by, RolloutPhase.PAUSED)
+            self._journal_command(rollout_id, command, by, RolloutPhase.PAUSED, observer)
             control.pause()
             return "paused: no new batch, stage or activation starts until resumed"
         if command == "resume":
             if phase is not RolloutPhase.PAUSED:
                 raise IllegalCommand(f"cannot resume a rollout that is {phase}, not paused")
-            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING)
+            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, observer)
             control.resume()
             if not running:
-                self.start(rollout_id, observer)
+                self.start(rollout_id)
             return "resumed"
         if command == "abort":
             if state.finished:
@@ -301,7 +304,7 @@ class Controller:
                 self.store.append(rollout_id, "node", loaded.records[node_id].to_json())
             self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, nodes=again)
             self.controls[rollout_id] = Control()
-            self.start(rollout_id, observer)
+            self.start(rollout_id)
             return f"retrying; {len(again)} failed or rolled back node(s) will be tried again"
         if command == "rollback":
             if phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.ROLLING_BACK):
@@ -314,7 +317,7 @@ class Controller:
             self._journal_command(rollout_id, command, by, None)
             self.controls[rollout_id] = Control()
             task = asyncio.create_task(
-                self.execute(rollout_id, observer, action=lambda e: e.rollback_all()),
+                self.execute(rollout_id, action=lambda e: e.rollback_all()),
                 name=f"{rollout_id}-rollback",
             )
             self.tasks[rollout_id] = task
@@ -330,8 +333,12 @@ class Controller:
         command: str,
         by: str,
         phase: RolloutPhase | None,
+        observer: Observer | None = None,
         **extra: Any,
     ) -> None:
         self.store.append(rollout_id, "command", {"command": command, "by": by, **extra})
         if phase is not None:
-            self.store.append(rollout_id, "phase", {"phase": str(phase), "message": command})
+            message = f"{command} by {by}"
+            self.store.append(rollout_id, "phase", {"phase": str(phase), "message": message})
+            if observer is not None:
+                observer(RolloutPhaseChanged(rollout_id, phase, message))

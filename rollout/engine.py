@@ -41,6 +41,7 @@ from rollout.events import (
     NodeChanged,
     Observer,
     RolloutFinished,
+    RolloutPhaseChanged,
     RolloutStarted,
     StepDone,
 )
@@ -234,6 +235,10 @@ class Engine:
         self.journal("node", rec.to_json())  # durable before anything acts on it
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
 
+    def _phase(self, phase: RolloutPhase, message: str = "") -> None:
+        self.journal("phase", {"phase": str(phase), "message": message})
+        self._emit(RolloutPhaseChanged(self.rollout_id, phase, message))
+
     def _finish(self, phase: RolloutPhase, message: str) -> RolloutResult:
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutFinished(phase, message))
@@ -247,13 +252,14 @@ class Engine:
         for b in batches:
             for n in b.nodes:
                 self.records.setdefault(n.id, NodeRecord(n, b.index))
-        if not self.control.paused:
-            self.journal("phase", {"phase": str(RolloutPhase.RUNNING), "message": ""})
+        resumed = {i: r.phase for i, r in self.records.items() if r.phase is not NodePhase.PENDING}
         self._emit(
             RolloutStarted(
-                self.rollout_id, self.image, self.policy_name, tuple(batches), len(fleet)
+                self.rollout_id, self.image, self.policy_name, tuple(batches), len(fleet), resumed
             )
         )
+        if not self.control.paused:
+            self._phase(RolloutPhase.RUNNING)
         tolerated = self.policy.failure.max_failed.resolve(len(fleet), round_up=False)
         async with aiohttp.ClientSession() as session:
             prober = Prober(self.driver, session)
@@ -287,7 +293,7 @@ class Engine:
                 )
                 if decision is Decision.HALT:
                     return self._finish(RolloutPhase.HALTED, f"{why}; halted")
-                self.journal("phase", {"phase": str(RolloutPhase.ROLLING_BACK), "message": why})
+                self._phase(RolloutPhase.ROLLING_BACK, why)
                 if decision is Decision.ROLLBACK_BATCH:
                     await self._rollback_many(records)
                     return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
@@ -304,7 +310,7 @@ class Engine:
 
     async def rollback_all(self) -> RolloutResult:
         """Return every node this rollout updated to its previous image (operator command)."""
-        self.journal("phase", {"phase": str(RolloutPhase.ROLLING_BACK), "message": ""})
+        self._phase(RolloutPhase.ROLLING_BACK, "requested by the operator")
         await self._rollback_many(list(self.records.values()))
         bad = [r.node.id for r in self.records.values() if r.phase is NodePhase.ROLLBACK_FAILED]
         if bad:
@@ -376,7 +382,9 @@ class Engine:
             return
         self._set(rec, NodePhase.BOOTING, detail="resumed")
         timeout = self.policy.health.boot_timeout
-        st = await self._timed(rec, Step.BOOT, lambda: self._wait_boot(rec.node, start, timeout))
+        st = await self._timed(
+            rec, Step.BOOT, lambda: self._wait_boot(rec.node, start, timeout), self._on_target
+        )
         self._booted(rec, st)
 
     async def _reach(self, node: Node, timeout: float) -> NodeStatus:
@@ -391,12 +399,19 @@ class Engine:
                 raise NodeFailed(Reason.UNREACHABLE, f"agent refused status: {exc}") from exc
             await clock.sleep(POLL_INTERVAL)
 
-    async def _timed(self, rec: NodeRecord, step: Step, work: Callable[[], Awaitable[T]]) -> T:
+    async def _timed(
+        self,
+        rec: NodeRecord,
+        step: Step,
+        work: Callable[[], Awaitable[T]],
+        good: Callable[[T], bool] = lambda _: True,
+    ) -> T:
+        """Run one step, reporting its duration and whether its result was good."""
         start = clock.now()
         ok = False
         try:
             result = await work()
-            ok = True
+            ok = good(result)
             return result
         finally:
             self._emit(StepDone(rec.node.id, step, clock.now() - start, ok))
@@ -434,8 +449,13 @@ class Engine:
             pass  # the request may have arrived: the boot count tells
         self._set(rec, NodePhase.BOOTING)
         timeout = self.policy.health.boot_timeout
-        st = await self._timed(rec, Step.BOOT, lambda: self._wait_boot(node, start, timeout))
+        st = await self._timed(
+            rec, Step.BOOT, lambda: self._wait_boot(node, start, timeout), self._on_target
+        )
         self._booted(rec, st)
+
+    def _on_target(self, st: NodeStatus) -> bool:
+        return st.runs(self.image.digest)
 
     def _booted(self, rec: NodeRecord, st: NodeStatus) -> None:
         rec.boot_count, rec.version = st.boot_count, st.booted_version
@@ -473,6 +493,7 @@ class Engine:
             rec,
             Step.VERIFY,
             lambda: watch(prober, self.policy.health, rec.node, self.image.digest, seen),
+            lambda r: r[0] is Verdict.HEALTHY,
         )
         if verdict is Verdict.UNHEALTHY:
             raise NodeFailed(Reason.UNHEALTHY, f"health checks kept failing ({detail})")
@@ -486,7 +507,12 @@ class Engine:
 
     async def _commit(self, rec: NodeRecord) -> None:
         try:
-            st = await self._timed(rec, Step.COMMIT, lambda: self.driver.commit(rec.node))
+            st = await self._timed(
+                rec,
+                Step.COMMIT,
+                lambda: self.driver.commit(rec.node),
+                lambda s: s.done(self.image.digest),
+            )
         except (Refused, TransportError) as exc:
             raise NodeFailed(Reason.COMMIT_FAILED, f"commit failed: {exc}") from exc
         if not st.done(self.image.digest):

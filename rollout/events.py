@@ -8,9 +8,8 @@ Observers must be fast and must not raise: the engine calls them inline.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from rollout.model import Batch, Image, NodePhase, Reason, RolloutPhase, Step
 
@@ -22,6 +21,17 @@ class RolloutStarted:
     policy: str
     batches: tuple[Batch, ...]
     fleet_size: int
+    # Nodes already past pending when a journaled rollout resumes (empty when new).
+    phases: Mapping[str, NodePhase] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutPhaseChanged:
+    """The rollout entered a phase other than its final one (running, paused, ...)."""
+
+    rollout_id: str
+    phase: RolloutPhase
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class RolloutFinished:
 
 Event = (
     RolloutStarted
+    | RolloutPhaseChanged
     | BatchStarted
     | NodeChanged
     | StepDone
@@ -94,8 +105,8 @@ Event = (
 )
 
 
-class Observer(Protocol):
-    def __call__(self, event: Event) -> None: ...
+# Anything that takes an event: the engine calls it inline, so it must be fast and not raise.
+Observer = Callable[[Event], None]
 
 
 class Fanout:

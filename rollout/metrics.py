@@ -55,6 +55,7 @@ from rollout.events import (
     NodeChanged,
     Retried,
     RolloutFinished,
+    RolloutPhaseChanged,
     RolloutStarted,
     StepDone,
 )
@@ -224,6 +225,17 @@ class MetricsRecorder:
         )
 
     # -- the observer ------------------------------------------------------------------------
+    def bound(self, rollout_id: str) -> Callable[[Event], None]:
+        """An observer for one rollout's engine: with several rollouts in one process
+        (the service), events are attributed to the rollout whose engine sent them."""
+
+        def observe(event: Event) -> None:
+            if not isinstance(event, RolloutStarted):
+                self._current = self._rollouts.get(rollout_id, self._current)
+            self(event)
+
+        return observe
+
     def __call__(self, event: Event) -> None:
         if isinstance(event, RolloutStarted):
             self._start(event)
@@ -255,6 +267,8 @@ class MetricsRecorder:
             self._inc(self.batches_done, ro, event.decision)
             if event.decision in _ROLLING_BACK:
                 self._set_phase(ro, RolloutPhase.ROLLING_BACK)
+        elif isinstance(event, RolloutPhaseChanged):
+            self._set_phase(ro, event.phase)
         elif isinstance(event, RolloutFinished):
             self._set_phase(ro, event.phase)
 
@@ -343,7 +357,9 @@ class MetricsRecorder:
             self._set(self.started, ro, value=now)
         self._set(self.last_progress, ro, value=now)
         ro.phases = {
-            n.id: ro.phases.get(n.id, NodePhase.PENDING) for b in event.batches for n in b.nodes
+            n.id: event.phases.get(n.id) or ro.phases.get(n.id, NodePhase.PENDING)
+            for b in event.batches
+            for n in b.nodes
         }
         self._set_phase(ro, RolloutPhase.RUNNING)
         self._count_nodes(ro)

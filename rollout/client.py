@@ -1,0 +1,322 @@
+"""CLI client of the controller service: start, ls, show, watch, pause, resume, abort,
+retry, rollback, history; and `serve` itself.
+
+The server's URL comes from `--server` or ROLLOUT_SERVER; the token from `--token-file`,
+ROLLOUT_TOKEN_FILE or ROLLOUT_TOKEN. Exit codes follow the CLI contract: 0 done; 1 the
+rollout did not succeed (or the server could not be reached); 2 bad input, which
+includes what the server refused (400, 401, 404, 409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+
+from rollout.console import node_table
+from rollout.errors import InputError
+
+DEFAULT_SERVER = "http://127.0.0.1:7400"
+FINAL = {"succeeded", "halted", "rolled_back", "aborted", "failed"}
+
+
+class ServerError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("message", f"HTTP {status}"))
+        self.status = status
+        self.body = body
+
+
+class Client:
+    def __init__(self, server: str, token: str) -> None:
+        self.server = server.rstrip("/")
+        self.token = token
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} | (extra or {})
+
+    async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.request(method, self.server + path, json=body, headers=self._headers()) as r,
+        ):
+            try:
+                data = await r.json(content_type=None)
+            except ValueError:
+                data = {"message": (await r.text())[:200]}
+            if r.status >= 400:
+                raise ServerError(r.status, data if isinstance(data, dict) else {})
+            return data if isinstance(data, dict) else {}
+
+    async def stream(self, rollout_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Follow the rollout's journal as Server-Sent Events."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        headers = self._headers({"Accept": "text/event-stream"})
+        url = f"{self.server}/v1/rollouts/{rollout_id}/events"
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.get(url, headers=headers) as r,
+        ):
+            if r.status >= 400:
+                raise ServerError(r.status, await r.json(content_type=None))
+            event, data = "", ""
+            async for raw in r.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and event:
+                    if event == "end":
+                        return
+                    yield json.loads(data)
+                    event, data = "", ""
+
+
+def _token(token_file: str | None) -> str:
+    path = token_file or os.environ.get("ROLLOUT_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"--token-file: cannot read {path}: {exc.strerror}") from exc
+    token = os.environ.get("ROLLOUT_TOKEN", "").strip()
+    if not token:
+        raise InputError("no token: pass --token-file F, or set ROLLOUT_TOKEN_FILE / ROLLOUT_TOKEN")
+    return token
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except ServerError as exc:
+        extra = f" (field {exc.body['field']})" if exc.body.get("field") else ""
+        click.echo(f"error: server said {exc.status}: {exc}{extra}", err=True)
+        sys.exit(2)
+    except aiohttp.ClientError as exc:
+        click.echo(f"error: cannot reach the controller: {exc}", err=True)
+        sys.exit(1)
+
+
+_server_opts = [
+    click.option("--server", envvar="ROLLOUT_SERVER", default=DEFAULT_SERVER, show_default=True),
+    click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token file."),
+]
+
+
+def server_options(f: Any) -> Any:
+    for opt in reversed(_server_opts):
+        f = opt(f)
+    return f
+
+
+def _ts(value: float) -> str:
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    kind, data = entry["kind"], entry["data"]
+    if kind == "node":
+        why = f" ({data['reason']}: {data['detail']})" if data.get("reason") else ""
+        return f"node {data['id']} {data['phase']}{why}"
+    if kind == "phase":
+        return f"rollout {data['phase']}" + (f": {data['message']}" if data.get("message") else "")
+    if kind == "command":
+        return f"{data['command']} by {data.get('by', '?')}"
+    if kind == "created":
+        image = data.get("image", {})
+        return (
+            f"created by {data.get('by', '?')}: {image.get('name')} {image.get('version')} "
+            f"to {len(data.get('inventory', []))} node(s), policy {data.get('policy_name')}"
+        )
+    if kind == "batch_started":
+        return f"batch {data['batch']} started"
+    if kind == "batch_finished":
+        return f"batch {data['batch']} finished: {data['failed']} failed, {data['decision']}"
+    return f"{kind} {json.dumps(data, sort_keys=True)}"
+
+
+def register(main: click.Group) -> None:
+    """Add the service and client commands to the CLI group."""
+
+    @main.command()
+    @click.option("--state", "state_path", required=True, type=click.Path(dir_okay=False))
+    @click.option("--listen", default="127.0.0.1:7400", show_default=True)
+    @click.option("--token-file", required=True, type=click.Path(dir_okay=False))
+    @click.option("--log-format", type=click.Choice(["console", "json"]), default="console")
+    def serve(state_path: str, listen: str, token_file: str, log_format: str) -> None:
+        """Run the controller service: rollouts over HTTP, resumed after restarts."""
+        from aiohttp import web
+
+        from rollout.console import configure_logging
+        from rollout.controller import Controller
+        from rollout.inventory import split_address
+        from rollout.journal import SQLiteStore
+        from rollout.metrics import MetricsRecorder
+        from rollout.server import make_app
+
+        try:
+            host, port = split_address(listen)
+        except ValueError as exc:
+            raise InputError(f"--listen: {exc}") from exc
+        token = _token(token_file)
+        configure_logging(log_format)
+        store = SQLiteStore(state_path)
+        app = make_app(Controller(store), token, MetricsRecorder())
+        try:
+            web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+        finally:
+            store.close()
+
+    @main.command()
+    @server_options
+    @click.option("--inventory", required=True, type=click.Path(dir_okay=False))
+    @click.option("--policy", required=True, type=click.Path(dir_okay=False))
+    @click.option("--image", required=True, type=click.Path(dir_okay=False))
+    @click.option("--node", "nodes", multiple=True, help="Only this node id (repeatable).")
+    @click.option("--label", "labels", multiple=True, help="Only nodes with KEY=VALUE.")
+    def start(
+        server: str,
+        token_file: str | None,
+        inventory: str,
+        policy: str,
+        image: str,
+        nodes: tuple[str, ...],
+        labels: tuple[str, ...],
+    ) -> None:
+        """Start a rollout on the service; print its id. Paths are read by the service."""
+        selected: dict[str, str] = {}
+        for item in labels:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError(f"--label: expected KEY=VALUE, got {item!r}")
+            selected[key] = value
+        body: dict[str, Any] = {
+            "inventory": str(Path(inventory).resolve()),
+            "policy": str(Path(policy).resolve()),
+            "image": str(Path(image).resolve()),
+        }
+        if nodes:
+            body["nodes"] = list(nodes)
+        if selected:
+            body["labels"] = selected
+        answer = _run(Client(server, _token(token_file)).call("POST", "/v1/rollouts", body))
+        click.echo(answer["id"])
+
+    @main.command("ls")
+    @server_options
+    @click.option("--output", type=click.Choice(["table", "json"]), default="table")
+    def ls(server: str, token_file: str | None, output: str) -> None:
+        """List the service's rollouts."""
+        answer = _run(Client(server, _token(token_file)).call("GET", "/v1/rollouts"))
+        if output == "json":
+            click.echo(json.dumps(answer, indent=2))
+            return
+        rows = [
+            {
+                "id": r["id"],
+                "phase": r["phase"],
+                "image": r["image"].get("version"),
+                "batch": f"{r['batch']}/{r['batches']}",
+                "nodes": r["nodes"],
+                "committed": r["counts"].get("committed", 0),
+                "started": _ts(r["started_at"]),
+            }
+            for r in answer["rollouts"]
+        ]
+        Console().print(node_table(rows, "rollouts"))
+
+    @main.command()
+    @server_options
+    @click.argument("rollout_id")
+    @click.option("--output", type=click.Choice(["table", "json"]), default="table")
+    def show(server: str, token_file: str | None, rollout_id: str, output: str) -> None:
+        """Show one rollout: phase, batch, every node, commands and gates."""
+        answer = _run(Client(server, _token(token_file)).call("GET", f"/v1/rollouts/{rollout_id}"))
+        if output == "json":
+            click.echo(json.dumps(answer, indent=2))
+            return
+        console = Console()
+        console.print(
+            f"rollout {answer['id']}: [bold]{answer['phase']}[/] batch {answer['batch']}/"
+            f"{answer['batches']}  {answer['image'].get('name')} {answer['image'].get('version')}"
+            + (f"\n{answer['message']}" if answer.get("message") else ""),
+            soft_wrap=True,
+        )
+        rows = [
+            {
+                "node": n["id"],
+                "batch": n.get("batch", ""),
+                "phase": n["phase"],
+                "version": n.get("version"),
+                "reason": n.get("reason") or "",
+                "detail": n.get("detail", ""),
+            }
+            for n in answer["nodes"]
+        ]
+        console.print(node_table(rows, "nodes"))
+        for gate in answer.get("gates", []):
+            console.print(f"gate {_ts(gate['ts'])} {json.dumps(gate, sort_keys=True)}")
+
+    @main.command()
+    @server_options
+    @click.argument("rollout_id")
+    def watch(server: str, token_file: str | None, rollout_id: str) -> None:
+        """Follow a rollout live until it finishes; exit 0 if it succeeded."""
+        client = Client(server, _token(token_file))
+        console = Console()
+
+        async def follow() -> str:
+            phase = ""
+            async for entry in client.stream(rollout_id):
+                console.print(f"{_ts(entry['ts'])}  {_describe(entry)}", soft_wrap=True)
+                if entry["kind"] == "phase":
+                    phase = entry["data"]["phase"]
+            return phase
+
+        phase = _run(follow())
+        sys.exit(0 if phase == "succeeded" else 1)
+
+    @main.command()
+    @server_options
+    @click.argument("rollout_id")
+    @click.option("--output", type=click.Choice(["table", "json"]), default="table")
+    def history(server: str, token_file: str | None, rollout_id: str, output: str) -> None:
+        """Print the rollout's journal with timestamps: who did what, when."""
+        path = f"/v1/rollouts/{rollout_id}/events"
+        answer = _run(Client(server, _token(token_file)).call("GET", path))
+        if output == "json":
+            click.echo(json.dumps(answer, indent=2))
+            return
+        for entry in answer["events"]:
+            click.echo(f"{_ts(entry['ts'])}  #{entry['seq']:<5} {_describe(entry)}")
+
+    def make_command(name: str, doc: str) -> None:
+        @main.command(name, help=doc)
+        @server_options
+        @click.argument("rollout_id")
+        @click.option("--by", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+        def cmd(server: str, token_file: str | None, rollout_id: str, by: str) -> None:
+            client = Client(server, _token(token_file))
+            path = f"/v1/rollouts/{rollout_id}/{name}"
+            answer = _run(client.call("POST", path, {"by": by}))
+            click.echo(answer["message"])
+
+    for name, doc in (
+        ("pause", "Pause: no new batch, stage or activation starts until resumed."),
+        ("resume", "Resume a paused rollout."),
+        ("abort", "Abort: start nothing new; nodes in flight settle."),
+        ("retry", "Continue a halted, aborted or failed rollout, retrying failed nodes."),
+        ("rollback", "Return every node this rollout updated to its previous image."),
+    ):
+        make_command(name, doc)

@@ -1,0 +1,385 @@
+"""The controller service: `rollout serve`, an HTTP API over the Controller.
+
+Thin by design: handlers validate, call the Controller, and shape JSON. Every endpoint
+but `GET /healthz` and `GET /v1/openapi.json` needs `Authorization: Bearer <token>`
+(compared in constant time, never logged). Errors are JSON `{"error", "message"}` (plus
+`field` for 400 and `holder` for lock conflicts): 400 malformed, 401 no token, 404
+unknown rollout, 409 illegal transition or overlapping rollout; none of them changes state.
+
+`GET /v1/rollouts/{id}/events` returns the journal; with `Accept: text/event-stream` it
+is a Server-Sent Events stream that first replays the journal and then follows it live
+(each event's `id:` is the journal seq, so `Last-Event-ID` resumes a dropped stream).
+
+On start the service resumes every unfinished rollout in its state file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rollout import __version__
+from rollout.console import EventLog
+from rollout.controller import Controller, IllegalCommand, UnknownRollout
+from rollout.errors import InputError
+from rollout.events import Fanout
+from rollout.image import load_image
+from rollout.inventory import load_inventory, parse_inventory
+from rollout.journal import LockConflict, RolloutState, unfinished
+from rollout.metrics import MetricsRecorder
+from rollout.policy import load_policy, parse_policy
+
+log = structlog.get_logger("rollout.server")
+
+CONTROLLER = web.AppKey("controller", Controller)
+TOKEN = web.AppKey("token", bytes)
+RECORDER = web.AppKey("recorder", MetricsRecorder)
+COMMANDS = ("pause", "resume", "abort", "retry", "rollback")
+SSE_POLL = 0.2  # seconds between journal reads while following a stream
+
+
+class StartRequest(BaseModel):
+    """Body of POST /v1/rollouts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inventory: str | dict[str, Any] = Field(
+        description="Path of an inventory file on the controller, or an inventory object."
+    )
+    nodes: list[str] | None = Field(
+        default=None, description="Only these node ids of the inventory (default: all)."
+    )
+    labels: dict[str, str] | None = Field(
+        default=None, description="Only nodes whose labels include all of these."
+    )
+    policy: str | dict[str, Any] = Field(
+        description="Path of a policy file on the controller, or a policy object."
+    )
+    image: str = Field(description="Path of the image file on the controller.")
+
+
+class CommandAnswer(BaseModel):
+    id: str
+    command: str
+    message: str
+
+
+class ErrorAnswer(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+    holder: str | None = None
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": code, "message": message} | {k: v for k, v in extra.items() if v}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path in ("/healthz", "/v1/openapi.json"):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""
+    if not given or not hmac.compare_digest(given, request.app[TOKEN]):
+        resp = _error(401, "unauthorized", "missing or wrong bearer token")
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+    return await handler(request)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except UnknownRollout as exc:
+        return _error(404, "not_found", f"no rollout {exc.args[0]!r}")
+    except IllegalCommand as exc:
+        return _error(409, "illegal", str(exc))
+    except LockConflict as exc:
+        return _error(409, "conflict", str(exc), holder=exc.holder)
+    except InputError as exc:
+        return _error(400, "bad_request", str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        raise
+
+
+def _state_json(state: RolloutState, detail: bool) -> dict[str, Any]:
+    out = state.summary()
+    if detail:
+        out["nodes"] = list(state.nodes.values())
+        out["decisions"] = {str(k): v for k, v in state.decisions.items()}
+        out["commands"] = state.commands
+        out["gates"] = state.gates
+        out["plan"] = state.created.get("batches", [])
+    return out
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise _Bad("body", "the body is not JSON") from None
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _from_input_error(exc: InputError, field: str) -> _Bad:
+    # InputError messages read "<source>: <field path>: <problem>".
+    parts = str(exc).split(": ", 2)
+    path = parts[1] if len(parts) == 3 else ""
+    return _Bad(f"{field}.{path}" if path and " " not in path else field, str(exc))
+
+
+async def create_rollout(request: web.Request) -> web.Response:
+    controller = request.app[CONTROLLER]
+    try:
+        body = await _json_body(request)
+        try:
+            req = StartRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in first["loc"]) or "body"
+            raise _Bad(field, f"{field}: {first['msg']}") from None
+        try:
+            inv = (
+                load_inventory(req.inventory)
+                if isinstance(req.inventory, str)
+                else parse_inventory(req.inventory, "inventory", Path.cwd())
+            )
+        except InputError as exc:
+            raise _from_input_error(exc, "inventory") from None
+        nodes = list(inv.nodes)
+        if req.nodes is not None:
+            unknown = sorted(set(req.nodes) - set(inv.ids))
+            if unknown:
+                raise _Bad("nodes", f"nodes: not in the inventory: {', '.join(unknown)}")
+            nodes = [n for n in nodes if n.id in set(req.nodes)]
+        if req.labels:
+            nodes = [n for n in nodes if all(n.labels.get(k) == v for k, v in req.labels.items())]
+        if not nodes:
+            raise _Bad("nodes", "the selection matches no node")
+        try:
+            policy = (
+                load_policy(req.policy)
+                if isinstance(req.policy, str)
+                else parse_policy(req.policy, "policy")
+            )
+        except InputError as exc:
+            raise _from_input_error(exc, "policy") from None
+        try:
+            image = load_image(req.image)
+        except InputError as exc:
+            raise _Bad("image", str(exc)) from None
+    except _Bad as bad:
+        return _error(400, "bad_request", str(bad), field=bad.field)
+    name = Path(req.policy).stem if isinstance(req.policy, str) else "inline"
+    state = controller.create(nodes, policy, image, policy_name=name, by="api")
+    controller.start(state.rollout_id)
+    log.info("rollout_created", rollout=state.rollout_id, nodes=len(nodes), image=image.version)
+    return web.json_response(_state_json(state, detail=False), status=201)
+
+
+async def list_rollouts(request: web.Request) -> web.Response:
+    states = request.app[CONTROLLER].states()
+    return web.json_response({"rollouts": [s.summary() for s in states]})
+
+
+async def get_rollout(request: web.Request) -> web.Response:
+    state = request.app[CONTROLLER].state(request.match_info["id"])
+    return web.json_response(_state_json(state, detail=True))
+
+
+async def command(request: web.Request) -> web.Response:
+    rollout_id, name = request.match_info["id"], request.match_info["command"]
+    controller = request.app[CONTROLLER]
+    controller.state(rollout_id)  # 404 before anything else
+    if name not in COMMANDS:
+        return _error(404, "not_found", f"no command {name!r}; one of {', '.join(COMMANDS)}")
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "bad_request", "the body is not JSON", field="body")
+        if not isinstance(body, dict) or set(body) - {"by"}:
+            return _error(400, "bad_request", 'the body may only hold {"by": "..."}', field="body")
+        by = str(body.get("by") or "api")
+    else:
+        by = "api"
+    message = controller.command(rollout_id, name, by=by)
+    return web.json_response(
+        CommandAnswer(id=rollout_id, command=name, message=message).model_dump(), status=202
+    )
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    controller = request.app[CONTROLLER]
+    rollout_id = request.match_info["id"]
+    controller.state(rollout_id)
+    try:
+        after = int(request.headers.get("Last-Event-ID") or request.query.get("after", "0"))
+    except ValueError:
+        return _error(400, "bad_request", "after: expected a journal seq", field="after")
+    if "text/event-stream" not in request.headers.get("Accept", ""):
+        entries = controller.store.entries(rollout_id, after)
+        return web.json_response({"events": [e.to_json() for e in entries]})
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    while True:
+        for entry in controller.store.entries(rollout_id, after):
+            data = json.dumps(entry.to_json())
+            await resp.write(f"id: {entry.seq}\nevent: {entry.kind}\ndata: {data}\n\n".encode())
+            after = entry.seq
+        task = controller.tasks.get(rollout_id)
+        if controller.state(rollout_id).finished and (task is None or task.done()):
+            await resp.write(b"event: end\ndata: {}\n\n")
+            break
+        await asyncio.sleep(SSE_POLL)
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RECORDER].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "version": __version__})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of this API (request schemas from the pydantic models)."""
+    err = {"$ref": "#/components/schemas/ErrorAnswer"}
+
+    def answers(ok: int, schema: dict[str, Any], *codes: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            str(ok): {"description": "ok", "content": {"application/json": {"schema": schema}}}
+        }
+        for c in (401, *codes):
+            out[str(c)] = {
+                "description": _REASONS[c],
+                "content": {"application/json": {"schema": err}},
+            }
+        return out
+
+    rollout = {"type": "object", "description": "A rollout: id, phase, batch, counts, nodes."}
+    id_param = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
+                             "responses": {"200": {"description": "ok"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+                             "responses": {"200": {"description": "text exposition"}}}},
+        "/v1/rollouts": {
+            "post": {
+                "summary": "Create and start a rollout",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/StartRequest"}}}},
+                "responses": answers(201, rollout, 400, 409),
+            },
+            "get": {"summary": "List rollouts", "responses": answers(200, {"type": "object"})},
+        },
+        "/v1/rollouts/{id}": {"get": {"summary": "One rollout with per-node states",
+                                      "parameters": id_param,
+                                      "responses": answers(200, rollout, 404)}},
+        "/v1/rollouts/{id}/events": {"get": {
+            "summary": "The journal; Server-Sent Events with Accept: text/event-stream",
+            "parameters": [*id_param, {"name": "after", "in": "query",
+                                       "schema": {"type": "integer"}}],
+            "responses": answers(200, {"type": "object"}, 404)}},
+    }  # fmt: skip
+    for name in COMMANDS:
+        paths[f"/v1/rollouts/{{id}}/{name}"] = {
+            "post": {
+                "summary": f"{name.capitalize()} the rollout",
+                "parameters": id_param,
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"by": {"type": "string"}},
+                               "additionalProperties": False}}}},
+                "responses": answers(
+                    202, {"$ref": "#/components/schemas/CommandAnswer"}, 400, 404, 409
+                ),
+            }
+        }  # fmt: skip
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rollout controller API", "version": __version__},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "StartRequest": StartRequest.model_json_schema(),
+                "CommandAnswer": CommandAnswer.model_json_schema(),
+                "ErrorAnswer": ErrorAnswer.model_json_schema(),
+            },
+        },
+    }
+
+
+_REASONS = {
+    400: "malformed request (field names the culprit)",
+    401: "missing or wrong bearer token",
+    404: "unknown rollout",
+    409: "illegal transition, or nodes held by another rollout",
+}
+
+
+def make_app(controller: Controller, token: str, recorder: MetricsRecorder) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth])
+    app[CONTROLLER] = controller
+    app[TOKEN] = token.encode()
+    app[RECORDER] = recorder
+    log_events = EventLog()
+
+    def observer_for(rollout_id: str) -> Fanout:
+        return Fanout([recorder.bound(rollout_id), log_events.bound(rollout_id)])
+
+    controller.observer_for = observer_for
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_post("/v1/rollouts", create_rollout)
+    app.router.add_get("/v1/rollouts", list_rollouts)
+    app.router.add_get("/v1/rollouts/{id}", get_rollout)
+    app.router.add_get("/v1/rollouts/{id}/events", events)
+    app.router.add_post("/v1/rollouts/{id}/{command}", command)
+
+    async def resume_unfinished(app: web.Application) -> None:
+        for state in unfinished(controller.store):
+            log.info("resuming", rollout=state.rollout_id, phase=str(state.phase))
+            controller.start(state.rollout_id)
+
+    async def stop_tasks(app: web.Application) -> None:
+        for task in controller.tasks.values():
+            task.cancel()
+        await asyncio.gather(*controller.tasks.values(), return_exceptions=True)
+
+    app.on_startup.append(resume_unfinished)
+    app.on_cleanup.append(stop_tasks)
+    return app
