@@ -160,6 +160,7 @@ async def _statuses(nodes: tuple[Node, ...], workload_port: int) -> list[dict[st
             "version": st.booted_version,
             "digest": st.booted_digest,
             "committed": st.committed,
+            "staged": st.staged_digest,
             "boot_count": st.boot_count,
             "workload": st.workload,
             "healthy": healthy,
@@ -177,6 +178,8 @@ def _short(row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("digest"), str):
         out["digest"] = out["digest"].removeprefix("sha256:")[:12]
     out.pop("address", None)
+    if isinstance(out.get("staged"), str):
+        out["staged"] = out["staged"].removeprefix("sha256:")[:12]
     return out
 
 

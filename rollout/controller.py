@@ -220,9 +220,10 @@ class Controller:
             except TransportError:
                 pass  # unreachable now (perhaps rebooting); the engine deals with it
 
-        async with asyncio.TaskGroup() as tg:
-            for node in nodes:
-                tg.create_task(one(node))
+        outcomes = await asyncio.gather(*(one(n) for n in nodes), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _release_all(self, driver: AgentDriver, nodes: list[Node], holder: str) -> None:
         async def one(node: Node) -> None:

@@ -210,3 +210,60 @@ def test_ctrl_c_starts_nothing_new_and_settles_in_flight(
     assert rows[fl.nodes[0].id]["digest"] == images.v2.digest
     assert all(rows[n.id]["digest"] == images.v1.digest for n in fl.nodes[1:])
     assert all(r["committed"] for r in rows.values())
+
+
+def test_two_controllers_never_drive_one_node(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    """Another controller (another state file) holds a node's agent lease: refused, exit 2."""
+    import asyncio
+
+    from rollout.drivers.agent import AgentDriver
+
+    fl = make_fleet(2)
+
+    async def take() -> None:
+        other = AgentDriver(lease_holder="other-rollout")
+        try:
+            await other.lease(fl.nodes[1], 120)
+        finally:
+            await other.close()
+
+    asyncio.run(take())
+    before = status_json(fl.inventory)
+    policy = write_policy(tmp_path)
+    proc = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v2.path, "--state", str(tmp_path / "mine.db"),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "other-rollout" in proc.stderr and fl.nodes[1].id in proc.stderr
+    keys = ("digest", "committed", "staged", "boot_count")
+    after = status_json(fl.inventory)
+    for node_id, row in after.items():  # nothing staged, nothing booted
+        assert {k: row[k] for k in keys} == {k: before[node_id][k] for k in keys}
+        assert row["staged"] is None
+
+
+def test_unfinished_rollout_with_other_image_is_refused(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    from rollout.controller import Controller
+    from rollout.inventory import load_inventory
+    from rollout.journal import SQLiteStore
+    from rollout.policy import load_policy
+
+    fl = make_fleet(1)
+    policy = write_policy(tmp_path)
+    state = tmp_path / "s.db"
+    store = SQLiteStore(state)
+    created = Controller(store).create(
+        load_inventory(fl.inventory).nodes, load_policy(policy), images.bad, "p"
+    )
+    store.close()
+    proc = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v2.path, "--state", str(state),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert created.rollout_id in proc.stderr and "not finished" in proc.stderr
