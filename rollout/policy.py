@@ -1,12 +1,14 @@
 """The policy file: how a rollout cuts batches, checks health and reacts to failure.
 
-A policy is a YAML mapping with four sections (all optional, every field has a default)::
+A policy is a YAML mapping with these sections (all optional, every field has a default)::
 
     activation: reboot
     batches:  {canary: 1, size: "25%", max_unavailable: "25%", spread_by: rack}
     health:   {checks: [{type: agent}], interval: 1s, min_healthy_time: 10s,
                deadline: 5m, boot_timeout: 2m, failure_threshold: 0}
     failure:  {max_failed: 0, action: rollback}
+    gates:    [{name: bake, kind: bake, after: every, duration: 5m}, ...]   # rollout.gates
+    notify:   [{url: "https://hooks.example/x", events: [halted]}]
 
 Design:
 
@@ -61,17 +63,28 @@ from rollout.errors import InputError
 from rollout.model import ActivationMode
 
 __all__ = [
+    "GATE_KINDS",
+    "NOTIFY_EVENTS",
     "AgentCheck",
+    "AlertsGate",
     "Amount",
+    "AnalysisGate",
+    "ApprovalGate",
+    "BakeGate",
     "Batches",
     "Check",
     "Failure",
     "FailureAction",
     "FieldProblem",
+    "Gate",
     "Health",
     "HttpCheck",
+    "Notify",
+    "NotifyEvent",
     "Policy",
     "TcpCheck",
+    "WaitGate",
+    "WindowGate",
     "load_policy",
     "parse_duration",
     "parse_policy",
@@ -489,6 +502,326 @@ class Failure(BaseModel):
     )
 
 
+# ----- gates ---------------------------------------------------------------------------
+# Documented in docs/policies.md ("Gates") and docs/gates.md; run by rollout.gates.
+
+_GATE_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_URL_RE = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?")
+
+
+def _gate_name(value: str) -> str:
+    if not _GATE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            'must be lowercase letters, digits and "-" (not at either end), at most 63 '
+            f'characters, e.g. "canary-bake"; got {show(value)}'
+        )
+    return value
+
+
+def _http_url(value: str) -> str:
+    if not _URL_RE.fullmatch(value):
+        raise ValueError(f"expected an http:// or https:// URL, got {show(value)}")
+    return value
+
+
+def _gate_after(value: object) -> object:
+    if value in ("canary", "every"):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(f'expected "canary", "every" or a batch number >= 1, got {show(value)}')
+
+
+# rollout.gates imports nothing at package level, so these imports cannot cycle; they
+# are local to keep `import rollout.policy` as light as it was.
+def _condition(value: str | None) -> str | None:
+    from rollout.gates.expr import parse
+
+    if value is not None:
+        parse(value)  # ExprError is a ValueError: "column N: ..."
+    return value
+
+
+def _clock_value(value: object) -> object:
+    from rollout.gates.window import parse_clock
+
+    return parse_clock(value)
+
+
+def _clock_end_value(value: object) -> object:
+    from rollout.gates.window import parse_clock
+
+    return parse_clock(value, allow_24=True)
+
+
+def _days_value(value: object) -> object:
+    from rollout.gates.window import parse_days
+
+    return parse_days(value)
+
+
+def _timezone_value(value: str) -> str:
+    from rollout.gates.window import check_timezone
+
+    return check_timezone(value)
+
+
+GateName = Annotated[str, AfterValidator(_gate_name)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+GateAfter = Annotated[Literal["canary", "every"] | int, BeforeValidator(_gate_after)]
+Condition = Annotated[str | None, AfterValidator(_condition)]
+GateBefore = Literal["every", "after-canary"]
+
+_NAME_DESCRIPTION = (
+    'Unique name of the gate: lowercase letters, digits and "-"; it appears in the signal '
+    "URL, in `rollout approve`, in events and in metric labels."
+)
+_AFTER_DESCRIPTION = (
+    "When the gate runs: after the `canary` batch, after batch number N (1 = the first), "
+    "or after `every` batch (the last one included)."
+)
+_BEFORE_DESCRIPTION = (
+    "Which batches wait for this condition before they start: `every` batch (the first "
+    "included) or every batch `after-canary` (the canary starts without it)."
+)
+
+
+class BakeGate(BaseModel):
+    """Wait ``duration`` while health checks keep running on every updated node."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["bake"] = Field(description="Selects this gate: `bake`.")
+    after: GateAfter = Field(description=_AFTER_DESCRIPTION)
+    duration: Annotated[Duration, Field(gt=0)] = Field(
+        description=(
+            "How long to bake. Meanwhile every updated node is checked every health.interval; "
+            "a node that turns unhealthy after it was counted healthy fails the gate."
+        )
+    )
+
+
+class WaitGate(BaseModel):
+    """A Heat-compatible wait condition: ``count`` SUCCESS signals on the gate's signal URL."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["wait"] = Field(description="Selects this gate: `wait`.")
+    after: GateAfter = Field(description=_AFTER_DESCRIPTION)
+    count: Int = Field(
+        default=1,
+        ge=1,
+        description="SUCCESS signals with distinct ids needed (a repeated id counts once).",
+    )
+    timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default=3600.0,
+        description=(
+            "How long to wait for them; past it the gate fails (timeout). Any FAILURE signal "
+            "fails it at once."
+        ),
+    )
+
+
+class ApprovalGate(BaseModel):
+    """Wait until a human approves (``rollout approve``) or rejects."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["approval"] = Field(description="Selects this gate: `approval`.")
+    after: GateAfter = Field(description=_AFTER_DESCRIPTION)
+    timeout: Annotated[Duration, Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "How long to wait for a decision; past it the gate fails (timeout). null = wait "
+            "as long as it takes."
+        ),
+    )
+
+
+class AnalysisGate(BaseModel):
+    """Prometheus measurements judged by conditions, with Argo Rollouts' limits."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["analysis"] = Field(description="Selects this gate: `analysis`.")
+    after: GateAfter = Field(description=_AFTER_DESCRIPTION)
+    prometheus: HttpUrl = Field(
+        description="Base URL of the Prometheus server, e.g. http://prometheus:9090."
+    )
+    query: str = Field(
+        min_length=1, description="PromQL instant query; each sample's value is `result`."
+    )
+    interval: Annotated[Duration, Field(gt=0)] = Field(
+        default=60.0, description="Time between two measurements."
+    )
+    initial_delay: Annotated[Duration, Field(ge=0)] = Field(
+        default=0.0, description="Time to wait before the first measurement."
+    )
+    count: Int = Field(
+        default=1, ge=1, description="Measurements to take (query errors do not count)."
+    )
+    success: Condition = Field(
+        default=None,
+        description=(
+            "Condition a measurement must meet to be successful, e.g. `result < 0.01`; for a "
+            "vector, every sample must meet it."
+        ),
+    )
+    failure: Condition = Field(
+        default=None,
+        description=(
+            "Condition that makes a measurement failed, e.g. `result > 0.05`; for a vector, "
+            "one sample meeting it is enough."
+        ),
+    )
+    failure_limit: Int = Field(
+        default=0, ge=0, description="Failed measurements tolerated; one more fails the gate."
+    )
+    inconclusive_limit: Int = Field(
+        default=0,
+        ge=0,
+        description="Inconclusive measurements tolerated; one more makes the gate inconclusive.",
+    )
+    consecutive_error_limit: Int = Field(
+        default=4,
+        ge=0,
+        description="Consecutive query errors tolerated; one more fails the gate.",
+    )
+    on_inconclusive: Literal["pause"] = Field(
+        default="pause",
+        description=(
+            "What an inconclusive analysis does: `pause` the rollout until a human approves "
+            "(go on) or rejects (the failure action)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_condition(self) -> AnalysisGate:
+        if self.success is None and self.failure is None:
+            raise FieldProblem(
+                "success",
+                "an analysis needs a success or a failure condition (or both), "
+                'e.g. success: "result < 0.01"',
+            )
+        if self.failure_limit >= self.count:
+            raise FieldProblem(
+                "failure_limit",
+                f"must be less than count ({self.count}), or no measurement could fail the "
+                f"analysis; got {self.failure_limit}",
+            )
+        return self
+
+
+class AlertsGate(BaseModel):
+    """No batch starts while a matching Prometheus alert fires (checked before batches)."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["alerts"] = Field(description="Selects this gate: `alerts`.")
+    before: GateBefore = Field(default="every", description=_BEFORE_DESCRIPTION)
+    prometheus: HttpUrl = Field(
+        description="Base URL of the Prometheus server, e.g. http://prometheus:9090."
+    )
+    match: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Labels a firing alert must all have, exactly, to block, e.g. "
+            "{severity: critical}. {} = every firing alert blocks."
+        ),
+    )
+    interval: Annotated[Duration, Field(gt=0)] = Field(
+        default=30.0, description="Time between two looks at the alerts while blocked."
+    )
+    timeout: Annotated[Duration, Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "How long alerts may hold back one batch; past it the gate fails (timeout). "
+            "null = wait until they clear."
+        ),
+    )
+
+
+class WindowGate(BaseModel):
+    """Batches start only inside a maintenance window (checked before batches)."""
+
+    model_config = _CONFIG
+
+    name: GateName = Field(description=_NAME_DESCRIPTION)
+    kind: Literal["window"] = Field(description="Selects this gate: `window`.")
+    before: GateBefore = Field(default="every", description=_BEFORE_DESCRIPTION)
+    timezone: Annotated[str, AfterValidator(_timezone_value)] = Field(
+        default="UTC", description="IANA time zone of start and end, e.g. Europe/Berlin."
+    )
+    days: Annotated[tuple[str, ...], BeforeValidator(_days_value)] = Field(
+        default=("mon", "tue", "wed", "thu", "fri", "sat", "sun"),
+        description="Days a window opens on: mon ... sun, and ranges like mon-fri.",
+    )
+    start: Annotated[str, BeforeValidator(_clock_value)] = Field(
+        description='Local time the window opens, "HH:MM" (quote it in YAML).'
+    )
+    end: Annotated[str, BeforeValidator(_clock_end_value)] = Field(
+        description=(
+            'Local time it closes, "HH:MM" or "24:00"; at or before start means the next day '
+            "(crossing midnight)."
+        )
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> WindowGate:
+        if self.start == self.end:
+            raise FieldProblem(
+                "end",
+                f'must differ from start ({self.start}); for whole days write start "00:00", '
+                'end "24:00"',
+            )
+        return self
+
+
+Gate = Annotated[
+    BakeGate | WaitGate | ApprovalGate | AnalysisGate | AlertsGate | WindowGate,
+    Field(discriminator="kind"),
+]
+GATE_KINDS = ("bake", "wait", "approval", "analysis", "alerts", "window")
+
+NotifyEvent = Literal["started", "batch_done", "gate_waiting", "halted", "rolled_back", "succeeded"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
+    "started",
+    "batch_done",
+    "gate_waiting",
+    "halted",
+    "rolled_back",
+    "succeeded",
+)
+
+
+class Notify(BaseModel):
+    """A webhook: a JSON POST to ``url`` on each of ``events`` (see docs/gates.md)."""
+
+    model_config = _CONFIG
+
+    url: HttpUrl = Field(description="Where to POST: an http:// or https:// URL.")
+    events: tuple[NotifyEvent, ...] = Field(
+        default=NOTIFY_EVENTS,
+        min_length=1,
+        description=(
+            "Events to send: started, batch_done, gate_waiting, halted, rolled_back, "
+            "succeeded. Default: all."
+        ),
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers sent with each POST, e.g. {Authorization: Bearer ...}.",
+    )
+    timeout: Annotated[Duration, Field(gt=0)] = Field(
+        default=10.0, description="Time one delivery attempt may take."
+    )
+
+
 class Policy(BaseModel):
     """A whole policy file. Every section and field has a default: ``{}`` is a valid policy."""
 
@@ -504,6 +837,37 @@ class Policy(BaseModel):
     batches: Batches = Field(default_factory=Batches, description="How batches are cut.")
     health: Health = Field(default_factory=Health, description="When a node is healthy.")
     failure: Failure = Field(default_factory=Failure, description="What failure does.")
+    gates: tuple[Gate, ...] = Field(
+        default=(),
+        description=(
+            "What the rollout waits for after batches (bake, wait, approval, analysis) and "
+            "before them (alerts, window). See docs/gates.md."
+        ),
+    )
+    notify: tuple[Notify, ...] = Field(
+        default=(), description="Webhooks that receive rollout events as JSON POSTs."
+    )
+
+    @model_validator(mode="after")
+    def _gates_consistent(self) -> Policy:
+        seen: dict[str, int] = {}
+        for i, gate in enumerate(self.gates):
+            if gate.name in seen:
+                raise FieldProblem(
+                    f"gates[{i}].name",
+                    f"{show(gate.name)} is already the name of gates[{seen[gate.name]}]; "
+                    "gate names must be unique",
+                )
+            seen[gate.name] = i
+            field = "after" if hasattr(gate, "after") else "before"
+            canary = getattr(gate, field) in ("canary", "after-canary")
+            if canary and self.batches.canary.is_zero:
+                raise FieldProblem(
+                    f"gates[{i}].{field}",
+                    f"{show(getattr(gate, field))} refers to the canary, but batches.canary "
+                    "is 0 (no canary batch)",
+                )
+        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -651,7 +1015,11 @@ def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str, Any]:
             continue
         if typing.get_origin(tp) in (Union, types.UnionType):
             for member in typing.get_args(tp):
-                field = member.model_fields.get("type") if _is_model(member) else None
+                field = (
+                    (member.model_fields.get("type") or member.model_fields.get("kind"))
+                    if _is_model(member)
+                    else None
+                )
                 if field is not None and part in typing.get_args(field.annotation):
                     tp = member
                     break
@@ -686,12 +1054,13 @@ def _problem(err: Mapping[str, Any], parent: Any) -> tuple[str, str]:
         return "", f"unknown field (known: {known})" if known else "unknown field"
     if kind == "missing":
         return "", "required field missing"
-    if kind == "union_tag_invalid":
-        return "", (
-            f"unknown check type {show(ctx.get('tag'))} (allowed: {', '.join(CHECK_TYPES)})"
-        )
-    if kind == "union_tag_not_found":
-        return "", f'missing "type" (allowed: {", ".join(CHECK_TYPES)})'
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        gate = ctx.get("discriminator") == "'kind'"
+        what, key = ("gate kind", "kind") if gate else ("check type", "type")
+        tags = ", ".join(GATE_KINDS if gate else CHECK_TYPES)
+        if kind == "union_tag_not_found":
+            return "", f'missing "{key}" (allowed: {tags})'
+        return "", f"unknown {what} {show(ctx.get('tag'))} (allowed: {tags})"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return "", f"expected a mapping, got {show(got)}"
     if kind in ("list_type", "tuple_type"):

@@ -242,7 +242,7 @@ ERRORS = [
         "batches: {sise: 3}",
         "batches.sise: unknown field (known: canary, size, max_unavailable, spread_by)",
     ),
-    ("batch: {}", "batch: unknown field (known: activation, batches, health, failure)"),
+    ("batch: {}", "batch: unknown field (known: activation, batches, health, failure, gates, notify)"),
     (
         "health: {checks: [{type: http, prot: 80}]}",
         "health.checks[0].prot: unknown field (known: type, port, path, expect_status, timeout)",
@@ -421,7 +421,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str, got: str) -> None:
         load_policy(path)
     assert str(err.value) == (
         f"{path}: expected a mapping at the top level "
-        f"(with any of: activation, batches, health, failure), {got}"
+        f"(with any of: activation, batches, health, failure, gates, notify), {got}"
     )
 
 
