@@ -14,12 +14,13 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import click
+from aiohttp import web
 from rich.console import Console
 
 from rollout import __version__, fleet
@@ -31,13 +32,15 @@ from rollout.engine import Control, RolloutResult
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer
 from rollout.image import build_image, load_image
-from rollout.inventory import Inventory, load_inventory
+from rollout.inventory import Inventory, load_inventory, split_address
 from rollout.journal import SQLiteStore, unfinished
 from rollout.metrics import MetricsRecorder
-from rollout.model import Image, Node, NodePhase, RolloutPhase
+from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
+from rollout.report import JUnitReport
 from rollout.sample import build_sample_image
+from rollout.server import make_app
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -265,6 +268,13 @@ def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Imag
                 f"resuming rollout {state.rollout_id} ({state.phase}) from the journal",
                 soft_wrap=True,
             )
+            if state.phase is RolloutPhase.PAUSED:  # e.g. stopped after the canary
+                controller.store.append(
+                    state.rollout_id, "command", {"command": "resume", "by": "run"}
+                )
+                controller.store.append(
+                    state.rollout_id, "phase", {"phase": "running", "message": "resume by run"}
+                )
             return state.rollout_id
         raise InputError(
             f"rollout {state.rollout_id} (image {image.get('version')}) over "
@@ -284,29 +294,78 @@ def run_rollout(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     metrics_linger: float = 0.0,
+    listen: str | None = None,
+    token_file: str | None = None,
+    stop_after: str | None = None,
+    junit: str | None = None,
     console: Console | None = None,
 ) -> RolloutResult:
     """Load inputs, run (or resume) the rollout in the foreground, return its result."""
     inv = load_inventory(inventory_path)
     pol = load_policy(policy_path)
     img = load_image(image_path)
+    batches = plan_batches(inv.nodes, pol)
+    stop_batch = _stop_batch(stop_after, batches)
+    token = _listen_token(listen, token_file)
     console = console or Console(stderr=True)
     store = SQLiteStore(state_path)
     try:
         controller = Controller(store)
         rollout_id = _pick_rollout(controller, inv, pol, img, Path(policy_path).stem, console)
+        if stop_batch is not None:
+            controller.stop_after[rollout_id] = stop_batch
+        report = JUnitReport(rollout_id)
         with _observers(log_format, console, metrics_port, metrics_host) as (observer, rec):
-            controller.observer_for = lambda _: observer
-            result = asyncio.run(_run_controller(controller, rollout_id, console))
+            controller.observer_for = lambda _: Fanout([observer, report])
+            api = (listen, token, rec) if listen and token else None
+            result = asyncio.run(_run_controller(controller, rollout_id, console, api))
             if metrics_port is not None and metrics_linger > 0:
                 rec.wait_for_scrape(metrics_linger)  # let Prometheus see the final state
-            return result
+        if junit:
+            report.write(junit, result)
+        return result
     finally:
         store.close()
 
 
+def _stop_batch(stop_after: str | None, batches: Sequence[Batch]) -> int | None:
+    if stop_after is None:
+        return None
+    if stop_after == "canary":
+        if not batches or not batches[0].canary:
+            raise InputError("--stop-after canary: the policy has no canary batch (canary: 0)")
+        return 1
+    if not stop_after.isdigit() or not 1 <= int(stop_after) <= len(batches):
+        raise InputError(
+            f"--stop-after: expected 'canary' or a batch number 1..{len(batches)}, "
+            f"got {stop_after!r}"
+        )
+    return int(stop_after)
+
+
+def _listen_token(listen: str | None, token_file: str | None) -> str | None:
+    if listen is None:
+        return None
+    if token_file is None:
+        raise InputError("--listen: needs --token-file F; the API always authenticates")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise InputError(f"--token-file: cannot read {token_file}: {exc.strerror}") from exc
+    if not token:
+        raise InputError(f"--token-file: {token_file} is empty")
+    try:
+        split_address(listen)  # bad input is reported before anything starts
+    except ValueError as exc:
+        raise InputError(f"--listen: {exc}") from exc
+    return token
+
+
 async def _run_controller(
-    controller: Controller, rollout_id: str, console: Console
+    controller: Controller,
+    rollout_id: str,
+    console: Console,
+    api: tuple[str, str, MetricsRecorder] | None = None,
 ) -> RolloutResult:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -329,6 +388,13 @@ async def _run_controller(
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
+    runner: web.AppRunner | None = None
+    if api is not None:  # the signal/approve API beside this one rollout
+        listen, token, recorder = api
+        host, port = split_address(listen)
+        runner = web.AppRunner(make_app(controller, token, recorder, service=False))
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
     try:
         return await controller.execute(rollout_id)
     except asyncio.CancelledError:
@@ -340,6 +406,9 @@ async def _run_controller(
             "same command again to resume, or their agents fall back at the commit deadline",
             engine_records,
         )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
 
 
 def print_result(result: RolloutResult, console: Console) -> None:
@@ -389,6 +458,18 @@ def print_result(result: RolloutResult, console: Console) -> None:
 )
 @click.option("--output", type=click.Choice(["table", "json"]), default="table")
 @click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    help="Serve the controller API (gate signals, approvals, commands) during the run.",
+)
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token for --listen.")
+@click.option(
+    "--stop-after",
+    metavar="canary|N",
+    help="Stop once this batch and its gates passed (exit 0); run again to go on.",
+)
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report.")
+@click.option(
     "--state",
     "state_path",
     default=DEFAULT_STATE,
@@ -406,6 +487,10 @@ def run(
     metrics_linger: float,
     log_format: str,
     output: str,
+    listen: str | None,
+    token_file: str | None,
+    stop_after: str | None,
+    junit: str | None,
 ) -> None:
     """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
     console = Console()
@@ -418,6 +503,10 @@ def run(
         metrics_port=metrics_port,
         metrics_host=metrics_host,
         metrics_linger=metrics_linger,
+        listen=listen,
+        token_file=token_file,
+        stop_after=stop_after,
+        junit=junit,
     )
     if output == "json":
         click.echo(json.dumps(_result_json(result), indent=2))

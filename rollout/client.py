@@ -301,6 +301,51 @@ def register(main: click.Group) -> None:
         for entry in answer["events"]:
             click.echo(f"{_ts(entry['ts'])}  #{entry['seq']:<5} {_describe(entry)}")
 
+    @main.command()
+    @server_options
+    @click.argument("rollout_id")
+    @click.argument("gate")
+    @click.option("--status", type=click.Choice(["SUCCESS", "FAILURE"]), default="SUCCESS",
+                  show_default=True)  # fmt: skip
+    @click.option("--reason", default="", help="Why (shown in rollout show).")
+    @click.option("--data", default="", help="Data for the gate (journaled).")
+    @click.option("--id", "signal_id", help="Unique id; `count` needs that many distinct ids.")
+    def signal(
+        server: str,
+        token_file: str | None,
+        rollout_id: str,
+        gate: str,
+        status: str,
+        reason: str,
+        data: str,
+        signal_id: str | None,
+    ) -> None:
+        """Send a wait-condition signal to GATE (as Heat's wait condition handle would)."""
+        body = {"status": status, "reason": reason, "data": data}
+        if signal_id:
+            body["id"] = signal_id
+        path = f"/v1/rollouts/{rollout_id}/gates/{gate}/signal"
+        answer = _run(Client(server, _token(token_file)).call("POST", path, body))
+        click.echo(f"signal {answer['signal']['id']} {answer['signal']['status']} on {gate}")
+
+    def make_decision(verdict: str, doc: str) -> None:
+        @main.command(verdict, help=doc)
+        @server_options
+        @click.argument("rollout_id")
+        @click.argument("gate")
+        @click.option("--by", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
+        @click.option("--reason", default="")
+        def cmd(
+            server: str, token_file: str | None, rollout_id: str, gate: str, by: str, reason: str
+        ) -> None:
+            path = f"/v1/rollouts/{rollout_id}/gates/{gate}/{verdict}"
+            client = Client(server, _token(token_file))
+            answer = _run(client.call("POST", path, {"by": by, "reason": reason}))
+            click.echo(answer["message"])
+
+    make_decision("approve", "Approve GATE (an approval gate or an inconclusive analysis).")
+    make_decision("reject", "Reject GATE: the gate fails and the policy's failure action follows.")
+
     def make_command(name: str, doc: str) -> None:
         @main.command(name, help=doc)
         @server_options

@@ -31,6 +31,15 @@ from rollout.events import (
     RolloutPhaseChanged,
     RolloutStarted,
     StepDone,
+    WebhookFailed,
+)
+from rollout.gates.events import (
+    GateApproval,
+    GateFinished,
+    GateMeasured,
+    GateSignal,
+    GateWaiting,
+    gate_event_json,
 )
 from rollout.model import NodePhase
 
@@ -129,6 +138,24 @@ class EventLog:
             )
         elif isinstance(event, RolloutPhaseChanged):
             log.info("rollout_phase", phase=str(event.phase), message=event.message)
+        elif isinstance(event, GateWaiting):
+            log.info(
+                "gate_waiting",
+                gate=event.gate,
+                kind=event.kind,
+                since=event.since.isoformat(),
+                until=event.until.isoformat() if event.until else None,
+                reason=event.reason,
+            )
+        elif isinstance(event, GateFinished):
+            emit = log.info if event.result == "passed" else log.warning
+            emit("gate_finished", gate=event.gate, kind=event.kind, result=event.result,
+                 message=event.message)  # fmt: skip
+        elif isinstance(event, GateSignal | GateApproval | GateMeasured):
+            fields = gate_event_json(event)
+            log.info(f"gate_{fields.pop('event')}", **fields)
+        elif isinstance(event, WebhookFailed):
+            log.warning("webhook_failed", url=event.url, event_name=event.event, error=event.error)
         elif isinstance(event, BatchFinished):
             log.info(
                 "batch_finished",
@@ -158,6 +185,7 @@ class LiveProgress:
         self.batch = ""
         self.phases: dict[str, NodePhase] = {}
         self.details: dict[str, str] = {}
+        self.gate = ""
 
     def __enter__(self) -> LiveProgress:
         self.live.__enter__()
@@ -183,6 +211,11 @@ class LiveProgress:
             self.phases[event.node_id] = event.phase
             if event.detail:
                 self.details[event.node_id] = event.detail
+        elif isinstance(event, GateWaiting):
+            until = f" until {event.until:%H:%M:%S} UTC" if event.until else ""
+            self.gate = f"waiting on gate {event.gate} ({event.kind}){until}: {event.reason}"
+        elif isinstance(event, GateFinished):
+            self.gate = f"gate {event.gate}: {event.result} ({event.message})"
         elif isinstance(event, RolloutFinished):
             self.batch = f"{event.phase}: {event.message}"
         self.live.update(self._render())
@@ -203,7 +236,8 @@ class LiveProgress:
         for node_id in flight[:16]:
             phase = self.phases[node_id]
             table.add_row(node_id, Text(str(phase), style=_STYLE.get(phase, "cyan")))
-        return Group(Text(self.title, style="bold"), Text(self.batch), line, table)
+        gate = Text(self.gate, style="magenta") if self.gate else Text("")
+        return Group(Text(self.title, style="bold"), Text(self.batch), gate, line, table)
 
 
 _SETTLED = frozenset(

@@ -23,15 +23,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import Refused, TransportError
 from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
 from rollout.errors import InputError
-from rollout.events import Observer, Retried, RolloutPhaseChanged
+from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
+from rollout.gates.notify import Notifier
+from rollout.gates.signals import GateBoxes, Signal, parse_signal
 from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
-from rollout.policy import Policy, parse_policy
+from rollout.policy import Gate, Policy, parse_policy
+from rollout.webhooks import WebhookObserver
 
 LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
 
@@ -42,6 +47,10 @@ class IllegalCommand(Exception):
 
 class UnknownRollout(KeyError):
     """No such rollout id (HTTP 404)."""
+
+
+class UnknownGate(LookupError):
+    """The rollout's policy has no such gate (HTTP 404)."""
 
 
 def _node_json(node: Node) -> dict[str, Any]:
@@ -99,6 +108,8 @@ class Controller:
         self.lock_ttl = lock_ttl
         self.reach_timeout = reach_timeout
         self.controls: dict[str, Control] = {}
+        self.boxes: dict[str, GateBoxes] = {}
+        self.stop_after: dict[str, int] = {}  # rollout id -> stop after this batch (CI)
         self.engines: dict[str, Engine] = {}
         self.tasks: dict[str, asyncio.Task[RolloutResult]] = {}
 
@@ -170,6 +181,35 @@ class Controller:
         control = self.controls.setdefault(rollout_id, Control())
         if state.phase is RolloutPhase.PAUSED:
             control.pause()
+        boxes = self.boxes_of(rollout_id)
+        passed = {
+            (str(g["gate"]), int(g["batch"]))
+            for g in state.gates
+            if g.get("event") == "finished" and g.get("result") == "passed"
+        }
+        async with contextlib.AsyncExitStack() as stack:
+            if loaded.policy.notify:
+                session = await stack.enter_async_context(aiohttp.ClientSession())
+                notifier = Notifier(
+                    loaded.policy.notify,
+                    session,
+                    on_failure=lambda url, ev, err: observer(WebhookFailed(url, ev, err)),
+                )
+                stack.push_async_callback(notifier.aclose)
+                observer = Fanout([observer, WebhookObserver(notifier, rollout_id)])
+            return await self._execute(rollout_id, loaded, observer, control, boxes, passed, action)
+
+    async def _execute(
+        self,
+        rollout_id: str,
+        loaded: Loaded,
+        observer: Observer,
+        control: Control,
+        boxes: GateBoxes,
+        passed: set[tuple[str, int]],
+        action: Callable[[Engine], Any] | None,
+    ) -> RolloutResult:
+        state = loaded.state
         driver = AgentDriver(lease_holder=rollout_id, on_retry=self._retry_hook(observer))
         engine = Engine(
             driver,
@@ -182,6 +222,8 @@ class Controller:
             records=loaded.records,
             control=control,
             reach_timeout=self.reach_timeout,
+            boxes=boxes,
+            passed_gates=passed,
         )
         self.engines[rollout_id] = engine
         nodes = list(loaded.nodes.values())
@@ -192,7 +234,7 @@ class Controller:
                 if action is not None:
                     result: RolloutResult = await action(engine)
                 else:
-                    result = await engine.run(loaded.batches)
+                    result = await engine.run(loaded.batches, self.stop_after.get(rollout_id))
             if result.phase in FINISHED:
                 self.store.unlock(rollout_id)
                 await self._release_all(driver, nodes, rollout_id)
@@ -200,6 +242,77 @@ class Controller:
         finally:
             await driver.close()
             self.engines.pop(rollout_id, None)
+
+    def boxes_of(self, rollout_id: str) -> GateBoxes:
+        """The rollout's gate boxes; on first use, refilled with the signals and approvals
+        the journal holds that no finished gate consumed (so a resume loses none)."""
+        if rollout_id in self.boxes:
+            return self.boxes[rollout_id]
+        boxes = self.boxes[rollout_id] = GateBoxes()
+        entries = self.state(rollout_id).gates
+        last_done: dict[str, int] = {}
+        for i, g in enumerate(entries):
+            if g.get("event") == "finished":
+                last_done[str(g["gate"])] = i
+        for i, g in enumerate(entries):
+            gate = str(g.get("gate"))
+            if i < last_done.get(gate, -1):
+                continue
+            if g.get("event") == "received_signal":
+                boxes.signals(gate).add(parse_signal(g["signal"]))
+            elif g.get("event") == "received_decision":
+                box = boxes.approvals(gate)
+                decide = box.approve if g.get("approved") else box.reject
+                decide(str(g.get("by", "")), str(g.get("reason", "")))
+        return boxes
+
+    def _gate(self, rollout_id: str, gate: str, kinds: tuple[str, ...]) -> Gate:
+        policy = rebuild(self.state(rollout_id)).policy
+        for g in policy.gates:
+            if g.name == gate:
+                if g.kind not in kinds:
+                    raise IllegalCommand(
+                        f"gate {gate} is a {g.kind} gate; this applies to {' or '.join(kinds)}"
+                    )
+                return g
+        names = ", ".join(g.name for g in policy.gates) or "none"
+        raise UnknownGate(f"rollout {rollout_id} has no gate {gate!r} (gates: {names})")
+
+    def signal(self, rollout_id: str, gate: str, body: object) -> Signal:
+        """A wait-condition signal (Heat or CloudFormation body): journaled, then counted.
+        ValueError (bad body) and UnknownGate change nothing."""
+        state = self.state(rollout_id)
+        self._gate(rollout_id, gate, ("wait",))
+        if state.finished:
+            raise IllegalCommand(f"the rollout is {state.phase}; signals are no longer taken")
+        sig = parse_signal(body)
+        boxes = self.boxes_of(rollout_id)
+        self.store.append(
+            rollout_id, "gate", {"event": "received_signal", "gate": gate, "signal": sig.to_json()}
+        )
+        return boxes.signals(gate).add(sig)
+
+    def decide(self, rollout_id: str, gate: str, approved: bool, by: str, reason: str = "") -> str:
+        """Approve or reject an approval gate (or an inconclusive analysis)."""
+        state = self.state(rollout_id)
+        self._gate(rollout_id, gate, ("approval", "analysis"))
+        if state.finished:
+            raise IllegalCommand(f"the rollout is {state.phase}; nothing to approve")
+        boxes = self.boxes_of(rollout_id)
+        self.store.append(
+            rollout_id,
+            "gate",
+            {
+                "event": "received_decision",
+                "gate": gate,
+                "approved": approved,
+                "by": by,
+                "reason": reason,
+            },
+        )
+        box = boxes.approvals(gate)
+        (box.approve if approved else box.reject)(by, reason)
+        return f"gate {gate} {'approved' if approved else 'rejected'} by {by}"
 
     def _retry_hook(self, observer: Observer) -> Callable[[Node, str, int, BaseException], None]:
         def hook(node: Node, op: str, attempt: int, exc: BaseException) -> None:
@@ -286,6 +399,7 @@ class Controller:
             return "aborting: nothing new starts; nodes in flight settle"
         if command == "retry":
             retryable = (
+                RolloutPhase.PAUSED,  # e.g. stopped after the canary (--stop-after)
                 RolloutPhase.HALTED,
                 RolloutPhase.ABORTED,
                 RolloutPhase.FAILED,
@@ -294,7 +408,7 @@ class Controller:
             if phase not in retryable:
                 raise IllegalCommand(
                     f"cannot retry a rollout that is {phase}; retry applies to halted, "
-                    "aborted, failed or rolled back rollouts"
+                    "aborted, failed, rolled back or stopped (paused) rollouts"
                 )
             if running:
                 raise IllegalCommand("the rollout is still settling; retry when it has stopped")

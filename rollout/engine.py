@@ -22,6 +22,7 @@ or roll back), and the result names every node's phase.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,17 @@ from rollout.events import (
     RolloutStarted,
     StepDone,
 )
+from rollout.gates.events import GateEvent, gate_event_json
+from rollout.gates.runner import (
+    GateEnv,
+    GateOutcome,
+    resolve_inconclusive,
+    run_gate,
+    wait_before_batch,
+)
+from rollout.gates.schedule import after_batch as gates_after
+from rollout.gates.schedule import before_batch
+from rollout.gates.signals import GateBoxes
 from rollout.health import CheckResult, Prober, Verdict, watch
 from rollout.model import (
     Batch,
@@ -139,6 +151,7 @@ class RolloutResult:
     phase: RolloutPhase
     message: str
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    stopped_as_asked: bool = False  # --stop-after: the batches asked for passed
 
     @property
     def succeeded(self) -> bool:
@@ -146,7 +159,7 @@ class RolloutResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.succeeded else 1
+        return 0 if self.succeeded or self.stopped_as_asked else 1
 
 
 class Control:
@@ -156,6 +169,7 @@ class Control:
     def __init__(self) -> None:
         self._running = asyncio.Event()
         self._running.set()
+        self._aborted = asyncio.Event()
         self.aborted = False
 
     @property
@@ -170,7 +184,22 @@ class Control:
 
     def abort(self) -> None:
         self.aborted = True
+        self._aborted.set()
         self._running.set()
+
+    async def unless_aborted(self, work: Awaitable[T]) -> T | None:
+        """Await `work` (a gate wait), or give up with None when the rollout is aborted."""
+        job = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._aborted.wait())
+        try:
+            await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
+        return job.result() if job.done() and not job.cancelled() else None
 
     async def checkpoint(self) -> bool:
         """Wait while paused; False when the rollout is being aborted."""
@@ -198,6 +227,8 @@ class Engine:
         journal: Journal = _no_journal,
         records: dict[str, NodeRecord] | None = None,
         control: Control | None = None,
+        boxes: GateBoxes | None = None,
+        passed_gates: set[tuple[str, int]] | None = None,
     ) -> None:
         self.driver = driver
         self.policy = policy
@@ -209,6 +240,9 @@ class Engine:
         self.journal = journal
         self.records: dict[str, NodeRecord] = dict(records or {})
         self.control = control or Control()
+        self.boxes = boxes or GateBoxes()  # shared with the API that receives signals
+        self.passed_gates = set(passed_gates or ())  # (gate, batch) passed before a resume
+        self._gate_batch = 0
 
     # -- control ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -239,15 +273,84 @@ class Engine:
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutPhaseChanged(self.rollout_id, phase, message))
 
-    def _finish(self, phase: RolloutPhase, message: str) -> RolloutResult:
+    def _finish(
+        self, phase: RolloutPhase, message: str, stopped_as_asked: bool = False
+    ) -> RolloutResult:
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutFinished(phase, message))
-        return RolloutResult(self.rollout_id, phase, message, dict(self.records))
+        return RolloutResult(self.rollout_id, phase, message, dict(self.records), stopped_as_asked)
+
+    # -- gates --------------------------------------------------------------------------
+    def _on_gate_event(self, event: GateEvent) -> None:
+        self.journal("gate", gate_event_json(event) | {"batch": self._gate_batch})
+        self._emit(event)
+
+    async def _recheck(self, prober: Prober) -> list[str]:
+        """Updated nodes that fail a round of health checks now (a bake fails on them)."""
+        updated = [r.node for r in self.records.values() if r.phase is NodePhase.COMMITTED]
+
+        async def bad(node: Node) -> bool:
+            results = await prober.check_all(self.policy.health.checks, node, self.image.digest)
+            for r in results:
+                self._emit(HealthChecked(node.id, r.kind, r.ok))
+            return not all(r.ok for r in results)
+
+        verdicts = await asyncio.gather(*(bad(n) for n in updated))
+        return [n.id for n, b in zip(updated, verdicts, strict=True) if b]
+
+    async def _before_gates(self, batch: Batch, env: GateEnv) -> GateOutcome | None:
+        """Wait for the conditions of `batch` (windows, alerts); None when aborted."""
+        gates = before_batch(self.policy.gates, batch)
+        if not gates:
+            return GateOutcome("passed", "no conditions")
+        self._gate_batch = batch.index
+        names = ", ".join(g.name for g in gates)
+        self._phase(RolloutPhase.WAITING, f"before batch {batch.index}: {names}")
+        outcome = await self.control.unless_aborted(wait_before_batch(gates, env))
+        if outcome is not None and outcome.passed:
+            self._phase(RolloutPhase.RUNNING)
+        return outcome
+
+    async def _after_gates(self, batch: Batch, env: GateEnv) -> GateOutcome | None:
+        """Run the gates after `batch`, in policy order; the first that does not pass
+        ends it. An inconclusive analysis pauses for a human. None when aborted."""
+        for gate in gates_after(self.policy.gates, batch):
+            if (gate.name, batch.index) in self.passed_gates:
+                continue  # passed before a crash
+            self._gate_batch = batch.index
+            self._phase(RolloutPhase.WAITING, f"gate {gate.name} after batch {batch.index}")
+            outcome = await self.control.unless_aborted(run_gate(gate, env))
+            if outcome is not None and outcome.result == "inconclusive":
+                self._phase(RolloutPhase.PAUSED, f"gate {gate.name}: {outcome.message}")
+                outcome = await self.control.unless_aborted(resolve_inconclusive(gate, env))
+            if outcome is None or not outcome.passed:
+                return outcome
+            self.passed_gates.add((gate.name, batch.index))
+            self._phase(RolloutPhase.RUNNING)
+        return GateOutcome("passed", "gates passed")
+
+    async def _gate_failed(
+        self, batch: Batch, records: list[NodeRecord], outcome: GateOutcome
+    ) -> RolloutResult:
+        """A gate failed or timed out: the failure action follows (continue halts)."""
+        why = f"gate {outcome.gate} ({outcome.kind}) {outcome.result}: {outcome.message}"
+        action = self.policy.failure.action
+        if action == "rollback":
+            self._phase(RolloutPhase.ROLLING_BACK, why)
+            await self._rollback_many(records)
+            return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
+        if action == "rollback-all":
+            self._phase(RolloutPhase.ROLLING_BACK, why)
+            await self._rollback_many(list(self.records.values()))
+            return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
+        return self._finish(RolloutPhase.HALTED, f"{why}; halted")
 
     # -- the rollout --------------------------------------------------------------------
-    async def run(self, batches: Sequence[Batch]) -> RolloutResult:
+    async def run(self, batches: Sequence[Batch], stop_after: int | None = None) -> RolloutResult:
         """Run (or continue) the rollout: nodes already settled are left as they are, so
-        the same call resumes a journaled rollout after a crash, a halt or an abort."""
+        the same call resumes a journaled rollout after a crash, a halt or an abort.
+
+        `stop_after`: stop (phase paused, exit 0) once that batch and its gates passed."""
         fleet = [n for b in batches for n in b.nodes]
         for b in batches:
             for n in b.nodes:
@@ -263,11 +366,24 @@ class Engine:
         tolerated = self.policy.failure.max_failed.resolve(len(fleet), round_up=False)
         async with aiohttp.ClientSession() as session:
             prober = Prober(self.driver, session)
+            env = GateEnv(
+                self.rollout_id,
+                session,
+                recheck=lambda: self._recheck(prober),
+                on_event=self._on_gate_event,
+                health_interval=self.policy.health.interval,
+                boxes=self.boxes,
+            )
             for batch in batches:
                 records = [self.records[n.id] for n in batch.nodes]
                 if any(not r.settled for r in records):
                     if not await self.control.checkpoint():
                         break
+                    ready = await self._before_gates(batch, env)
+                    if ready is None:
+                        break  # aborted while waiting
+                    if not ready.passed:
+                        return await self._gate_failed(batch, [], ready)
                     self.journal("batch_started", {"batch": batch.index})
                     self._emit(BatchStarted(batch, len(batches)))
                     async with asyncio.TaskGroup() as tg:
@@ -285,6 +401,18 @@ class Engine:
                     )
                     self._emit(BatchFinished(batch, len(failed), str(decision)))
                 if decision is Decision.CONTINUE:
+                    outcome = await self._after_gates(batch, env)
+                    if outcome is None:
+                        break  # aborted while waiting
+                    if not outcome.passed:
+                        return await self._gate_failed(batch, records, outcome)
+                    more = batch.index < len(batches)
+                    if stop_after is not None and batch.index >= stop_after and more:
+                        return self._finish(
+                            RolloutPhase.PAUSED,
+                            f"stopped after batch {batch.index} as asked; run again to go on",
+                            stopped_as_asked=failed_total == 0,
+                        )
                     continue
                 names = ", ".join(r.node.id for r in failed) or "none in this batch"
                 why = (

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+import structlog
+
+from rollout.gates.events import GateEvent
 from rollout.model import Batch, Image, NodePhase, Reason, RolloutPhase, Step
 
 
@@ -79,6 +82,15 @@ class HealthChecked:
 
 
 @dataclass(frozen=True)
+class WebhookFailed:
+    """A webhook delivery gave up after its retries (the rollout went on regardless)."""
+
+    url: str
+    event: str  # the rollout event it carried: started, batch_done, ...
+    error: str
+
+
+@dataclass(frozen=True)
 class BatchFinished:
     batch: Batch
     failed: int
@@ -92,7 +104,8 @@ class RolloutFinished:
 
 
 Event = (
-    RolloutStarted
+    GateEvent
+    | RolloutStarted
     | RolloutPhaseChanged
     | BatchStarted
     | NodeChanged
@@ -101,9 +114,12 @@ Event = (
     | Retried
     | HealthChecked
     | BatchFinished
+    | WebhookFailed
     | RolloutFinished
 )
 
+
+_log = structlog.get_logger("rollout.events")
 
 # Anything that takes an event: the engine calls it inline, so it must be fast and not raise.
 Observer = Callable[[Event], None]
@@ -117,4 +133,7 @@ class Fanout:
 
     def __call__(self, event: Event) -> None:
         for observer in self.observers:
-            observer(event)
+            try:
+                observer(event)
+            except Exception as exc:  # a display or metric bug must not stop a rollout
+                _log.error("observer_failed", observer=repr(observer), error=repr(exc))

@@ -58,7 +58,9 @@ from rollout.events import (
     RolloutPhaseChanged,
     RolloutStarted,
     StepDone,
+    WebhookFailed,
 )
+from rollout.gates.events import GateFinished, GateWaiting
 from rollout.model import NodePhase, Reason, RolloutPhase
 
 # From a commit (milliseconds) to streaming a large image or a long bake (half an hour).
@@ -223,6 +225,12 @@ class MetricsRecorder:
             ["rollout", "kind", "result"],
             registry=r,
         )
+        self.webhook_failures = Counter(
+            "rollout_webhook_failures",
+            "Webhook deliveries given up after retries, by the rollout event they carried.",
+            ["rollout", "event"],
+            registry=r,
+        )
 
     # -- the observer ------------------------------------------------------------------------
     def bound(self, rollout_id: str) -> Callable[[Event], None]:
@@ -269,6 +277,12 @@ class MetricsRecorder:
                 self._set_phase(ro, RolloutPhase.ROLLING_BACK)
         elif isinstance(event, RolloutPhaseChanged):
             self._set_phase(ro, event.phase)
+        elif isinstance(event, GateWaiting):
+            self.gate_waiting(event.gate, event.kind, True)
+        elif isinstance(event, GateFinished):
+            self.gate_result(event.gate, event.kind, event.result)
+        elif isinstance(event, WebhookFailed):
+            self._inc(self.webhook_failures, ro, event.event)
         elif isinstance(event, RolloutFinished):
             self._set_phase(ro, event.phase)
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rollout import __version__
 from rollout.console import EventLog
-from rollout.controller import Controller, IllegalCommand, UnknownRollout
+from rollout.controller import Controller, IllegalCommand, UnknownGate, UnknownRollout
 from rollout.errors import InputError
 from rollout.events import Fanout
 from rollout.image import load_image
@@ -108,6 +108,8 @@ async def _errors(
         return await handler(request)
     except UnknownRollout as exc:
         return _error(404, "not_found", f"no rollout {exc.args[0]!r}")
+    except UnknownGate as exc:
+        return _error(404, "not_found", str(exc))
     except IllegalCommand as exc:
         return _error(409, "illegal", str(exc))
     except LockConflict as exc:
@@ -232,6 +234,44 @@ async def command(request: web.Request) -> web.Response:
     )
 
 
+async def gate_signal(request: web.Request) -> web.Response:
+    """A Heat wait-condition signal: native or CloudFormation body."""
+    controller = request.app[CONTROLLER]
+    rollout_id, gate = request.match_info["id"], request.match_info["gate"]
+    controller.state(rollout_id)
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "bad_request", "the body is not JSON", field="body")
+    try:
+        sig = controller.signal(rollout_id, gate, body)
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0] if ":" in str(exc) else "body"
+        return _error(400, "bad_request", str(exc), field=field)
+    return web.json_response({"id": rollout_id, "gate": gate, "signal": sig.to_json()})
+
+
+async def gate_decision(request: web.Request) -> web.Response:
+    """Approve or reject an approval gate (or an inconclusive analysis)."""
+    controller = request.app[CONTROLLER]
+    rollout_id, gate = request.match_info["id"], request.match_info["gate"]
+    verdict = request.match_info["verdict"]
+    controller.state(rollout_id)
+    body: Any = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "bad_request", "the body is not JSON", field="body")
+    if not isinstance(body, dict) or set(body) - {"by", "reason"}:
+        return _error(400, "bad_request", 'the body may hold {"by", "reason"}', field="body")
+    message = controller.decide(
+        rollout_id, gate, verdict == "approve", str(body.get("by") or "api"),
+        str(body.get("reason") or ""),
+    )  # fmt: skip
+    return web.json_response({"id": rollout_id, "gate": gate, "message": message})
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     controller = request.app[CONTROLLER]
     rollout_id = request.match_info["id"]
@@ -313,6 +353,31 @@ def openapi_document() -> dict[str, Any]:
                                        "schema": {"type": "integer"}}],
             "responses": answers(200, {"type": "object"}, 404)}},
     }  # fmt: skip
+    gate_param = [*id_param, {"name": "gate", "in": "path", "required": True,
+                              "schema": {"type": "string"}}]  # fmt: skip
+    paths["/v1/rollouts/{id}/gates/{gate}/signal"] = {
+        "post": {
+            "summary": "Signal a wait-condition gate (Heat or CloudFormation body)",
+            "parameters": gate_param,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object",
+                "description": 'Heat: {"status": "SUCCESS"|"FAILURE", "reason", "data", '
+                '"id"}; CloudFormation: {"Status", "Reason", "UniqueId", "Data"}'}}}},
+            "responses": answers(200, {"type": "object"}, 400, 404, 409),
+        }
+    }  # fmt: skip
+    for verdict in ("approve", "reject"):
+        paths[f"/v1/rollouts/{{id}}/gates/{{gate}}/{verdict}"] = {
+            "post": {
+                "summary": f"{verdict.capitalize()} an approval gate or inconclusive analysis",
+                "parameters": gate_param,
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {
+                        "by": {"type": "string"}, "reason": {"type": "string"}},
+                        "additionalProperties": False}}}},
+                "responses": answers(200, {"type": "object"}, 400, 404, 409),
+            }
+        }  # fmt: skip
     for name in COMMANDS:
         paths[f"/v1/rollouts/{{id}}/{name}"] = {
             "post": {
@@ -350,17 +415,22 @@ _REASONS = {
 }
 
 
-def make_app(controller: Controller, token: str, recorder: MetricsRecorder) -> web.Application:
+def make_app(
+    controller: Controller, token: str, recorder: MetricsRecorder, service: bool = True
+) -> web.Application:
+    """The API app. `service=False` is `rollout run --listen`: the same API beside one
+    foreground rollout, which keeps its own observers and is not resumed by the app."""
     app = web.Application(middlewares=[_errors, _auth])
     app[CONTROLLER] = controller
     app[TOKEN] = token.encode()
     app[RECORDER] = recorder
-    log_events = EventLog()
+    if service:
+        log_events = EventLog()
 
-    def observer_for(rollout_id: str) -> Fanout:
-        return Fanout([recorder.bound(rollout_id), log_events.bound(rollout_id)])
+        def observer_for(rollout_id: str) -> Fanout:
+            return Fanout([recorder.bound(rollout_id), log_events.bound(rollout_id)])
 
-    controller.observer_for = observer_for
+        controller.observer_for = observer_for
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)
@@ -368,6 +438,8 @@ def make_app(controller: Controller, token: str, recorder: MetricsRecorder) -> w
     app.router.add_get("/v1/rollouts", list_rollouts)
     app.router.add_get("/v1/rollouts/{id}", get_rollout)
     app.router.add_get("/v1/rollouts/{id}/events", events)
+    app.router.add_post("/v1/rollouts/{id}/gates/{gate}/signal", gate_signal)
+    app.router.add_post("/v1/rollouts/{id}/gates/{gate}/{verdict:approve|reject}", gate_decision)
     app.router.add_post("/v1/rollouts/{id}/{command}", command)
 
     async def resume_unfinished(app: web.Application) -> None:
@@ -380,6 +452,7 @@ def make_app(controller: Controller, token: str, recorder: MetricsRecorder) -> w
             task.cancel()
         await asyncio.gather(*controller.tasks.values(), return_exceptions=True)
 
-    app.on_startup.append(resume_unfinished)
-    app.on_cleanup.append(stop_tasks)
+    if service:
+        app.on_startup.append(resume_unfinished)
+        app.on_cleanup.append(stop_tasks)
     return app

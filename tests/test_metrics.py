@@ -25,6 +25,7 @@ from rollout.events import (
     RolloutFinished,
     RolloutStarted,
     StepDone,
+    WebhookFailed,
 )
 from rollout.metrics import MetricsRecorder
 from rollout.model import Batch, Image, Node, NodePhase, Reason, RolloutPhase, Step
@@ -290,6 +291,7 @@ def test_docs_table_matches_the_registry() -> None:
     rec = MetricsRecorder()
     feed(rec, rollout_events(bad_last=True))
     rec.gate_result("bake", "bake", "passed")
+    rec(WebhookFailed("http://127.0.0.1:9/hook", "halted", "connection refused"))
     exported = {}
     for family in rec.registry.collect():
         if not family.name.startswith("rollout_"):

@@ -32,6 +32,7 @@ __all__ = [
     "GateMeasured",
     "GateSignal",
     "GateWaiting",
+    "gate_event_json",
 ]
 
 
@@ -71,3 +72,36 @@ class GateFinished:
 
 
 GateEvent = GateWaiting | GateSignal | GateApproval | GateMeasured | GateFinished
+
+
+def gate_event_json(event: GateEvent) -> dict[str, object]:
+    """A gate event as journal data: `event` names its type, times are ISO 8601 UTC."""
+    if isinstance(event, GateWaiting):
+        return {
+            "event": "waiting",
+            "gate": event.gate,
+            "kind": event.kind,
+            "since": event.since.isoformat(),
+            "until": event.until.isoformat() if event.until else None,
+            "reason": event.reason,
+        }
+    if isinstance(event, GateSignal):
+        return {"event": "signal", "gate": event.gate, "signal": event.signal.to_json()}
+    if isinstance(event, GateApproval):
+        a = event.approval
+        return {
+            "event": "approval",
+            "gate": event.gate,
+            "approved": a.approved,
+            "by": a.by,
+            "reason": a.reason,
+        }
+    if isinstance(event, GateMeasured):
+        return {"event": "measured", "gate": event.gate, "measurement": event.measurement.to_json()}
+    return {
+        "event": "finished",
+        "gate": event.gate,
+        "kind": event.kind,
+        "result": event.result,
+        "message": event.message,
+    }
