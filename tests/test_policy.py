@@ -242,7 +242,10 @@ ERRORS = [
         "batches: {sise: 3}",
         "batches.sise: unknown field (known: canary, size, max_unavailable, spread_by)",
     ),
-    ("batch: {}", "batch: unknown field (known: activation, batches, health, failure, gates, notify)"),
+    (
+        "batch: {}",
+        "batch: unknown field (known: activation, batches, health, failure, gates, notify)",
+    ),
     (
         "health: {checks: [{type: http, prot: 80}]}",
         "health.checks[0].prot: unknown field (known: type, port, path, expect_status, timeout)",
