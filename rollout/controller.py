@@ -161,11 +161,21 @@ class Controller:
         return [load_state(self.store, r) for r in self.store.rollout_ids()]
 
     # -- execution ------------------------------------------------------------------------
-    def start(self, rollout_id: str) -> asyncio.Task[RolloutResult]:
-        """Run (or resume) a rollout in the background; its task is kept in `tasks`."""
-        if rollout_id in self.tasks and not self.tasks[rollout_id].done():
-            return self.tasks[rollout_id]
-        task = asyncio.create_task(self.execute(rollout_id), name=rollout_id)
+    def start(
+        self, rollout_id: str, action: Callable[[Engine], Any] | None = None
+    ) -> asyncio.Task[RolloutResult]:
+        """Run (or resume) a rollout in the background; its task is kept in `tasks`.
+
+        A previous task of the rollout that is still winding down (its phase is final,
+        it is releasing leases) is awaited first, so the two never overlap."""
+        previous = self.tasks.get(rollout_id)
+
+        async def run() -> RolloutResult:
+            if previous is not None and not previous.done():
+                await asyncio.wait({previous})
+            return await self.execute(rollout_id, action=action)
+
+        task = asyncio.create_task(run(), name=rollout_id)
         self.tasks[rollout_id] = task
         return task
 
@@ -371,6 +381,7 @@ class Controller:
         observer = self.observer_for(rollout_id)
         phase = state.phase
         running = rollout_id in self.tasks and not self.tasks[rollout_id].done()
+        busy = running and not state.finished  # its engine still works (not winding down)
         control = self.controls.setdefault(rollout_id, Control())
         if command == "pause":
             if phase not in (RolloutPhase.RUNNING, RolloutPhase.WAITING, RolloutPhase.PENDING):
@@ -383,7 +394,7 @@ class Controller:
                 raise IllegalCommand(f"cannot resume a rollout that is {phase}, not paused")
             self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, observer)
             control.resume()
-            if not running:
+            if not busy:
                 self.start(rollout_id)
             return "resumed"
         if command == "abort":
@@ -410,8 +421,10 @@ class Controller:
                     f"cannot retry a rollout that is {phase}; retry applies to halted, "
                     "aborted, failed, rolled back or stopped (paused) rollouts"
                 )
-            if running:
-                raise IllegalCommand("the rollout is still settling; retry when it has stopped")
+            if busy:
+                raise IllegalCommand(
+                    "the rollout is still running (paused rollouts resume with resume)"
+                )
             self._lock_again(state)
             loaded = rebuild(state)
             again = Engine.retry_failed(loaded.records)
@@ -424,18 +437,14 @@ class Controller:
         if command == "rollback":
             if phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.ROLLING_BACK):
                 raise IllegalCommand(f"the rollout is already {phase}")
-            if running:
-                raise IllegalCommand("the rollout is running; pause or abort it first")
+            if busy:
+                raise IllegalCommand("the rollout is running; abort it first")
             if not any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values()):
                 raise IllegalCommand("no node of this rollout is on the new image")
             self._lock_again(state)
             self._journal_command(rollout_id, command, by, None)
             self.controls[rollout_id] = Control()
-            task = asyncio.create_task(
-                self.execute(rollout_id, action=lambda e: e.rollback_all()),
-                name=f"{rollout_id}-rollback",
-            )
-            self.tasks[rollout_id] = task
+            self.start(rollout_id, action=lambda e: e.rollback_all())
             return "rolling back every node this rollout updated"
         raise IllegalCommand(f"unknown command {command!r}")
 

@@ -269,6 +269,10 @@ class Engine:
         self.journal("node", rec.to_json())  # durable before anything acts on it
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
 
+    def _resume_phase(self) -> None:
+        """Back to running after a gate, unless an operator paused the rollout meanwhile."""
+        self._phase(RolloutPhase.PAUSED if self.control.paused else RolloutPhase.RUNNING)
+
     def _phase(self, phase: RolloutPhase, message: str = "") -> None:
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutPhaseChanged(self.rollout_id, phase, message))
@@ -308,7 +312,7 @@ class Engine:
         self._phase(RolloutPhase.WAITING, f"before batch {batch.index}: {names}")
         outcome = await self.control.unless_aborted(wait_before_batch(gates, env))
         if outcome is not None and outcome.passed:
-            self._phase(RolloutPhase.RUNNING)
+            self._resume_phase()
         return outcome
 
     async def _after_gates(self, batch: Batch, env: GateEnv) -> GateOutcome | None:
@@ -326,7 +330,7 @@ class Engine:
             if outcome is None or not outcome.passed:
                 return outcome
             self.passed_gates.add((gate.name, batch.index))
-            self._phase(RolloutPhase.RUNNING)
+            self._resume_phase()
         return GateOutcome("passed", "gates passed")
 
     async def _gate_failed(
