@@ -31,6 +31,7 @@ from rollout.drivers.base import DriverError
 from rollout.engine import Control, RolloutResult
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer
+from rollout.gates.schedule import unreachable
 from rollout.image import build_image, load_image
 from rollout.inventory import Inventory, load_inventory, split_address
 from rollout.journal import SQLiteStore, unfinished
@@ -212,9 +213,12 @@ def plan(inventory_path: str, policy_path: str, output: str) -> None:
     pol = load_policy(policy_path)
     batches = plan_batches(inv.nodes, pol)
     rows = describe(batches, pol.batches.spread_by)
+    warnings = unreachable(pol.gates, batches)
     if output == "json":
-        click.echo(json.dumps({"batches": rows}, indent=2))
+        click.echo(json.dumps({"batches": rows, "warnings": warnings}, indent=2))
         return
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     console = Console()
     for row in rows:
         spread = row.get("spread") or {}

@@ -141,9 +141,36 @@ def _describe(entry: dict[str, Any]) -> str:
         )
     if kind == "batch_started":
         return f"batch {data['batch']} started"
+    if kind == "gate":
+        return _gate_line(data)
     if kind == "batch_finished":
         return f"batch {data['batch']} finished: {data['failed']} failed, {data['decision']}"
     return f"{kind} {json.dumps(data, sort_keys=True)}"
+
+
+def _gate_line(g: dict[str, Any]) -> str:
+    """One journaled gate event, as `rollout show` and `history` print it."""
+    event, gate = g.get("event"), g.get("gate")
+    if event == "waiting":
+        until = f" until {g['until']}" if g.get("until") else ""
+        since = g.get("since")
+        return f"gate {gate} ({g.get('kind')}) waiting since {since}{until}: {g.get('reason')}"
+    if event in ("received_signal", "signal"):
+        s = g.get("signal", {})
+        verb = "received" if event == "received_signal" else "counted"
+        return (
+            f"gate {gate}: signal {s.get('id')} {s.get('status')} {verb}"
+            f" reason={s.get('reason')!r} data={s.get('data')!r}"
+        )
+    if event in ("received_decision", "approval"):
+        verdict = "approved" if g.get("approved") else "rejected"
+        return f"gate {gate}: {verdict} by {g.get('by')} {g.get('reason') or ''}".rstrip()
+    if event == "measured":
+        m = g.get("measurement", {})
+        return f"gate {gate}: measured {m.get('values')} -> {m.get('phase')}"
+    if event == "finished":
+        return f"gate {gate} ({g.get('kind')}) {g.get('result')}: {g.get('message')}"
+    return f"gate {gate}: {json.dumps(g, sort_keys=True)}"
 
 
 def register(main: click.Group) -> None:
@@ -266,7 +293,7 @@ def register(main: click.Group) -> None:
         ]
         console.print(node_table(rows, "nodes"))
         for gate in answer.get("gates", []):
-            console.print(f"gate {_ts(gate['ts'])} {json.dumps(gate, sort_keys=True)}")
+            console.print(f"{_ts(gate['ts'])}  {_gate_line(gate)}", soft_wrap=True)
 
     @main.command()
     @server_options
