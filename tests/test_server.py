@@ -381,3 +381,50 @@ def test_cli_client_round_trip(
                               env={k: v for k, v in os.environ.items()
                                    if not k.startswith("ROLLOUT_")})  # fmt: skip
     assert no_token.returncode == 2 and "token" in no_token.stderr
+
+
+def test_gates_through_the_service_and_its_cli(
+    service: Service, make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    fl = make_fleet(2)
+    gates = [
+        {"name": "smoke", "kind": "wait", "after": "canary", "timeout": "60s"},
+        {"name": "ship-it", "kind": "approval", "after": "canary"},
+    ]
+    policy = policy_file(tmp_path, gates=gates)
+    env = dict(os.environ, ROLLOUT_SERVER=service.url, ROLLOUT_TOKEN_FILE=str(tmp_path / "token"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rollout", *args], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+
+    rid = cli("start", "--inventory", str(fl.inventory), "--policy", policy,
+              "--image", images.v2.path).stdout.strip()  # fmt: skip
+    # Early signals count: send it before the gate waits.
+    sent = cli("signal", rid, "smoke", "--id", "ci-7", "--reason", "smoke ok", "--data", "12/12")
+    assert sent.returncode == 0, sent.stderr
+    wrong = cli("signal", rid, "ship-it")
+    assert wrong.returncode == 2 and "approval gate" in wrong.stderr
+    missing = cli("approve", rid, "nope")
+    assert missing.returncode == 2 and "no gate" in missing.stderr
+
+    async def waiting_on_approval() -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            _, body = await service.call("GET", f"/v1/rollouts/{rid}")
+            waits = [g for g in body["gates"] if g.get("event") == "waiting"]
+            if body["phase"] == "waiting" and waits and waits[-1]["gate"] == "ship-it":
+                return
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)  # polling the API
+
+    asyncio.run(waiting_on_approval())
+    shown = cli("show", rid)
+    assert "gate smoke: signal ci-7 SUCCESS" in shown.stdout and "data='12/12'" in shown.stdout
+    assert "gate ship-it (approval) waiting" in shown.stdout
+    ok = cli("approve", rid, "ship-it", "--by", "alice")
+    assert ok.returncode == 0 and "approved by alice" in ok.stdout
+    watched = cli("watch", rid)
+    assert watched.returncode == 0, watched.stdout
+    hist = cli("history", rid).stdout
+    assert "gate ship-it: approved by alice" in hist and "gate smoke (wait) passed" in hist
