@@ -16,7 +16,6 @@ On start the service resumes every unfinished rollout in its state file.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from rollout.console import EventLog
 from rollout.controller import Controller, IllegalCommand, UnknownGate, UnknownRollout
 from rollout.errors import InputError
 from rollout.events import Fanout
+from rollout.httpauth import bearer_ok
 from rollout.image import load_image
 from rollout.inventory import load_inventory, parse_inventory
 from rollout.journal import LockConflict, RolloutState, unfinished
@@ -91,9 +91,7 @@ async def _auth(
 ) -> web.StreamResponse:
     if request.path in ("/healthz", "/v1/openapi.json"):
         return await handler(request)
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""
-    if not given or not hmac.compare_digest(given, request.app[TOKEN]):
+    if not bearer_ok(request.headers.get("Authorization", ""), request.app[TOKEN]):
         resp = _error(401, "unauthorized", "missing or wrong bearer token")
         resp.headers["WWW-Authenticate"] = "Bearer"
         return resp

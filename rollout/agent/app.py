@@ -16,7 +16,6 @@ and only then starts the switch (which may end this process with a re-exec).
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +26,7 @@ from aiohttp import ClientPayloadError, web
 from rollout.agent import state as sm
 from rollout.agent.node import Agent
 from rollout.agent.state import AgentError
+from rollout.httpauth import bearer_ok
 from rollout.model import ActivationMode
 
 log = structlog.get_logger("rollout.agent.http")
@@ -95,9 +95,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/healthz":
         return await handler(request)
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    token = request.app[TOKEN_KEY]
-    if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), token):
+    if not bearer_ok(request.headers.get("Authorization", ""), request.app[TOKEN_KEY]):
         log.info("unauthorized", path=request.path, method=request.method, remote=request.remote)
         return error("unauthorized", "missing or wrong bearer token (Authorization: Bearer ...)")
     return await handler(request)
