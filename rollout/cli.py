@@ -390,8 +390,8 @@ async def _run_controller(
             task.cancel()
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-        loop.add_signal_handler(signal.SIGTERM, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal too
+            loop.add_signal_handler(sig, on_sigint)
     runner: web.AppRunner | None = None
     if api is not None:  # the signal/approve API beside this one rollout
         listen, token, recorder = api
