@@ -8,9 +8,9 @@ fail instead.
 - In process: the engine runs with `recorder.serve()` on a free port, and the endpoint
   stays up until Prometheus has scraped the final state, so exact final values are
   asserted (and the recording rules and every dashboard query are evaluated on them).
-- The CLI: `rollout run --metrics-port` as a user runs it. The process exits as soon as the
-  rollout ends, so its last state may never be scraped: this test asserts what holds for
-  most of the run (see docs/observability.md, "one-shot runs").
+- The CLI: `rollout run --metrics-port --metrics-linger` as a user runs it: the endpoint
+  stays up until Prometheus scraped it once more after the rollout, so the final values
+  are asserted exactly (see docs/observability.md, "one-shot runs").
 """
 
 from __future__ import annotations
@@ -236,8 +236,8 @@ def test_cli_metrics_port_is_scraped_during_the_run(
     run = subprocess.Popen(
         [sys.executable, "-m", "rollout", "run", "--inventory", str(fl.inventory),
          "--policy", str(policy), "--image", images.v2.path, "--metrics-port", str(port),
-         "--metrics-host", "127.0.0.1", "--log-format", "json", "--output", "json",
-         "--state", str(tmp_path / "state.db")],
+         "--metrics-host", "127.0.0.1", "--metrics-linger", "15", "--log-format", "json",
+         "--output", "json", "--state", str(tmp_path / "state.db")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -256,10 +256,11 @@ def test_cli_metrics_port_is_scraped_during_the_run(
     assert info[0]["metric"]["image_version"] == images.v2.version
     assert prom.value(f"max_over_time(rollout_batches{{{sel}}}[5m])") == 3
     assert prom.value(f'max_over_time(rollout_phase{{{sel},phase="running"}}[5m])') == 1
-    # The canary commits a second or more before the process exits.
-    committed = prom.value(f'max_over_time(rollout_nodes{{{sel},state="committed"}}[5m])')
-    assert committed is not None and committed >= 1
-    sent = prom.value(f"max_over_time(rollout_image_bytes_transferred_total{{{sel}}}[5m])")
-    assert sent is not None and sent >= images.v2.size
+    # --metrics-linger: the final state was scraped before the process exited.
+    committed = prom.value(f'last_over_time(rollout_nodes{{{sel},state="committed"}}[5m])')
+    assert committed == len(fl.nodes)
+    sent = prom.value(f"last_over_time(rollout_image_bytes_transferred_total{{{sel}}}[5m])")
+    assert sent == len(fl.nodes) * images.v2.size
+    assert prom.value(f'last_over_time(rollout_phase{{{sel},phase="succeeded"}}[5m])') == 1
     build = prom.query("last_over_time(rollout_build_info[5m])")
     assert build and build[0]["metric"]["version"]
