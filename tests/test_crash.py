@@ -85,6 +85,7 @@ def test_sigkill_at_random_points_then_resume_ends_exactly_once(
     for node_id, row in after.items():
         assert row["digest"] == images.v2.digest, report
         assert row["committed"] is True, report
+        assert row["staged"] is None, (node_id, report)  # nothing staged-but-unknown
         assert row["boot_count"] == before[node_id]["boot_count"] + 1, (node_id, report)
 
     store = SQLiteStore(state)
