@@ -111,7 +111,82 @@ def _run(coro: Any) -> Any:
 _server_opts = [
     click.option("--server", envvar="ROLLOUT_SERVER", default=DEFAULT_SERVER, show_default=True),
     click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token file."),
+    click.option(
+        "--state",
+        "state_file",
+        type=click.Path(dir_okay=False, exists=True),
+        help="Read a state file directly instead of asking a server (e.g. the journal of "
+        "`rollout run`); offline, only ls, show, history and abort work.",
+    ),
 ]
+
+
+class LocalClient:
+    """The client's view of a state file, without a server (for `rollout run` journals).
+
+    Reads answer like the API; `abort` marks an unfinished rollout aborted, but only when
+    no live controller holds it (its node locks have expired), so it cannot fight one.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        from rollout.journal import SQLiteStore, load_state
+        from rollout.server import _state_json
+
+        store = SQLiteStore(self.path)
+        try:
+            parts = path.strip("/").split("/")  # v1 rollouts [id [events|command]]
+            if method == "GET" and parts == ["v1", "rollouts"]:
+                states = [load_state(store, r) for r in store.rollout_ids()]
+                return {"rollouts": [s.summary() for s in states]}
+            if len(parts) < 3 or parts[2] not in store.rollout_ids():
+                raise ServerError(404, {"message": f"no rollout {parts[-1]!r} in {self.path}"})
+            rid = parts[2]
+            if method == "GET" and len(parts) == 3:
+                return _state_json(load_state(store, rid), detail=True)
+            if method == "GET" and parts[3:] == ["events"]:
+                return {"events": [e.to_json() for e in store.entries(rid)]}
+            if method == "POST" and parts[3:] == ["abort"]:
+                return self._abort(store, rid, str((body or {}).get("by", "cli")))
+            raise ServerError(
+                400,
+                {
+                    "message": "offline (--state) only ls, show, history and abort work; "
+                    "use --server for the rest"
+                },
+            )
+        finally:
+            store.close()
+
+    def _abort(self, store: Any, rollout_id: str, by: str) -> dict[str, Any]:
+        import time
+
+        from rollout.journal import load_state
+
+        state = load_state(store, rollout_id)
+        if state.finished:
+            raise ServerError(409, {"message": f"the rollout is already {state.phase}"})
+        live = store._db.execute(  # a running controller renews these
+            "SELECT MAX(expires_at) FROM locks WHERE rollout_id = ?", (rollout_id,)
+        ).fetchone()[0]
+        if live is not None and live > time.time():
+            raise ServerError(
+                409,
+                {"message": f"a controller is running it (its lock expires in "
+                 f"{live - time.time():.0f}s); stop it there (Ctrl-C, or the service API)"},
+            )  # fmt: skip
+        store.append(rollout_id, "command", {"command": "abort", "by": by, "offline": True})
+        store.append(rollout_id, "phase", {"phase": "aborted", "message": f"aborted by {by}"})
+        store.unlock(rollout_id)
+        return {"id": rollout_id, "command": "abort", "message": "aborted (offline)"}
+
+
+def _client(server: str, token_file: str | None, state_file: str | None) -> Client | LocalClient:
+    if state_file:
+        return LocalClient(state_file)
+    return Client(server, _token(token_file))
 
 
 def server_options(f: Any) -> Any:
@@ -215,6 +290,7 @@ def register(main: click.Group) -> None:
     def start(
         server: str,
         token_file: str | None,
+        state_file: str | None,
         inventory: str,
         policy: str,
         image: str,
@@ -237,15 +313,15 @@ def register(main: click.Group) -> None:
             body["nodes"] = list(nodes)
         if selected:
             body["labels"] = selected
-        answer = _run(Client(server, _token(token_file)).call("POST", "/v1/rollouts", body))
+        answer = _run(_client(server, token_file, state_file).call("POST", "/v1/rollouts", body))
         click.echo(answer["id"])
 
     @main.command("ls")
     @server_options
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
-    def ls(server: str, token_file: str | None, output: str) -> None:
+    def ls(server: str, token_file: str | None, state_file: str | None, output: str) -> None:
         """List the service's rollouts."""
-        answer = _run(Client(server, _token(token_file)).call("GET", "/v1/rollouts"))
+        answer = _run(_client(server, token_file, state_file).call("GET", "/v1/rollouts"))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -267,9 +343,13 @@ def register(main: click.Group) -> None:
     @server_options
     @click.argument("rollout_id")
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
-    def show(server: str, token_file: str | None, rollout_id: str, output: str) -> None:
+    def show(
+        server: str, token_file: str | None, state_file: str | None, rollout_id: str, output: str
+    ) -> None:
         """Show one rollout: phase, batch, every node, commands and gates."""
-        answer = _run(Client(server, _token(token_file)).call("GET", f"/v1/rollouts/{rollout_id}"))
+        answer = _run(
+            _client(server, token_file, state_file).call("GET", f"/v1/rollouts/{rollout_id}")
+        )
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -298,8 +378,10 @@ def register(main: click.Group) -> None:
     @main.command()
     @server_options
     @click.argument("rollout_id")
-    def watch(server: str, token_file: str | None, rollout_id: str) -> None:
+    def watch(server: str, token_file: str | None, state_file: str | None, rollout_id: str) -> None:
         """Follow a rollout live until it finishes; exit 0 if it succeeded."""
+        if state_file:
+            raise InputError("--state: watch follows a live rollout; use --server")
         client = Client(server, _token(token_file))
         console = Console()
 
@@ -318,10 +400,12 @@ def register(main: click.Group) -> None:
     @server_options
     @click.argument("rollout_id")
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
-    def history(server: str, token_file: str | None, rollout_id: str, output: str) -> None:
+    def history(
+        server: str, token_file: str | None, state_file: str | None, rollout_id: str, output: str
+    ) -> None:
         """Print the rollout's journal with timestamps: who did what, when."""
         path = f"/v1/rollouts/{rollout_id}/events"
-        answer = _run(Client(server, _token(token_file)).call("GET", path))
+        answer = _run(_client(server, token_file, state_file).call("GET", path))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -340,6 +424,7 @@ def register(main: click.Group) -> None:
     def signal(
         server: str,
         token_file: str | None,
+        state_file: str | None,
         rollout_id: str,
         gate: str,
         status: str,
@@ -352,7 +437,7 @@ def register(main: click.Group) -> None:
         if signal_id:
             body["id"] = signal_id
         path = f"/v1/rollouts/{rollout_id}/gates/{gate}/signal"
-        answer = _run(Client(server, _token(token_file)).call("POST", path, body))
+        answer = _run(_client(server, token_file, state_file).call("POST", path, body))
         click.echo(f"signal {answer['signal']['id']} {answer['signal']['status']} on {gate}")
 
     def make_decision(verdict: str, doc: str) -> None:
@@ -363,10 +448,16 @@ def register(main: click.Group) -> None:
         @click.option("--by", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
         @click.option("--reason", default="")
         def cmd(
-            server: str, token_file: str | None, rollout_id: str, gate: str, by: str, reason: str
+            server: str,
+            token_file: str | None,
+            state_file: str | None,
+            rollout_id: str,
+            gate: str,
+            by: str,
+            reason: str,
         ) -> None:
             path = f"/v1/rollouts/{rollout_id}/gates/{gate}/{verdict}"
-            client = Client(server, _token(token_file))
+            client = _client(server, token_file, state_file)
             answer = _run(client.call("POST", path, {"by": by, "reason": reason}))
             click.echo(answer["message"])
 
@@ -378,8 +469,10 @@ def register(main: click.Group) -> None:
         @server_options
         @click.argument("rollout_id")
         @click.option("--by", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
-        def cmd(server: str, token_file: str | None, rollout_id: str, by: str) -> None:
-            client = Client(server, _token(token_file))
+        def cmd(
+            server: str, token_file: str | None, state_file: str | None, rollout_id: str, by: str
+        ) -> None:
+            client = _client(server, token_file, state_file)
             path = f"/v1/rollouts/{rollout_id}/{name}"
             answer = _run(client.call("POST", path, {"by": by}))
             click.echo(answer["message"])

@@ -267,3 +267,52 @@ def test_unfinished_rollout_with_other_image_is_refused(
     )  # fmt: skip
     assert proc.returncode == 2
     assert created.rollout_id in proc.stderr and "not finished" in proc.stderr
+
+
+def test_offline_history_show_and_abort_of_a_run_journal(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    from rollout.controller import Controller
+    from rollout.inventory import load_inventory
+    from rollout.journal import SQLiteStore
+    from rollout.policy import load_policy
+
+    fl = make_fleet(1)
+    policy = write_policy(tmp_path)
+    state = tmp_path / "s.db"
+    proc = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v2.path, "--state", str(state),
+    )  # fmt: skip
+    assert proc.returncode == 0
+    listed = json.loads(rollout("ls", "--state", str(state), "--output", "json").stdout)
+    (done,) = listed["rollouts"]
+    assert done["phase"] == "succeeded"
+    hist = rollout("history", done["id"], "--state", str(state))
+    assert hist.returncode == 0 and "created by run" in hist.stdout
+    assert "node node-01 committed" in hist.stdout
+    again = rollout("abort", done["id"], "--state", str(state))
+    assert again.returncode == 2 and "already succeeded" in again.stderr
+
+    # An unfinished rollout whose controller died (its lock expired) can be aborted offline,
+    # then a rollout of another image may go ahead.
+    store = SQLiteStore(state)
+    stale = Controller(store, lock_ttl=0.0).create(
+        load_inventory(fl.inventory).nodes, load_policy(policy), images.bad, "p"
+    )
+    store.close()
+    blocked = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v1.path, "--state", str(state),
+    )  # fmt: skip
+    assert blocked.returncode == 2 and stale.rollout_id in blocked.stderr
+    aborted = rollout("abort", stale.rollout_id, "--state", str(state), "--by", "ops")
+    assert aborted.returncode == 0, aborted.stderr
+    shown = json.loads(rollout("show", stale.rollout_id, "--state", str(state),
+                               "--output", "json").stdout)  # fmt: skip
+    assert shown["phase"] == "aborted" and shown["commands"][0]["by"] == "ops"
+    back = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", str(policy),
+        "--image", images.v1.path, "--state", str(state),
+    )  # fmt: skip
+    assert back.returncode == 0, back.stdout + back.stderr
