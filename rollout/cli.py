@@ -24,7 +24,7 @@ from aiohttp import web
 from rich.console import Console
 
 from rollout import __version__, fleet
-from rollout.console import EventLog, LiveProgress, configure_logging, node_table
+from rollout.console import EventLog, LiveProgress, configure_logging, make_console, node_table
 from rollout.controller import Controller, rebuild
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import DriverError
@@ -198,7 +198,7 @@ def status(inventory_path: str, output: str, workload_port: int) -> None:
     if output == "json":
         click.echo(json.dumps({"nodes": rows}, indent=2))
     else:
-        Console().print(node_table([_short(r) for r in rows], "fleet status"))
+        make_console().print(node_table([_short(r) for r in rows], "fleet status"))
     if any("error" in r for r in rows):
         sys.exit(EXIT_FAILED)
 
@@ -219,7 +219,7 @@ def plan(inventory_path: str, policy_path: str, output: str) -> None:
         return
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
-    console = Console()
+    console = make_console()
     for row in rows:
         spread = row.get("spread") or {}
         per = ", ".join(f"{k}: {v}" for k, v in spread.items())
@@ -311,7 +311,7 @@ def run_rollout(
     batches = plan_batches(inv.nodes, pol)
     stop_batch = _stop_batch(stop_after, batches)
     token = _listen_token(listen, token_file)
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     store = SQLiteStore(state_path)
     try:
         controller = Controller(store)
@@ -497,7 +497,7 @@ def run(
     junit: str | None,
 ) -> None:
     """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
-    console = Console()
+    console = make_console()
     result = run_rollout(
         inventory_path,
         policy_path,
@@ -571,7 +571,7 @@ def demo(
         raise InputError("--keep: needs --workdir DIR so you can find the fleet afterwards")
     policy = Path(policy_path) if policy_path else _default_policy()
     load_policy(policy)  # bad input is reported before anything starts
-    console = Console()
+    console = make_console()
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rollout-demo-"))
     wd.mkdir(parents=True, exist_ok=True)
     v1 = build_sample_image(wd / "v1.img", "1.0.0")

@@ -20,9 +20,8 @@ from typing import Any
 
 import aiohttp
 import click
-from rich.console import Console
 
-from rollout.console import node_table
+from rollout.console import make_console, node_table
 from rollout.errors import InputError
 
 DEFAULT_SERVER = "http://127.0.0.1:7400"
@@ -337,7 +336,7 @@ def register(main: click.Group) -> None:
             }
             for r in answer["rollouts"]
         ]
-        Console().print(node_table(rows, "rollouts"))
+        make_console().print(node_table(rows, "rollouts"))
 
     @main.command()
     @server_options
@@ -353,7 +352,7 @@ def register(main: click.Group) -> None:
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
-        console = Console()
+        console = make_console()
         console.print(
             f"rollout {answer['id']}: [bold]{answer['phase']}[/] batch {answer['batch']}/"
             f"{answer['batches']}  {answer['image'].get('name')} {answer['image'].get('version')}"
@@ -383,7 +382,7 @@ def register(main: click.Group) -> None:
         if state_file:
             raise InputError("--state: watch follows a live rollout; use --server")
         client = Client(server, _token(token_file))
-        console = Console()
+        console = make_console()
 
         async def follow() -> str:
             phase = ""

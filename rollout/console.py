@@ -54,6 +54,13 @@ _STYLE = {
 }
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A rich console; off a terminal (CI logs, pipes) wide enough that tables are not
+    squeezed into 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
 def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     """Set structlog up once: JSON for machines, key=value text otherwise, on stderr."""
     renderer: Any
