@@ -336,6 +336,9 @@ def register(main: click.Group) -> None:
             }
             for r in answer["rollouts"]
         ]
+        if not rows:
+            click.echo("no rollouts")
+            return
         make_console().print(node_table(rows, "rollouts"))
 
     @main.command()

@@ -21,6 +21,7 @@ import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -95,6 +96,24 @@ def rebuild(state: RolloutState) -> Loaded:
     return Loaded(state, policy, image, nodes, batches, records)
 
 
+def check_tokens(nodes: Sequence[Node]) -> None:
+    """Every node's token file must be readable and non-empty (InputError naming it)."""
+    for node in nodes:
+        if node.token_file is None:
+            raise InputError(
+                f"node {node.id}: no token_file; set token_file in the inventory (top level "
+                "or on the node)"
+            )
+        try:
+            token = Path(node.token_file).read_text().strip()
+        except OSError as exc:
+            raise InputError(
+                f"node {node.id}: cannot read token file {node.token_file}: {exc.strerror}"
+            ) from exc
+        if not token:
+            raise InputError(f"node {node.id}: token file {node.token_file} is empty")
+
+
 class Controller:
     def __init__(
         self,
@@ -125,6 +144,7 @@ class Controller:
         """Plan and journal a new rollout, locking its nodes; LockConflict if overlapping."""
         if not nodes:
             raise InputError("the rollout selects no nodes")
+        check_tokens(nodes)  # refuse before anything is journaled or locked
         rollout_id = uuid.uuid4().hex[:12]
         batches = plan_batches(nodes, policy)
         self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)

@@ -316,3 +316,20 @@ def test_offline_history_show_and_abort_of_a_run_journal(
         "--image", images.v1.path, "--state", str(state),
     )  # fmt: skip
     assert back.returncode == 0, back.stdout + back.stderr
+
+
+def test_unreadable_token_is_exit_2_and_nothing_is_journaled(
+    images: SampleImages, tmp_path: Path
+) -> None:
+    policy = write_policy(tmp_path)
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(yaml.safe_dump({"token_file": "missing-token", "nodes": [
+        {"id": "a", "address": "127.0.0.1:1"}]}))  # fmt: skip
+    state = tmp_path / "s.db"
+    proc = rollout(
+        "run", "--inventory", str(inventory), "--policy", str(policy),
+        "--image", images.v2.path, "--state", str(state),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "node a: cannot read token file" in proc.stderr and "missing-token" in proc.stderr
+    assert rollout("ls", "--state", str(state)).stdout.strip() == "no rollouts"
