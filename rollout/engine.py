@@ -57,7 +57,7 @@ from rollout.gates.runner import (
 from rollout.gates.schedule import after_batch as gates_after
 from rollout.gates.schedule import before_batch
 from rollout.gates.signals import GateBoxes
-from rollout.health import CheckResult, Prober, Verdict, watch
+from rollout.health import CheckResult, Probe, Prober, Verdict, watch
 from rollout.model import (
     Batch,
     Image,
@@ -229,6 +229,7 @@ class Engine:
         control: Control | None = None,
         boxes: GateBoxes | None = None,
         passed_gates: set[tuple[str, int]] | None = None,
+        prober_for: Callable[[aiohttp.ClientSession], Probe] | None = None,
     ) -> None:
         self.driver = driver
         self.policy = policy
@@ -243,6 +244,7 @@ class Engine:
         self.boxes = boxes or GateBoxes()  # shared with the API that receives signals
         self.passed_gates = set(passed_gates or ())  # (gate, batch) passed before a resume
         self._gate_batch = 0
+        self.prober_for = prober_for or (lambda session: Prober(self.driver, session))
 
     # -- control ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -289,7 +291,7 @@ class Engine:
         self.journal("gate", gate_event_json(event) | {"batch": self._gate_batch})
         self._emit(event)
 
-    async def _recheck(self, prober: Prober) -> list[str]:
+    async def _recheck(self, prober: Probe) -> list[str]:
         """Updated nodes that fail a round of health checks now (a bake fails on them)."""
         updated = [r.node for r in self.records.values() if r.phase is NodePhase.COMMITTED]
 
@@ -369,7 +371,7 @@ class Engine:
             self._phase(RolloutPhase.RUNNING)
         tolerated = self.policy.failure.max_failed.resolve(len(fleet), round_up=False)
         async with aiohttp.ClientSession() as session:
-            prober = Prober(self.driver, session)
+            prober = self.prober_for(session)
             env = GateEnv(
                 self.rollout_id,
                 session,
@@ -462,7 +464,7 @@ class Engine:
         return again
 
     # -- one node -----------------------------------------------------------------------
-    async def _update(self, rec: NodeRecord, prober: Prober) -> None:
+    async def _update(self, rec: NodeRecord, prober: Probe) -> None:
         try:
             await self._update_steps(rec, prober)
         except NodeFailed as exc:
@@ -471,7 +473,7 @@ class Engine:
             if rec.activated:
                 await self._rollback_node(rec)
 
-    async def _update_steps(self, rec: NodeRecord, prober: Prober) -> None:
+    async def _update_steps(self, rec: NodeRecord, prober: Probe) -> None:
         """Drive one node to committed, from wherever the journal says it is."""
         node, target = rec.node, self.image.digest
         if rec.phase is NodePhase.FAILED or rec.phase is NodePhase.ROLLING_BACK:
@@ -615,7 +617,7 @@ class Engine:
             await clock.sleep(POLL_INTERVAL)
         raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
 
-    async def _verify(self, rec: NodeRecord, prober: Prober) -> None:
+    async def _verify(self, rec: NodeRecord, prober: Probe) -> None:
         self._set(rec, NodePhase.VERIFYING)
 
         def seen(r: CheckResult) -> None:

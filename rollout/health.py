@@ -24,6 +24,7 @@ import asyncio
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
@@ -31,6 +32,10 @@ from rollout import clock
 from rollout.drivers.base import Driver, DriverError
 from rollout.model import Node
 from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
+
+# Clocks add up floats: 24 rounds of 5 s may read 119.99999999999999 s. Durations are
+# compared with this much slack so that a check due at the deadline counts as at it.
+_EPSILON = 1e-6
 
 
 class Verdict(enum.StrEnum):
@@ -54,14 +59,14 @@ class HealthTracker:
             self.consecutive_failures = 0
             if self.healthy_since is None:
                 self.healthy_since = now
-            if now - self.healthy_since >= self.min_healthy_time:
+            if now - self.healthy_since >= self.min_healthy_time - _EPSILON:
                 return Verdict.HEALTHY
         else:
             self.healthy_since = None
             self.consecutive_failures += 1
             if self.failure_threshold and self.consecutive_failures >= self.failure_threshold:
                 return Verdict.UNHEALTHY
-        if now - self.started >= self.deadline:
+        if now - self.started >= self.deadline - _EPSILON:
             return Verdict.DEADLINE
         return Verdict.PENDING
 
@@ -71,6 +76,15 @@ class CheckResult:
     kind: str
     ok: bool
     detail: str
+
+
+class Probe(Protocol):
+    """Runs a policy's checks against one node: `Prober` over the network, or a
+    simulation (drivers/sim.py) in tests on virtual time."""
+
+    async def check_all(
+        self, checks: Sequence[Check], node: Node, target_digest: str
+    ) -> list[CheckResult]: ...
 
 
 class Prober:
@@ -133,7 +147,7 @@ class Prober:
 
 
 async def watch(
-    prober: Prober,
+    prober: Probe,
     health: Health,
     node: Node,
     target_digest: str,
