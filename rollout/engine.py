@@ -468,10 +468,17 @@ class Engine:
         try:
             await self._update_steps(rec, prober)
         except NodeFailed as exc:
-            rec.failed = True
-            self._set(rec, NodePhase.FAILED, exc.reason, exc.detail)
-            if rec.activated:
-                await self._rollback_node(rec)
+            await self._failed(rec, exc.reason, exc.detail)
+        except (OSError, ValueError, aiohttp.ClientError) as exc:
+            # Unexpected for one node (a bad answer, a TLS error, ...): that node fails,
+            # the rest of the batch goes on, and the journal says exactly what happened.
+            await self._failed(rec, Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    async def _failed(self, rec: NodeRecord, reason: Reason, detail: str) -> None:
+        rec.failed = True
+        self._set(rec, NodePhase.FAILED, reason, detail)
+        if rec.activated:
+            await self._rollback_node(rec)
 
     async def _update_steps(self, rec: NodeRecord, prober: Probe) -> None:
         """Drive one node to committed, from wherever the journal says it is."""

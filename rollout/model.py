@@ -101,6 +101,7 @@ class Reason(enum.StrEnum):
     COMMIT_FAILED = "commit_failed"
     UNREACHABLE = "unreachable"
     INTERRUPTED = "interrupted"
+    INTERNAL = "internal_error"
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,12 @@ class Node:
     address: str  # agent "host:port"
     labels: Mapping[str, str] = field(default_factory=dict)
     token_file: str | None = None
+    ca_file: str | None = None  # set: the agent speaks HTTPS, verified against this CA
+
+    @property
+    def scheme(self) -> str:
+        """"https" when the node's agent is reached over TLS (it has a ca_file), else "http"."""
+        return "https" if self.ca_file else "http"
 
     @property
     def host(self) -> str:
