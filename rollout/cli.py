@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -40,8 +41,9 @@ from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.report import JUnitReport
-from rollout.sample import build_sample_image
+from rollout.sample import build_sample_image, write_sample_tree
 from rollout.server import make_app
+from rollout.tls import server_context
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -86,6 +88,16 @@ def image_build(
     click.echo(img.digest)
 
 
+@image.command("sample")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--bad", is_flag=True, help="A workload whose /healthz answers 500.")
+def image_sample(dest: str, bad: bool) -> None:
+    """Write the sample image tree (a tiny HTTP workload) into DEST, to build from."""
+    root = write_sample_tree(dest, bad=bad)
+    click.echo(f"sample tree in {root}; build it with: rollout image build {root} "
+               "--version 1.0.0 --output v1.img")  # fmt: skip
+
+
 @image.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 def image_inspect(file: str) -> None:
@@ -111,6 +123,12 @@ def fleet_group() -> None:
 @click.option("--firmware-delay", default=0.6, show_default=True, type=float)
 @click.option("--kernel-delay", default=0.3, show_default=True, type=float)
 @click.option("--commit-deadline", default=300.0, show_default=True, type=float)
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Agents serve HTTPS: make a private CA (WORKDIR/ca.pem) and one certificate per "
+    "node with the openssl command, and write ca_file into the inventory.",
+)
 def fleet_up(
     nodes: int,
     workdir: str,
@@ -121,6 +139,7 @@ def fleet_up(
     firmware_delay: float,
     kernel_delay: float,
     commit_deadline: float,
+    tls: bool,
 ) -> None:
     """Start N agents booted on IMAGE and write WORKDIR/inventory.yaml."""
     opts = fleet.FleetOptions(
@@ -131,9 +150,10 @@ def fleet_up(
         firmware_delay=firmware_delay,
         kernel_delay=kernel_delay,
         commit_deadline=commit_deadline,
+        tls=tls,
     )
     inventory = fleet.up(workdir, image_path, opts)
-    click.echo(f"{nodes} agents up; inventory: {inventory}")
+    click.echo(f"{nodes} agents up{' (HTTPS)' if tls else ''}; inventory: {inventory}")
 
 
 @fleet_group.command("down")
@@ -300,6 +320,8 @@ def run_rollout(
     metrics_linger: float = 0.0,
     listen: str | None = None,
     token_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     stop_after: str | None = None,
     junit: str | None = None,
     console: Console | None = None,
@@ -311,6 +333,7 @@ def run_rollout(
     batches = plan_batches(inv.nodes, pol)
     stop_batch = _stop_batch(stop_after, batches)
     token = _listen_token(listen, token_file)
+    ssl_context = listen_tls(tls_cert, tls_key, listen)
     console = console or make_console(stderr=True)
     store = SQLiteStore(state_path)
     try:
@@ -321,7 +344,7 @@ def run_rollout(
         report = JUnitReport(rollout_id)
         with _observers(log_format, console, metrics_port, metrics_host) as (observer, rec):
             controller.observer_for = lambda _: Fanout([observer, report])
-            api = (listen, token, rec) if listen and token else None
+            api = (listen, token, rec, ssl_context) if listen and token else None
             result = asyncio.run(_run_controller(controller, rollout_id, console, api))
             if metrics_port is not None and metrics_linger > 0:
                 rec.wait_for_scrape(metrics_linger)  # let Prometheus see the final state
@@ -347,6 +370,22 @@ def _stop_batch(stop_after: str | None, batches: Sequence[Batch]) -> int | None:
     return int(stop_after)
 
 
+def listen_tls(
+    tls_cert: str | None, tls_key: str | None, listen: str | None = "-"
+) -> ssl.SSLContext | None:
+    """The HTTPS context of the controller API for --tls-cert/--tls-key (both or neither).
+
+    `listen` None means `rollout run` without --listen, where the TLS flags have no use."""
+    if tls_cert is None and tls_key is None:
+        return None
+    if listen is None:
+        raise InputError("--tls-cert/--tls-key: only used with --listen HOST:PORT")
+    if tls_cert is None or tls_key is None:
+        given, missing = ("--tls-cert", "--tls-key") if tls_key is None else ("--tls-key", "--tls-cert")
+        raise InputError(f"{given}: needs {missing} too (both or neither)")
+    return server_context(tls_cert, tls_key)
+
+
 def _listen_token(listen: str | None, token_file: str | None) -> str | None:
     if listen is None:
         return None
@@ -369,7 +408,7 @@ async def _run_controller(
     controller: Controller,
     rollout_id: str,
     console: Console,
-    api: tuple[str, str, MetricsRecorder] | None = None,
+    api: tuple[str, str, MetricsRecorder, ssl.SSLContext | None] | None = None,
 ) -> RolloutResult:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -394,11 +433,11 @@ async def _run_controller(
             loop.add_signal_handler(sig, on_sigint)
     runner: web.AppRunner | None = None
     if api is not None:  # the signal/approve API beside this one rollout
-        listen, token, recorder = api
+        listen, token, recorder, ssl_context = api
         host, port = split_address(listen)
         runner = web.AppRunner(make_app(controller, token, recorder, service=False))
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context).start()
     try:
         return await controller.execute(rollout_id)
     except asyncio.CancelledError:
@@ -468,6 +507,12 @@ def print_result(result: RolloutResult, console: Console) -> None:
 )
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token for --listen.")
 @click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="PEM certificate: serve --listen over HTTPS (needs --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option(
     "--stop-after",
     metavar="canary|N",
     help="Stop once this batch and its gates passed (exit 0); run again to go on.",
@@ -493,6 +538,8 @@ def run(
     output: str,
     listen: str | None,
     token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     stop_after: str | None,
     junit: str | None,
 ) -> None:
@@ -509,6 +556,8 @@ def run(
         metrics_linger=metrics_linger,
         listen=listen,
         token_file=token_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         stop_after=stop_after,
         junit=junit,
     )
