@@ -67,8 +67,10 @@ def main() -> None:
     start = time.perf_counter()
     text = generate_latest(recorder.registry)
     render = time.perf_counter() - start
-    print(f"nodes {count}: {len(stream)} events in {took:.3f}s "
-          f"({len(stream) / took:,.0f} events/s, {took / len(stream) * 1e6:.1f} us/event)")
+    print(
+        f"nodes {count}: {len(stream)} events in {took:.3f}s "
+        f"({len(stream) / took:,.0f} events/s, {took / len(stream) * 1e6:.1f} us/event)"
+    )
     lines = text.count(b"\n")
     print(f"/metrics: {len(text):,} bytes, {lines:,} lines, "
           f"rendered in {render * 1000:.1f} ms")  # fmt: skip

@@ -43,7 +43,7 @@ from rollout.policy import Policy, load_policy
 from rollout.report import JUnitReport
 from rollout.sample import build_sample_image, write_sample_tree
 from rollout.server import make_app
-from rollout.tls import server_context
+from rollout.tls import optional_server_context
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -371,19 +371,12 @@ def _stop_batch(stop_after: str | None, batches: Sequence[Batch]) -> int | None:
 
 
 def listen_tls(
-    tls_cert: str | None, tls_key: str | None, listen: str | None = "-"
+    tls_cert: str | None, tls_key: str | None, listen: str | None
 ) -> ssl.SSLContext | None:
-    """The HTTPS context of the controller API for --tls-cert/--tls-key (both or neither).
-
-    `listen` None means `rollout run` without --listen, where the TLS flags have no use."""
-    if tls_cert is None and tls_key is None:
-        return None
-    if listen is None:
+    """The HTTPS context of `run --listen` for --tls-cert/--tls-key (both or neither)."""
+    if listen is None and (tls_cert is not None or tls_key is not None):
         raise InputError("--tls-cert/--tls-key: only used with --listen HOST:PORT")
-    if tls_cert is None or tls_key is None:
-        given, missing = ("--tls-cert", "--tls-key") if tls_key is None else ("--tls-key", "--tls-cert")
-        raise InputError(f"{given}: needs {missing} too (both or neither)")
-    return server_context(tls_cert, tls_key)
+    return optional_server_context(tls_cert, tls_key)
 
 
 def _listen_token(listen: str | None, token_file: str | None) -> str | None:
@@ -437,7 +430,7 @@ async def _run_controller(
         host, port = split_address(listen)
         runner = web.AppRunner(make_app(controller, token, recorder, service=False))
         await runner.setup()
-        await web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     try:
         return await controller.execute(rollout_id)
     except asyncio.CancelledError:

@@ -2,9 +2,12 @@
 retry, rollback, history; and `serve` itself.
 
 The server's URL comes from `--server` or ROLLOUT_SERVER; the token from `--token-file`,
-ROLLOUT_TOKEN_FILE or ROLLOUT_TOKEN. Exit codes follow the CLI contract: 0 done; 1 the
-rollout did not succeed (or the server could not be reached); 2 bad input, which
-includes what the server refused (400, 401, 404, 409).
+ROLLOUT_TOKEN_FILE or ROLLOUT_TOKEN. An https:// server's certificate is verified against
+`--ca-file` (or ROLLOUT_CA_FILE), else against the system trust store; there is no way to
+skip verification, and `--ca-file` with an http:// URL is refused rather than sending the
+token in the clear. Exit codes follow the CLI contract: 0 done; 1 the rollout did not
+succeed (or the server could not be reached); 2 bad input, which includes what the server
+refused (400, 401, 404, 409) and a server certificate that does not verify.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +27,7 @@ import click
 
 from rollout.console import make_console, node_table
 from rollout.errors import InputError
+from rollout.tls import certificate_problem, client_context, optional_server_context
 
 DEFAULT_SERVER = "http://127.0.0.1:7400"
 FINAL = {"succeeded", "halted", "rolled_back", "aborted", "failed"}
@@ -36,9 +41,19 @@ class ServerError(Exception):
 
 
 class Client:
-    def __init__(self, server: str, token: str) -> None:
+    def __init__(self, server: str, token: str, ca_file: str | None = None) -> None:
         self.server = server.rstrip("/")
         self.token = token
+        scheme = self.server.partition("://")[0].lower()
+        if scheme not in ("http", "https"):
+            raise InputError(f"--server: expected an http:// or https:// URL, got {server!r}")
+        if ca_file is not None and scheme != "https":
+            raise InputError(
+                f"--ca-file: the server URL {server} is not https://; the token would go in "
+                "the clear (use https://, or drop --ca-file / ROLLOUT_CA_FILE)"
+            )
+        # https: verified against ca_file, or the system store; http: unused.
+        self.ssl: ssl.SSLContext | bool = client_context(ca_file) if scheme == "https" else True
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} | (extra or {})
@@ -47,7 +62,9 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=30)
         async with (
             aiohttp.ClientSession(timeout=timeout) as http,
-            http.request(method, self.server + path, json=body, headers=self._headers()) as r,
+            http.request(
+                method, self.server + path, json=body, headers=self._headers(), ssl=self.ssl
+            ) as r,
         ):
             try:
                 data = await r.json(content_type=None)
@@ -64,7 +81,7 @@ class Client:
         url = f"{self.server}/v1/rollouts/{rollout_id}/events"
         async with (
             aiohttp.ClientSession(timeout=timeout) as http,
-            http.get(url, headers=headers) as r,
+            http.get(url, headers=headers, ssl=self.ssl) as r,
         ):
             if r.status >= 400:
                 raise ServerError(r.status, await r.json(content_type=None))
@@ -103,6 +120,14 @@ def _run(coro: Any) -> Any:
         click.echo(f"error: server said {exc.status}: {exc}{extra}", err=True)
         sys.exit(2)
     except aiohttp.ClientError as exc:
+        detail = certificate_problem(exc)
+        if detail is not None:
+            click.echo(
+                f"error: the controller's TLS certificate did not verify ({detail}); pass "
+                "--ca-file F (or set ROLLOUT_CA_FILE) with the CA that signed it",
+                err=True,
+            )
+            sys.exit(2)
         click.echo(f"error: cannot reach the controller: {exc}", err=True)
         sys.exit(1)
 
@@ -110,6 +135,13 @@ def _run(coro: Any) -> Any:
 _server_opts = [
     click.option("--server", envvar="ROLLOUT_SERVER", default=DEFAULT_SERVER, show_default=True),
     click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token file."),
+    click.option(
+        "--ca-file",
+        envvar="ROLLOUT_CA_FILE",
+        type=click.Path(dir_okay=False),
+        help="PEM CA certificate to verify an https:// --server with [default: the system "
+        "trust store].",
+    ),
     click.option(
         "--state",
         "state_file",
@@ -182,10 +214,12 @@ class LocalClient:
         return {"id": rollout_id, "command": "abort", "message": "aborted (offline)"}
 
 
-def _client(server: str, token_file: str | None, state_file: str | None) -> Client | LocalClient:
+def _client(
+    server: str, token_file: str | None, ca_file: str | None, state_file: str | None
+) -> Client | LocalClient:
     if state_file:
         return LocalClient(state_file)
-    return Client(server, _token(token_file))
+    return Client(server, _token(token_file), ca_file)
 
 
 def server_options(f: Any) -> Any:
@@ -255,8 +289,21 @@ def register(main: click.Group) -> None:
     @click.option("--listen", default="127.0.0.1:7400", show_default=True)
     @click.option("--token-file", required=True, type=click.Path(dir_okay=False))
     @click.option("--log-format", type=click.Choice(["console", "json"]), default="console")
-    def serve(state_path: str, listen: str, token_file: str, log_format: str) -> None:
-        """Run the controller service: rollouts over HTTP, resumed after restarts."""
+    @click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False),
+        help="PEM certificate: serve HTTPS only (needs --tls-key).",
+    )
+    @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key.")
+    def serve(
+        state_path: str,
+        listen: str,
+        token_file: str,
+        log_format: str,
+        tls_cert: str | None,
+        tls_key: str | None,
+    ) -> None:
+        """Run the controller service: rollouts over HTTP(S), resumed after restarts."""
         from aiohttp import web
 
         from rollout.console import configure_logging
@@ -271,11 +318,19 @@ def register(main: click.Group) -> None:
         except ValueError as exc:
             raise InputError(f"--listen: {exc}") from exc
         token = _token(token_file)
+        ssl_context = optional_server_context(tls_cert, tls_key)
         configure_logging(log_format)
         store = SQLiteStore(state_path)
         app = make_app(Controller(store), token, MetricsRecorder())
         try:
-            web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+            web.run_app(
+                app,
+                host=host,
+                port=port,
+                ssl_context=ssl_context,
+                print=None,
+                handle_signals=True,
+            )
         finally:
             store.close()
 
@@ -289,6 +344,7 @@ def register(main: click.Group) -> None:
     def start(
         server: str,
         token_file: str | None,
+        ca_file: str | None,
         state_file: str | None,
         inventory: str,
         policy: str,
@@ -312,15 +368,23 @@ def register(main: click.Group) -> None:
             body["nodes"] = list(nodes)
         if selected:
             body["labels"] = selected
-        answer = _run(_client(server, token_file, state_file).call("POST", "/v1/rollouts", body))
+        answer = _run(
+            _client(server, token_file, ca_file, state_file).call("POST", "/v1/rollouts", body)
+        )
         click.echo(answer["id"])
 
     @main.command("ls")
     @server_options
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
-    def ls(server: str, token_file: str | None, state_file: str | None, output: str) -> None:
+    def ls(
+        server: str,
+        token_file: str | None,
+        ca_file: str | None,
+        state_file: str | None,
+        output: str,
+    ) -> None:
         """List the service's rollouts."""
-        answer = _run(_client(server, token_file, state_file).call("GET", "/v1/rollouts"))
+        answer = _run(_client(server, token_file, ca_file, state_file).call("GET", "/v1/rollouts"))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -346,11 +410,18 @@ def register(main: click.Group) -> None:
     @click.argument("rollout_id")
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
     def show(
-        server: str, token_file: str | None, state_file: str | None, rollout_id: str, output: str
+        server: str,
+        token_file: str | None,
+        ca_file: str | None,
+        state_file: str | None,
+        rollout_id: str,
+        output: str,
     ) -> None:
         """Show one rollout: phase, batch, every node, commands and gates."""
         answer = _run(
-            _client(server, token_file, state_file).call("GET", f"/v1/rollouts/{rollout_id}")
+            _client(server, token_file, ca_file, state_file).call(
+                "GET", f"/v1/rollouts/{rollout_id}"
+            )
         )
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
@@ -380,11 +451,17 @@ def register(main: click.Group) -> None:
     @main.command()
     @server_options
     @click.argument("rollout_id")
-    def watch(server: str, token_file: str | None, state_file: str | None, rollout_id: str) -> None:
+    def watch(
+        server: str,
+        token_file: str | None,
+        ca_file: str | None,
+        state_file: str | None,
+        rollout_id: str,
+    ) -> None:
         """Follow a rollout live until it finishes; exit 0 if it succeeded."""
         if state_file:
             raise InputError("--state: watch follows a live rollout; use --server")
-        client = Client(server, _token(token_file))
+        client = Client(server, _token(token_file), ca_file)
         console = make_console()
 
         async def follow() -> str:
@@ -403,11 +480,16 @@ def register(main: click.Group) -> None:
     @click.argument("rollout_id")
     @click.option("--output", type=click.Choice(["table", "json"]), default="table")
     def history(
-        server: str, token_file: str | None, state_file: str | None, rollout_id: str, output: str
+        server: str,
+        token_file: str | None,
+        ca_file: str | None,
+        state_file: str | None,
+        rollout_id: str,
+        output: str,
     ) -> None:
         """Print the rollout's journal with timestamps: who did what, when."""
         path = f"/v1/rollouts/{rollout_id}/events"
-        answer = _run(_client(server, token_file, state_file).call("GET", path))
+        answer = _run(_client(server, token_file, ca_file, state_file).call("GET", path))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -426,6 +508,7 @@ def register(main: click.Group) -> None:
     def signal(
         server: str,
         token_file: str | None,
+        ca_file: str | None,
         state_file: str | None,
         rollout_id: str,
         gate: str,
@@ -439,7 +522,7 @@ def register(main: click.Group) -> None:
         if signal_id:
             body["id"] = signal_id
         path = f"/v1/rollouts/{rollout_id}/gates/{gate}/signal"
-        answer = _run(_client(server, token_file, state_file).call("POST", path, body))
+        answer = _run(_client(server, token_file, ca_file, state_file).call("POST", path, body))
         click.echo(f"signal {answer['signal']['id']} {answer['signal']['status']} on {gate}")
 
     def make_decision(verdict: str, doc: str) -> None:
@@ -452,6 +535,7 @@ def register(main: click.Group) -> None:
         def cmd(
             server: str,
             token_file: str | None,
+            ca_file: str | None,
             state_file: str | None,
             rollout_id: str,
             gate: str,
@@ -459,7 +543,7 @@ def register(main: click.Group) -> None:
             reason: str,
         ) -> None:
             path = f"/v1/rollouts/{rollout_id}/gates/{gate}/{verdict}"
-            client = _client(server, token_file, state_file)
+            client = _client(server, token_file, ca_file, state_file)
             answer = _run(client.call("POST", path, {"by": by, "reason": reason}))
             click.echo(answer["message"])
 
@@ -472,9 +556,14 @@ def register(main: click.Group) -> None:
         @click.argument("rollout_id")
         @click.option("--by", default=lambda: os.environ.get("USER", "cli"), show_default="$USER")
         def cmd(
-            server: str, token_file: str | None, state_file: str | None, rollout_id: str, by: str
+            server: str,
+            token_file: str | None,
+            ca_file: str | None,
+            state_file: str | None,
+            rollout_id: str,
+            by: str,
         ) -> None:
-            client = _client(server, token_file, state_file)
+            client = _client(server, token_file, ca_file, state_file)
             path = f"/v1/rollouts/{rollout_id}/{name}"
             answer = _run(client.call("POST", path, {"by": by}))
             click.echo(answer["message"])

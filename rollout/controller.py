@@ -37,6 +37,7 @@ from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_st
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Gate, Policy, parse_policy
+from rollout.tls import client_context
 from rollout.webhooks import WebhookObserver
 
 LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
@@ -60,11 +61,18 @@ def _node_json(node: Node) -> dict[str, Any]:
         "address": node.address,
         "labels": dict(node.labels),
         "token_file": node.token_file,
+        "ca_file": node.ca_file,
     }
 
 
 def _node_from(data: dict[str, Any]) -> Node:
-    return Node(data["id"], data["address"], dict(data.get("labels", {})), data.get("token_file"))
+    return Node(
+        data["id"],
+        data["address"],
+        dict(data.get("labels", {})),
+        data.get("token_file"),
+        data.get("ca_file"),
+    )
 
 
 @dataclass
@@ -97,7 +105,8 @@ def rebuild(state: RolloutState) -> Loaded:
 
 
 def check_tokens(nodes: Sequence[Node]) -> None:
-    """Every node's token file must be readable and non-empty (InputError naming it)."""
+    """Every node's token file must be readable and non-empty, and its CA file (if any) a
+    readable PEM CA certificate (InputError naming it)."""
     for node in nodes:
         if node.token_file is None:
             raise InputError(
@@ -112,6 +121,8 @@ def check_tokens(nodes: Sequence[Node]) -> None:
             ) from exc
         if not token:
             raise InputError(f"node {node.id}: token file {node.token_file} is empty")
+        if node.ca_file is not None:
+            client_context(node.ca_file, option=f"node {node.id}: ca_file")
 
 
 class Controller:

@@ -6,6 +6,12 @@ given image, and writes WORKDIR/inventory.yaml, WORKDIR/token (0600) and WORKDIR
 (the pids). It returns once every agent answers /healthz, and stops everything it started
 if one does not. `down` stops the agents (each stops its own workload) and then makes sure
 no process with its working directory inside WORKDIR is left.
+
+With `tls`, `up` first makes a private CA with the `openssl` command line (no Python
+dependency): WORKDIR/ca.pem and ca-key.pem (0600), and for each node
+WORKDIR/nodes/<id>/tls.pem and tls-key.pem (0600), a certificate signed by that CA whose
+IP subjectAltName is the node's address. The agents serve HTTPS with them and the
+inventory says `ca_file: ca.pem`. Every `up` makes a new CA, as it makes a new token.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,10 +37,15 @@ from rollout.errors import InputError
 from rollout.image import load_image
 from rollout.inventory import dump_inventory
 from rollout.model import Node
+from rollout.tls import client_context
 
 FLEET_FILE = "fleet.json"
 INVENTORY = "inventory.yaml"
 TOKEN = "token"
+CA_CERT = "ca.pem"
+CA_KEY = "ca-key.pem"
+NODE_CERT = "tls.pem"
+NODE_KEY = "tls-key.pem"
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class FleetOptions:
     kernel_delay: float = 0.3
     commit_deadline: float = 300.0
     ready_timeout: float = 30.0
+    tls: bool = False  # agents serve HTTPS with certificates from a private CA
 
 
 def _addresses(base: str, count: int) -> list[str]:
@@ -88,17 +103,25 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
                     f"{host}:{port} is already in use (another fleet still running?); stop it "
                     "with `rollout fleet down --workdir DIR` or pick --base-address"
                 )
+    openssl = _openssl() if opts.tls else None
     wd.mkdir(parents=True, exist_ok=True)
     token = wd / TOKEN
     token.write_text(secrets.token_urlsafe(32) + "\n")
     token.chmod(0o600)
     width = max(2, len(str(opts.nodes)))
+    ids = [f"node-{i + 1:0{width}d}" for i in range(len(hosts))]
+    for node_id in ids:
+        (wd / "nodes" / node_id).mkdir(parents=True, exist_ok=True)
+    tls: dict[str, list[str]] = {}  # node id -> agent flags; all made before any agent starts
+    if openssl is not None:
+        _make_ca(openssl, wd)
+        for node_id, host in zip(ids, hosts, strict=True):
+            cert, key = _issue(openssl, wd, wd / "nodes" / node_id, host)
+            tls[node_id] = ["--tls-cert", str(cert), "--tls-key", str(key)]
     nodes: list[Node] = []
     procs: dict[str, int] = {}
-    for i, host in enumerate(hosts):
-        node_id = f"node-{i + 1:0{width}d}"
+    for i, (node_id, host) in enumerate(zip(ids, hosts, strict=True)):
         state = wd / "nodes" / node_id
-        state.mkdir(parents=True, exist_ok=True)
         log = open(state / "agent.log", "ab")
         cmd = [
             sys.executable, "-m", "rollout", "agent",
@@ -111,6 +134,7 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
             "--firmware-delay", str(opts.firmware_delay),
             "--kernel-delay", str(opts.kernel_delay),
             "--commit-deadline", str(opts.commit_deadline),
+            *tls.get(node_id, []),
         ]  # fmt: skip
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -119,10 +143,12 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
         log.close()
         procs[node_id] = proc.pid
         rack = f"rack-{i % opts.racks + 1}"
-        nodes.append(Node(node_id, f"{host}:{opts.agent_port}", {"rack": rack}, str(token)))
+        ca = str(wd / CA_CERT) if opts.tls else None
+        address = f"{host}:{opts.agent_port}"
+        nodes.append(Node(node_id, address, {"rack": rack}, str(token), ca))
     (wd / FLEET_FILE).write_text(json.dumps({"pids": procs}, indent=2) + "\n")
     inventory = wd / INVENTORY
-    dump_inventory(nodes, TOKEN, inventory)
+    dump_inventory(nodes, TOKEN, inventory, ca_file=CA_CERT if opts.tls else None)
     try:
         _wait_ready(nodes, opts.ready_timeout)
     except Exception:
@@ -136,10 +162,17 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
     event loop, e.g. async tests, where asyncio.run is not allowed)."""
     deadline = time.monotonic() + timeout
     pending = {n.id: n for n in nodes}
+    contexts: dict[str, ssl.SSLContext] = {}
     while pending:
         for node_id, node in list(pending.items()):
+            url = f"{node.scheme}://{node.address}/healthz"
+            context = None
+            if node.ca_file is not None:
+                if node.ca_file not in contexts:
+                    contexts[node.ca_file] = client_context(node.ca_file)
+                context = contexts[node.ca_file]
             try:
-                with urllib.request.urlopen(f"http://{node.address}/healthz", timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2, context=context) as r:
                     if r.status == 200:
                         del pending[node_id]
             except (urllib.error.URLError, OSError):
@@ -152,6 +185,96 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
                 "(see nodes/<id>/agent.log in the workdir)"
             )
         time.sleep(0.1)  # polling interval, not a wait for an event
+
+
+def _openssl() -> str:
+    found = shutil.which("openssl")
+    if found is None:
+        raise InputError(
+            "--tls: the openssl command is needed to make the fleet's CA and certificates "
+            "and was not found on PATH; install it (Debian: apt-get install openssl)"
+        )
+    return found
+
+
+_CA_EXTENSIONS = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = rollout local fleet CA
+[ext]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+
+_NODE_EXTENSIONS = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = {host}
+[ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:{host}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+
+_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _private_file(path: Path) -> Path:
+    """Create `path` empty with mode 0600 before openssl writes a key into it."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
+
+
+def _run_openssl(args: list[str]) -> None:
+    done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise InputError(f"--tls: {' '.join(args[:3])} failed ({done.returncode}): {last}")
+
+
+def _make_ca(openssl: str, wd: Path) -> None:
+    """WORKDIR/ca.pem (self-signed, 10 years) and its key ca-key.pem (0600)."""
+    key = _private_file(wd / CA_KEY)
+    with tempfile.NamedTemporaryFile("w", suffix=".cnf", dir=wd, delete=False) as cnf:
+        cnf.write(_CA_EXTENSIONS)
+    try:
+        _run_openssl([
+            openssl, "req", "-x509", *_EC_KEY, "-keyout", str(key), "-out", str(wd / CA_CERT),
+            "-days", "3650", "-config", cnf.name, "-extensions", "ext",
+        ])  # fmt: skip
+    finally:
+        os.unlink(cnf.name)
+
+
+def _issue(openssl: str, wd: Path, state: Path, host: str) -> tuple[Path, Path]:
+    """A certificate for `host` (IP subjectAltName) signed by the fleet's CA, in `state`."""
+    cert, key = state / NODE_CERT, _private_file(state / NODE_KEY)
+    csr, cnf = state / "tls.csr", state / "tls.cnf"
+    cnf.write_text(_NODE_EXTENSIONS.format(host=host))
+    try:
+        _run_openssl([
+            openssl, "req", "-new", *_EC_KEY, "-keyout", str(key), "-out", str(csr),
+            "-config", str(cnf),
+        ])  # fmt: skip
+        _run_openssl([
+            openssl, "x509", "-req", "-in", str(csr), "-CA", str(wd / CA_CERT),
+            "-CAkey", str(wd / CA_KEY), "-set_serial", str(secrets.randbits(63)),
+            "-days", "825", "-out", str(cert), "-extfile", str(cnf), "-extensions", "ext",
+        ])  # fmt: skip
+    finally:
+        csr.unlink(missing_ok=True)
+        cnf.unlink(missing_ok=True)
+    return cert, key
 
 
 def _read_pids(wd: Path) -> dict[str, int]:

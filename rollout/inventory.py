@@ -4,11 +4,12 @@
 
     # inventory.yaml
     token_file: token            # default for all nodes, relative to this file's directory
+    ca_file: ca.pem              # optional: agents speak HTTPS, verified against this CA
     nodes:
       - id: node-01
         address: 127.0.0.2:7000  # agent host:port
         labels: {rack: r1}
-        token_file: other-token  # optional override
+        token_file: other-token  # optional override (ca_file too)
 
 Design and invariants of a loaded `Inventory`:
 
@@ -16,9 +17,11 @@ Design and invariants of a loaded `Inventory`:
   names, metric labels and URLs); addresses are ``host:port`` (``[v6]:port`` for IPv6),
   port 1-65535, and unique (host compared case-insensitively);
 - labels are a str -> str mapping (integer values such as ``rack: 3`` are read as ``"3"``);
-- ``token_file`` paths are resolved to absolute paths against the inventory file's
-  directory (``~`` expanded); whether the files exist is checked by whoever reads them,
-  not here: loading reads exactly one file.
+- ``token_file`` and ``ca_file`` paths are resolved to absolute paths against the
+  inventory file's directory (``~`` expanded); whether the files exist is checked by
+  whoever reads them, not here: loading reads exactly one file. A node with a ``ca_file``
+  is reached over HTTPS, its agent's certificate verified against that CA; a node without
+  one over plain HTTP.
 
 Errors are one `InputError` line ``<file>: <field.path>: <problem>``, built by the same
 machinery as policy errors (rollout/policy.py). `dump_inventory` writes the format back
@@ -108,6 +111,13 @@ class _NodeEntry(BaseModel):
         default=None,
         description="File holding this agent's bearer token; overrides the top-level default.",
     )
+    ca_file: _Path | None = Field(
+        default=None,
+        description=(
+            "PEM CA certificate(s) this agent's TLS certificate is verified against; "
+            "overrides the top-level default. Set: HTTPS; unset: plain HTTP."
+        ),
+    )
 
 
 class _InventoryFile(BaseModel):
@@ -117,6 +127,13 @@ class _InventoryFile(BaseModel):
         default=None,
         description=(
             "Default token file for every node, relative to the inventory file's directory."
+        ),
+    )
+    ca_file: _Path | None = Field(
+        default=None,
+        description=(
+            "Default CA file for every node (agents then speak HTTPS), relative to the "
+            "inventory file's directory."
         ),
     )
     nodes: list[_NodeEntry] = Field(
@@ -150,13 +167,14 @@ class _InventoryFile(BaseModel):
 class Inventory:
     """A validated fleet: ``nodes`` in file order, ``source`` the file it came from.
 
-    ``token_file`` is the resolved top-level default (each Node already carries its own
-    resolved token file, so callers rarely need it).
+    ``token_file`` and ``ca_file`` are the resolved top-level defaults (each Node already
+    carries its own resolved files, so callers rarely need them).
     """
 
     nodes: tuple[Node, ...]
     source: str
     token_file: str | None = None
+    ca_file: str | None = None
 
     def node(self, node_id: str) -> Node:
         """The node with this id; KeyError if there is none."""
@@ -188,7 +206,8 @@ def load_inventory(path: str | os.PathLike[str]) -> Inventory:
 
 
 def parse_inventory(data: object, source: str, base_dir: str | os.PathLike[str] = ".") -> Inventory:
-    """Validate an already-parsed inventory; relative token files resolve against ``base_dir``.
+    """Validate an already-parsed inventory; relative token and CA files resolve against
+    ``base_dir``.
 
     >>> inv = parse_inventory(
     ...     {"token_file": "token", "nodes": [{"id": "n1", "address": "10.0.0.1:7000"}]},
@@ -217,43 +236,51 @@ def parse_inventory(data: object, source: str, base_dir: str | os.PathLike[str] 
         raise InputError(validation_message(exc, _InventoryFile, source)) from exc
     base = Path(base_dir)
     default = _resolve(parsed.token_file, base)
+    default_ca = _resolve(parsed.ca_file, base)
     nodes = tuple(
         Node(
             id=e.id,
             address=e.address,
             labels=dict(e.labels),
             token_file=_resolve(e.token_file, base) if e.token_file else default,
+            ca_file=_resolve(e.ca_file, base) if e.ca_file else default_ca,
         )
         for e in parsed.nodes
     )
-    return Inventory(nodes=nodes, source=source, token_file=default)
+    return Inventory(nodes=nodes, source=source, token_file=default, ca_file=default_ca)
 
 
 def dump_inventory(
     nodes: Iterable[Node],
     token_file: str | os.PathLike[str] | None,
     path: str | os.PathLike[str],
+    ca_file: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write ``nodes`` as an inventory file at ``path`` (replacing it atomically).
 
-    ``token_file`` becomes the top-level default, written as given (a relative one is
-    relative to ``path``'s directory, as `load_inventory` reads it). A node's own
-    ``token_file`` is written only where it differs from that default.
+    ``token_file`` and ``ca_file`` become the top-level defaults, written as given (a
+    relative one is relative to ``path``'s directory, as `load_inventory` reads it). A
+    node's own ``token_file`` or ``ca_file`` is written only where it differs from that
+    default.
     """
     target = Path(path)
     base = target.parent
     default = os.fspath(token_file) if token_file is not None else None
-    resolved_default = _resolve(default, base)
+    default_ca = os.fspath(ca_file) if ca_file is not None else None
+    resolved = {"token_file": _resolve(default, base), "ca_file": _resolve(default_ca, base)}
     body: dict[str, Any] = {}
     if default is not None:
         body["token_file"] = default
+    if default_ca is not None:
+        body["ca_file"] = default_ca
     entries: list[dict[str, Any]] = []
     for node in nodes:
         entry: dict[str, Any] = {"id": node.id, "address": node.address}
         if node.labels:
             entry["labels"] = dict(node.labels)
-        if node.token_file is not None and _resolve(node.token_file, base) != resolved_default:
-            entry["token_file"] = node.token_file
+        for key, own in (("token_file", node.token_file), ("ca_file", node.ca_file)):
+            if own is not None and _resolve(own, base) != resolved[key]:
+                entry[key] = own
         entries.append(entry)
     body["nodes"] = entries
     text = "# rollout inventory (format: docs/inventory.md)\n" + yaml.safe_dump(

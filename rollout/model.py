@@ -116,7 +116,7 @@ class Node:
 
     @property
     def scheme(self) -> str:
-        """"https" when the node's agent is reached over TLS (it has a ca_file), else "http"."""
+        """The URL scheme of the agent: https when the node has a ca_file, else http."""
         return "https" if self.ca_file else "http"
 
     @property

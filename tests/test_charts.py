@@ -86,7 +86,7 @@ def dashboard() -> dict[str, Any]:
 
 def test_metric_name_parser() -> None:
     expr = (
-        'histogram_quantile(0.9, sum by (le, step) (rate(rollout_node_step_duration_seconds'
+        "histogram_quantile(0.9, sum by (le, step) (rate(rollout_node_step_duration_seconds"
         '_bucket{rollout=~"$rollout", step="boot"}[$__rate_interval]))) / on (rollout) '
         "group_left (policy) rollout_info > bool 0 unless rollout:progress:ratio"
     )
@@ -115,9 +115,7 @@ def test_dashboard_shape(dashboard: dict[str, Any]) -> None:
 
 def test_every_panel_uses_the_datasource_variable(dashboard: dict[str, Any]) -> None:
     for panel in panels(dashboard):
-        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel[
-            "title"
-        ]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]

@@ -153,11 +153,11 @@ ERRORS = [
     ),
     (
         "nodes: [{id: a, address: 'h:1', lables: {}}]",
-        "nodes[0].lables: unknown field (known: id, address, labels, token_file)",
+        "nodes[0].lables: unknown field (known: id, address, labels, token_file, ca_file)",
     ),
     (
         "tokens: t\nnodes: [{id: a, address: 'h:1'}]",
-        "tokens: unknown field (known: token_file, nodes)",
+        "tokens: unknown field (known: token_file, ca_file, nodes)",
     ),
     ("token_file: ''\nnodes: [{id: a, address: 'h:1'}]", "token_file: must not be empty"),
     ("nodes: [a]", 'nodes[0]: expected a mapping, got "a"'),

@@ -5,7 +5,11 @@ command line (`os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])`, 
 done here after the event loop has shut the server and the workload down, so no socket or
 child process leaks into the new image.
 
-Exit codes: 0 after SIGTERM/SIGINT, 2 on bad input (flags, token file, state dir, image).
+With --tls-cert/--tls-key the API is HTTPS only; the re-exec keeps the flags, so a
+rebooted agent serves the same certificate (read again, so a renewed file is picked up).
+
+Exit codes: 0 after SIGTERM/SIGINT, 2 on bad input (flags, token file, TLS files, state
+dir, image).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from aiohttp import web
 from rollout.agent.app import make_app
 from rollout.agent.node import Agent, AgentConfig, ExitAction
 from rollout.errors import InputError
+from rollout.tls import optional_server_context
 
 log = structlog.get_logger("rollout.agent")
 
@@ -67,8 +73,10 @@ def read_token(path: Path) -> str:
     return token
 
 
-async def serve(config: AgentConfig) -> ExitAction:
-    """Boot, listen until stopped, shut down; return whether to exit or re-exec."""
+async def serve(config: AgentConfig, ssl_context: ssl.SSLContext | None = None) -> ExitAction:
+    """Boot, listen until stopped, shut down; return whether to exit or re-exec.
+
+    With `ssl_context` the API is served over HTTPS only."""
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,8 +94,14 @@ async def serve(config: AgentConfig) -> ExitAction:
         boot.result()
         runner = web.AppRunner(make_app(agent), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, config.host, config.port).start()
-        log.info("listening", host=config.host, port=config.port, node_id=config.node_id)
+        await web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context).start()
+        log.info(
+            "listening",
+            host=config.host,
+            port=config.port,
+            node_id=config.node_id,
+            tls=ssl_context is not None,
+        )
         await stop
         return agent.exit_action
     finally:
@@ -166,6 +180,18 @@ def reexec() -> None:
     show_default=True,
     help="Seconds the workload must survive to count as running.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM certificate (chain) to serve the API over HTTPS only; needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
 def agent(
     listen: str,
     state_dir: Path,
@@ -177,11 +203,14 @@ def agent(
     kernel_delay: float,
     commit_deadline: float,
     workload_grace: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run the node agent: A/B slots, boot counting, workload, HTTP API."""
     configure_logging()
     try:
         host, port = parse_listen(listen)
+        ssl_context = optional_server_context(tls_cert, tls_key)
         config = AgentConfig(
             host=host,
             port=port,
@@ -195,7 +224,7 @@ def agent(
             commit_deadline=commit_deadline,
             workload_grace=workload_grace,
         )
-        action = asyncio.run(serve(config))
+        action = asyncio.run(serve(config, ssl_context))
     except InputError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -3,6 +3,12 @@
 One aiohttp session serves all nodes. Each node's bearer token is read from its token file
 once and kept in memory; it never appears in logs or errors.
 
+TLS: a node with a `ca_file` is reached at `https://host:port`, and the agent's certificate
+must chain to that CA and name the address's host (an IP address in its IP
+subjectAltNames); a node without one over plain HTTP. A certificate that does not verify
+is a `TransportError` ("TLS certificate verification failed: ..."), so the engine treats
+the node as unreachable, never as a crash; there is no way to skip verification.
+
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
 with tenacity's explicit stop and wait. `activate` and `rollback` are never retried: if the
 request may have reached the agent, the engine learns what happened from the agent's
@@ -12,6 +18,7 @@ request may have reached the agent, the engine learns what happened from the age
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from tenacity import (
 from rollout.drivers.base import Refused, TransportError
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
+from rollout.tls import certificate_problem, client_context
 
 _CHUNK = 256 * 1024
 _SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
@@ -65,6 +73,7 @@ class AgentDriver:
     ) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
         self.attempts = attempts
         self.wait_max = wait_max
         self.on_retry = on_retry
@@ -98,7 +107,18 @@ class AgentDriver:
         return headers
 
     def _url(self, node: Node, path: str) -> str:
-        return f"http://{node.address}{path}"
+        return f"{node.scheme}://{node.address}{path}"
+
+    def _ssl(self, node: Node) -> ssl.SSLContext | bool:
+        """The node's TLS client context (verifying against its CA), True for plain HTTP
+        (aiohttp's default; unused with an http:// URL)."""
+        if node.ca_file is None:
+            return True
+        if node.ca_file not in self._contexts:
+            self._contexts[node.ca_file] = client_context(
+                node.ca_file, option=f"node {node.id}: ca_file"
+            )
+        return self._contexts[node.ca_file]
 
     async def _call(
         self,
@@ -114,6 +134,7 @@ class AgentDriver:
                 json=json,
                 headers=self._headers(node),
                 timeout=_SHORT,
+                ssl=self._ssl(node),
             ) as resp:
                 return await _answer(node, resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -170,7 +191,11 @@ class AgentDriver:
         }
         try:
             async with self._http().put(
-                self._url(node, "/v1/image"), data=body(), headers=headers, timeout=_STREAM
+                self._url(node, "/v1/image"),
+                data=body(),
+                headers=headers,
+                timeout=_STREAM,
+                ssl=self._ssl(node),
             ) as resp:
                 answer = await _answer(node, resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -234,5 +259,7 @@ async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    problem = certificate_problem(exc)
+    if problem is not None:
+        return f"TLS certificate verification failed: {problem}"[:300]
+    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
