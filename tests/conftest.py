@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +89,22 @@ def make_fleet(tmp_path: Path, images: SampleImages) -> Iterator[Callable[..., L
     for workdir in started:
         if (workdir / fleet.FLEET_FILE).exists():
             fleet.down(workdir)
+
+
+@pytest.fixture
+def tcp_listeners() -> Iterator[Callable[[str, int], socket.socket]]:
+    """Open plain TCP listeners on chosen hosts: a health signal the test controls (a tcp
+    check passes while its listener is open). All are closed at teardown."""
+    socks: list[socket.socket] = []
+
+    def listen(host: str, port: int) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen()
+        socks.append(s)
+        return s
+
+    yield listen
+    for s in socks:
+        s.close()

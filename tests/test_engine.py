@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from rollout.drivers.agent import AgentDriver
 from rollout.engine import Engine, RolloutResult
@@ -175,32 +173,15 @@ async def test_continue_tries_every_batch(
     assert all(s.done(images.v1.digest) for s in after.values())
 
 
-@pytest.fixture
-def port_listeners() -> Iterator[Callable[[str, int], None]]:
-    """Open plain TCP listeners on chosen hosts (a health signal the test controls)."""
-    socks: list[socket.socket] = []
-
-    def listen(host: str, port: int) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        s.listen()
-        socks.append(s)
-
-    yield listen
-    for s in socks:
-        s.close()
-
-
 async def test_rollback_all_returns_every_updated_node(
     make_fleet: Callable[..., LocalFleet],
     images: SampleImages,
-    port_listeners: Callable[[str, int], None],
+    tcp_listeners: Callable[[str, int], socket.socket],
 ) -> None:
     fl = make_fleet(3)
     # The tcp check passes on the first two nodes only: batch 3 (the last node) fails.
     for node in fl.nodes[:2]:
-        port_listeners(node.host, 9099)
+        tcp_listeners(node.host, 9099)
     policy = fast_policy(
         failure={"action": "rollback-all"},
         batches={"canary": 1, "size": 1, "max_unavailable": 1},

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 from aiohttp import web
 
@@ -223,33 +222,19 @@ async def test_wait_failure_signal_and_timeout_trigger_the_failure_action(
     assert [g["result"] for g in run.gate_events("finished")] == ["timeout"]
 
 
-@pytest.fixture
-def ports() -> Iterator[dict[str, socket.socket]]:
-    socks: dict[str, socket.socket] = {}
-    yield socks
-    for s in socks.values():
-        s.close()
-
-
-def listen(socks: dict[str, socket.socket], host: str, port: int) -> None:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    s.listen()
-    socks[host] = s
-
-
 async def test_bake_fails_when_an_updated_node_turns_unhealthy(
-    make_fleet: Callable[..., LocalFleet], images: SampleImages, ports: dict[str, socket.socket]
+    make_fleet: Callable[..., LocalFleet],
+    images: SampleImages,
+    tcp_listeners: Callable[[str, int], socket.socket],
 ) -> None:
     fl = make_fleet(2)
-    for node in fl.nodes:
-        listen(ports, node.host, 9299)
+    canary_port = tcp_listeners(fl.nodes[0].host, 9299)
+    tcp_listeners(fl.nodes[1].host, 9299)
     bake = {"name": "soak", "kind": "bake", "after": "canary", "duration": "60s"}
     health = dict(FAST_POLICY["health"], checks=[{"type": "tcp", "port": 9299}])
     run = Run(fl, parse_policy(gated(bake, health=health), "p"), images.v2)
     await run.until("the bake to start", lambda: bool(run.gate_events("waiting")))
-    ports.pop(fl.nodes[0].host).close()  # the canary turns unhealthy after it was committed
+    canary_port.close()  # the canary turns unhealthy after it was committed
     result = await run.result()
     assert result.phase is RolloutPhase.ROLLED_BACK
     assert fl.nodes[0].id in result.message and "unhealthy during the bake" in result.message

@@ -277,29 +277,12 @@ async def test_abort_then_retry_and_sse_stream(
     assert all(r["digest"] == images.v2.digest for r in status_json(fl.inventory).values())
 
 
-@pytest.fixture
-def port_gate() -> Iterator[Callable[[str, int], socket.socket]]:
-    socks: list[socket.socket] = []
-
-    def listen(host: str, port: int) -> socket.socket:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        s.listen()
-        socks.append(s)
-        return s
-
-    yield listen
-    for s in socks:
-        s.close()
-
-
 async def test_retry_after_canary_halt(
     service: Service,
     make_fleet: Callable[..., LocalFleet],
     images: SampleImages,
     tmp_path: Path,
-    port_gate: Callable[[str, int], socket.socket],
+    tcp_listeners: Callable[[str, int], socket.socket],
 ) -> None:
     fl = make_fleet(3)
     # The canary's tcp check fails until the test opens the port: a failed canary.
@@ -315,7 +298,7 @@ async def test_retry_after_canary_halt(
     canary = next(n for n in halted["nodes"] if n["batch"] == 1)
     assert canary["phase"] == "rolled_back" and canary["failed"]
     for node in fl.nodes:
-        port_gate(node.host, 9199)
+        tcp_listeners(node.host, 9199)
     status, answer = await service.call("POST", f"/v1/rollouts/{rid}/retry", {"by": "ci"})
     assert status == 202, answer
     final = await service.wait_phase(rid, TERMINAL)
