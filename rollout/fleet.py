@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -305,17 +306,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _processes_under(wd: Path) -> list[int]:
-    """Pids whose working directory lies inside `wd` (workloads run in slot roots)."""
+    """Pids of this fleet's processes still alive: agents (started with a `--state-dir`
+    under WORKDIR/nodes) and workloads (running in a slot root under it). Nothing else,
+    not even a shell whose working directory is inside the fleet's directory."""
+    nodes = str(wd / "nodes") + os.sep
+    slot_root = re.compile(re.escape(nodes) + r"[^/]+/slots/[^/]+/root(/|$)")
     found = []
-    prefix = str(wd) + os.sep
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if cwd == str(wd) or cwd.startswith(prefix):
+        state_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--state-dir"]
+        agent = "agent" in argv and any(d.startswith(nodes) for d in state_dirs)
+        if (agent or slot_root.match(cwd)) and _pid_alive(int(entry)):
             found.append(int(entry))
     return found
 

@@ -333,3 +333,22 @@ def test_unreadable_token_is_exit_2_and_nothing_is_journaled(
     assert proc.returncode == 2
     assert "node a: cannot read token file" in proc.stderr and "missing-token" in proc.stderr
     assert rollout("ls", "--state", str(state)).stdout.strip() == "no rollouts"
+
+
+def test_fleet_down_stops_its_agents_and_workloads_and_nothing_else(
+    make_fleet: Callable[..., LocalFleet],
+) -> None:
+    fl = make_fleet(2)
+    ours = fleet._processes_under(fl.workdir.resolve())
+    agents = json.loads((fl.workdir / fleet.FLEET_FILE).read_text())["pids"].values()
+    assert set(agents) <= set(ours) and len(ours) > 2  # the agents and their workloads
+    bystander = subprocess.Popen(["sleep", "60"], cwd=fl.workdir)  # e.g. a shell in there
+    try:
+        proc = rollout("fleet", "down", "--workdir", str(fl.workdir))
+        assert proc.returncode == 0 and "stopped 2 agent(s)" in proc.stdout
+        assert fleet._processes_under(fl.workdir.resolve()) == []
+        assert all(not fleet._pid_alive(pid) for pid in ours)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
