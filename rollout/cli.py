@@ -293,12 +293,7 @@ def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Imag
                 soft_wrap=True,
             )
             if state.phase is RolloutPhase.PAUSED:  # e.g. stopped after the canary
-                controller.store.append(
-                    state.rollout_id, "command", {"command": "resume", "by": "run"}
-                )
-                controller.store.append(
-                    state.rollout_id, "phase", {"phase": "running", "message": "resume by run"}
-                )
+                controller.journal_command(state.rollout_id, "resume", "run", RolloutPhase.RUNNING)
             return state.rollout_id
         raise InputError(
             f"rollout {state.rollout_id} (image {image.get('version')}) over "

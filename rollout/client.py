@@ -194,23 +194,19 @@ class LocalClient:
     def _abort(self, store: Any, rollout_id: str, by: str) -> dict[str, Any]:
         import time
 
-        from rollout.journal import load_state
+        from rollout.controller import Controller, IllegalCommand
 
-        state = load_state(store, rollout_id)
-        if state.finished:
-            raise ServerError(409, {"message": f"the rollout is already {state.phase}"})
-        live = store._db.execute(  # a running controller renews these
-            "SELECT MAX(expires_at) FROM locks WHERE rollout_id = ?", (rollout_id,)
-        ).fetchone()[0]
+        live = store.lock_expiry(rollout_id)  # a running controller keeps renewing it
         if live is not None and live > time.time():
             raise ServerError(
                 409,
                 {"message": f"a controller is running it (its lock expires in "
                  f"{live - time.time():.0f}s); stop it there (Ctrl-C, or the service API)"},
             )  # fmt: skip
-        store.append(rollout_id, "command", {"command": "abort", "by": by, "offline": True})
-        store.append(rollout_id, "phase", {"phase": "aborted", "message": f"aborted by {by}"})
-        store.unlock(rollout_id)
+        try:  # the controller's own abort: with no engine running it ends the rollout
+            Controller(store).command(rollout_id, "abort", by=by)
+        except IllegalCommand as exc:
+            raise ServerError(409, {"message": str(exc)}) from None
         return {"id": rollout_id, "command": "abort", "message": "aborted (offline)"}
 
 

@@ -417,13 +417,13 @@ class Controller:
         if command == "pause":
             if phase not in (RolloutPhase.RUNNING, RolloutPhase.WAITING, RolloutPhase.PENDING):
                 raise IllegalCommand(f"cannot pause a rollout that is {phase}")
-            self._journal_command(rollout_id, command, by, RolloutPhase.PAUSED, observer)
+            self.journal_command(rollout_id, command, by, RolloutPhase.PAUSED, observer)
             control.pause()
             return "paused: no new batch, stage or activation starts until resumed"
         if command == "resume":
             if phase is not RolloutPhase.PAUSED:
                 raise IllegalCommand(f"cannot resume a rollout that is {phase}, not paused")
-            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, observer)
+            self.journal_command(rollout_id, command, by, RolloutPhase.RUNNING, observer)
             control.resume()
             if not busy:
                 self.start(rollout_id)
@@ -431,7 +431,7 @@ class Controller:
         if command == "abort":
             if state.finished:
                 raise IllegalCommand(f"cannot abort a rollout that is already {phase}")
-            self._journal_command(rollout_id, command, by, None)
+            self.journal_command(rollout_id, command, by, None)
             control.abort()
             if not running:
                 self.store.append(
@@ -461,7 +461,7 @@ class Controller:
             again = Engine.retry_failed(loaded.records)
             for node_id in again:
                 self.store.append(rollout_id, "node", loaded.records[node_id].to_json())
-            self._journal_command(rollout_id, command, by, RolloutPhase.RUNNING, nodes=again)
+            self.journal_command(rollout_id, command, by, RolloutPhase.RUNNING, nodes=again)
             self.controls[rollout_id] = Control()
             self.start(rollout_id)
             return f"retrying; {len(again)} failed or rolled back node(s) will be tried again"
@@ -473,7 +473,7 @@ class Controller:
             if not any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values()):
                 raise IllegalCommand("no node of this rollout is on the new image")
             self._lock_again(state)
-            self._journal_command(rollout_id, command, by, None)
+            self.journal_command(rollout_id, command, by, None)
             self.controls[rollout_id] = Control()
             self.start(rollout_id, action=lambda e: e.rollback_all())
             return "rolling back every node this rollout updated"
@@ -482,7 +482,7 @@ class Controller:
     def _lock_again(self, state: RolloutState) -> None:
         self.store.lock(state.rollout_id, state.node_ids, self.lock_ttl)
 
-    def _journal_command(
+    def journal_command(
         self,
         rollout_id: str,
         command: str,

@@ -522,11 +522,7 @@ class Engine:
             await self._activate(rec)  # it never arrived: boot count unchanged, agent idle
             return
         self._set(rec, NodePhase.BOOTING, detail="resumed")
-        timeout = self.policy.health.boot_timeout
-        st = await self._timed(
-            rec, Step.BOOT, lambda: self._wait_boot(rec.node, start, timeout), self._on_target
-        )
-        self._booted(rec, st)
+        await self._boot(rec, start)
 
     async def _reach(self, node: Node, timeout: float) -> NodeStatus:
         deadline = clock.now() + timeout
@@ -589,16 +585,17 @@ class Engine:
         except TransportError:
             pass  # the request may have arrived: the boot count tells
         self._set(rec, NodePhase.BOOTING)
+        await self._boot(rec, start)
+
+    async def _boot(self, rec: NodeRecord, start: int) -> None:
+        """The BOOT step: wait until the node booted past `start`; it must run the target."""
         timeout = self.policy.health.boot_timeout
         st = await self._timed(
-            rec, Step.BOOT, lambda: self._wait_boot(node, start, timeout), self._on_target
+            rec,
+            Step.BOOT,
+            lambda: self._wait_boot(rec.node, start, timeout),
+            lambda s: s.runs(self.image.digest),
         )
-        self._booted(rec, st)
-
-    def _on_target(self, st: NodeStatus) -> bool:
-        return st.runs(self.image.digest)
-
-    def _booted(self, rec: NodeRecord, st: NodeStatus) -> None:
         rec.boot_count, rec.version = st.boot_count, st.booted_version
         if not st.runs(self.image.digest):
             raise NodeFailed(

@@ -94,6 +94,10 @@ class Store(Protocol):
 
     def unlock(self, rollout_id: str) -> None: ...
 
+    def lock_expiry(self, rollout_id: str) -> float | None:
+        """Wall time at which the rollout's node locks lapse (None: it holds none)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -187,6 +191,13 @@ class SQLiteStore:
     def unlock(self, rollout_id: str) -> None:
         with self._mutex:
             self._db.execute("DELETE FROM locks WHERE rollout_id = ?", (rollout_id,))
+
+    def lock_expiry(self, rollout_id: str) -> float | None:
+        with self._mutex:
+            row = self._db.execute(
+                "SELECT MAX(expires_at) FROM locks WHERE rollout_id = ?", (rollout_id,)
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def close(self) -> None:
         with self._mutex:
