@@ -34,6 +34,7 @@ from rollout.errors import InputError
 from rollout.events import Fanout, Observer
 from rollout.gates.schedule import unreachable
 from rollout.image import build_image, load_image
+from rollout.imagefile import KIND_ROOTFS
 from rollout.inventory import Inventory, load_inventory, split_address
 from rollout.journal import SQLiteStore, unfinished
 from rollout.metrics import MetricsRecorder
@@ -41,6 +42,14 @@ from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.report import JUnitReport
+from rollout.rootfs import (
+    DEFAULT_INITRD,
+    DEFAULT_KERNEL,
+    build_rootfs_image,
+    image_kind,
+    load_rootfs_image,
+    parse_size,
+)
 from rollout.sample import build_sample_image, write_sample_tree
 from rollout.server import make_app
 from rollout.tls import optional_server_context
@@ -77,14 +86,82 @@ def image() -> None:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--name", help="Image name (default: manifest.json's, or the directory name).")
 @click.option("--workload", help="Workload command, e.g. 'python3 app/server.py'.")
+@click.option(
+    "--rootfs", is_flag=True, help="A root-filesystem image: SRC_DIR as an ext4 filesystem."
+)
+@click.option("--compatible", help="With --rootfs: the string nodes match, e.g. rollout-vm-x86_64.")
+@click.option("--unit", "units", multiple=True, help="With --rootfs: a systemd unit that must be "
+              "active for the node to run (repeat for more), e.g. sample-web.service.")  # fmt: skip
+@click.option("--size", help="With --rootfs: filesystem size, e.g. 512M (default: the tree's "
+              "size * 1.2 + 64 MiB).")  # fmt: skip
+@click.option("--kernel", help="With --rootfs: kernel path in the tree (default: vmlinuz).")
+@click.option("--initrd", help="With --rootfs: initrd path in the tree (default: initrd.img).")
 def image_build(
-    src_dir: str, version: str, output: str, name: str | None, workload: str | None
+    src_dir: str,
+    version: str,
+    output: str,
+    name: str | None,
+    workload: str | None,
+    rootfs: bool,
+    compatible: str | None,
+    units: tuple[str, ...],
+    size: str | None,
+    kernel: str | None,
+    initrd: str | None,
 ) -> None:
-    """Pack SRC_DIR into an image file and print its sha256 digest."""
+    """Pack SRC_DIR into an image file and print its sha256 digest.
+
+    A tree image by default; with --rootfs, a root-filesystem image (docs/images.md).
+    """
     import shlex
 
-    command = tuple(shlex.split(workload)) if workload else None
-    img = build_image(src_dir, output, version=version, name=name, command=command)
+    if not rootfs:
+        rootfs_only = {
+            "--compatible": compatible,
+            "--unit": units,
+            "--size": size,
+            "--kernel": kernel,
+            "--initrd": initrd,
+        }
+        extra = [flag for flag, value in rootfs_only.items() if value]
+        if extra:
+            raise InputError(f"{', '.join(extra)}: only for root-filesystem images; add --rootfs")
+        command = tuple(shlex.split(workload)) if workload else None
+        img = build_image(src_dir, output, version=version, name=name, command=command)
+        click.echo(img.digest)
+        return
+    if workload:
+        raise InputError(
+            "--workload: only for tree images; a root-filesystem image names the systemd units "
+            "that must be active with --unit NAME"
+        )
+    if not compatible:
+        raise InputError(
+            "--rootfs: needs --compatible STR, the string a node compares with its own "
+            "(e.g. --compatible rollout-vm-x86_64)"
+        )
+    if not units:
+        raise InputError(
+            "--rootfs: needs --unit NAME, a systemd unit that must be active for the node to "
+            "count as running (e.g. --unit sample-web.service; repeat for more)"
+        )
+    size_bytes = None
+    if size is not None:
+        try:
+            size_bytes = parse_size(size)
+        except ValueError as exc:
+            raise InputError(f"--size: {exc}") from exc
+    img = build_rootfs_image(
+        src_dir,
+        output,
+        version=version,
+        name=name or Path(src_dir).resolve().name,
+        compatible=compatible,
+        units=units,
+        size=size_bytes,
+        kernel=kernel or DEFAULT_KERNEL,
+        initrd=initrd or DEFAULT_INITRD,
+    )
     click.echo(img.digest)
 
 
@@ -101,7 +178,19 @@ def image_sample(dest: str, bad: bool) -> None:
 @image.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 def image_inspect(file: str) -> None:
-    """Print an image's name, version, size and digest as JSON."""
+    """Print an image's name, version, size and digest as JSON.
+
+    For a root-filesystem image also its kind, compatible string, filesystem and units.
+    """
+    if image_kind(file) == KIND_ROOTFS:
+        rimg, m = load_rootfs_image(file)
+        click.echo(json.dumps({
+            "name": rimg.name, "version": rimg.version, "size": rimg.size, "digest": rimg.digest,
+            "kind": KIND_ROOTFS, "compatible": m.compatible,
+            "rootfs": {"type": m.rootfs.type, "size": m.rootfs.size, "digest": m.rootfs.digest},
+            "boot": {"kernel": m.boot.kernel, "initrd": m.boot.initrd}, "units": list(m.units),
+        }, indent=2))  # fmt: skip
+        return
     img = load_image(file)
     click.echo(json.dumps({"name": img.name, "version": img.version, "size": img.size,
                            "digest": img.digest}, indent=2))  # fmt: skip
@@ -114,10 +203,25 @@ def fleet_group() -> None:
 
 
 @fleet_group.command("up")
-@click.option("--nodes", default=12, show_default=True, type=int)
+@click.option("--nodes", default=None, type=int, help="Nodes [default: 12, or 2 with --vm].")
 @click.option("--workdir", required=True, type=click.Path(file_okay=False))
-@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--base-address", default="127.0.0.2", show_default=True)
+@click.option(
+    "--image",
+    "image_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Image every node boots first (required; with --vm, a root-filesystem image, "
+    "by default the sample OS 1.0.0).",
+)
+@click.option(
+    "--vm",
+    is_flag=True,
+    help="Real Linux nodes: QEMU virtual machines with A/B partitions and GRUB (the disk "
+    "backend; docs/real-nodes.md).",
+)
+@click.option("--memory", default=384, show_default=True, type=int, help="With --vm: MiB per VM.")
+@click.option("--base-address", default=None, help="First loopback address [default: "
+              "127.0.0.2, or 127.0.0.20 with --vm].")  # fmt: skip
 @click.option("--agent-port", default=7000, show_default=True, type=int)
 @click.option("--workload-port", default=8080, show_default=True, type=int)
 @click.option("--firmware-delay", default=0.6, show_default=True, type=float)
@@ -130,10 +234,12 @@ def fleet_group() -> None:
     "node with the openssl command, and write ca_file into the inventory.",
 )
 def fleet_up(
-    nodes: int,
+    nodes: int | None,
     workdir: str,
-    image_path: str,
-    base_address: str,
+    image_path: str | None,
+    vm: bool,
+    memory: int,
+    base_address: str | None,
     agent_port: int,
     workload_port: int,
     firmware_delay: float,
@@ -142,9 +248,25 @@ def fleet_up(
     tls: bool,
 ) -> None:
     """Start N agents booted on IMAGE and write WORKDIR/inventory.yaml."""
+    if vm:
+        from rollout.vm import fleet as vm_fleet
+
+        vm_opts = vm_fleet.VMFleetOptions(
+            nodes=2 if nodes is None else nodes,
+            base_address=base_address or "127.0.0.20",
+            memory=memory,
+            commit_deadline=commit_deadline,
+        )
+        click.echo("building or reusing the VM images and disks, then booting (~1 min)...")
+        inventory = vm_fleet.up(workdir, image_path, vm_opts)
+        click.echo(f"{vm_opts.nodes} VMs up; inventory: {inventory}")
+        return
+    if image_path is None:
+        raise InputError("--image: required (the image every agent boots first)")
+    nodes = 12 if nodes is None else nodes
     opts = fleet.FleetOptions(
         nodes=nodes,
-        base_address=base_address,
+        base_address=base_address or "127.0.0.2",
         agent_port=agent_port,
         workload_port=workload_port,
         firmware_delay=firmware_delay,
@@ -159,7 +281,12 @@ def fleet_up(
 @fleet_group.command("down")
 @click.option("--workdir", required=True, type=click.Path(file_okay=False))
 def fleet_down(workdir: str) -> None:
-    """Stop every agent and workload of the fleet in WORKDIR."""
+    """Stop every agent and workload (or VM) of the fleet in WORKDIR."""
+    from rollout.vm import fleet as vm_fleet
+
+    if vm_fleet.is_vm_fleet(Path(workdir)):
+        click.echo(f"stopped {vm_fleet.down(workdir)} VM(s)")
+        return
     count = fleet.down(workdir)
     click.echo(f"stopped {count} agent(s)")
 

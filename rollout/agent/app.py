@@ -215,7 +215,7 @@ async def rollback(request: web.Request) -> web.StreamResponse:
 
 
 async def commit(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].commit(lease=_lease(request)))
+    return web.json_response(await request.app[AGENT_KEY].commit(lease=_lease(request)))
 
 
 def make_app(agent: Agent) -> web.Application:

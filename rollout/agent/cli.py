@@ -121,20 +121,28 @@ def reexec() -> None:
 
 @click.command("agent")
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Agent config file (YAML) of a real node: the disk backend. Replaces the other "
+    "options but --node-id.",
+)
+@click.option(
     "--listen",
-    required=True,
+    default=None,
     metavar="HOST:PORT",
     help="Address of the agent API; HOST is also where the workload listens.",
 )
 @click.option(
     "--state-dir",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory holding state.json, the slots and workload.log.",
 )
 @click.option(
     "--token-file",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the bearer token (whitespace stripped).",
 )
@@ -193,9 +201,10 @@ def reexec() -> None:
     help="PEM private key of --tls-cert.",
 )
 def agent(
-    listen: str,
-    state_dir: Path,
-    token_file: Path,
+    config_file: Path | None,
+    listen: str | None,
+    state_dir: Path | None,
+    token_file: Path | None,
     image: Path | None,
     node_id: str | None,
     workload_port: int,
@@ -209,6 +218,18 @@ def agent(
     """Run the node agent: A/B slots, boot counting, workload, HTTP API."""
     configure_logging()
     try:
+        if config_file is not None:
+            config, ssl_context = _disk_config(config_file, node_id)
+            action = asyncio.run(serve(config, ssl_context))
+            if action is ExitAction.REEXEC:
+                reexec()
+            return
+        missing = [
+            f"--{n}" for n, v in (("listen", listen), ("state-dir", state_dir),
+                                  ("token-file", token_file)) if v is None
+        ]  # fmt: skip
+        if missing or listen is None or state_dir is None or token_file is None:
+            raise InputError(f"{', '.join(missing)}: required (or give --config FILE)")
         host, port = parse_listen(listen)
         ssl_context = optional_server_context(tls_cert, tls_key)
         config = AgentConfig(
@@ -233,3 +254,22 @@ def agent(
         sys.exit(2)
     if action is ExitAction.REEXEC:
         reexec()
+
+
+def _disk_config(path: Path, node_id: str | None) -> tuple[AgentConfig, ssl.SSLContext | None]:
+    from rollout.agent.disk import load_config
+
+    disk = load_config(path)
+    host, port = parse_listen(disk.listen)
+    tls = (Path(disk.tls_cert) if disk.tls_cert else None, Path(disk.tls_key) if disk.tls_key else None)
+    config = AgentConfig(
+        host=host,
+        port=port,
+        state_dir=Path(disk.state_dir),
+        token=read_token(Path(disk.token_file)),
+        node_id=node_id or disk.node_id,
+        workload_port=disk.workload_port,
+        commit_deadline=disk.commit_deadline,
+        disk=disk,
+    )
+    return config, optional_server_context(*tls)

@@ -37,21 +37,24 @@ import time
 from collections.abc import AsyncIterable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from rollout.agent import state as sm
+from rollout.agent.backend import Backend, SwitchResult
 from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
+from rollout.agent.emulated import EmulatedBackend
 from rollout.agent.store import Store
-from rollout.agent.workload import Supervisor, WorkloadSpec
 from rollout.errors import InputError
 from rollout.model import ActivationMode
+
+if TYPE_CHECKING:
+    from rollout.agent.disk import DiskConfig
 
 log = structlog.get_logger("rollout.agent")
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_WRITE_CHUNK = 1 << 20
 
 
 class ExitAction(enum.StrEnum):
@@ -72,6 +75,7 @@ class AgentConfig:
     kernel_delay: float = 0.5
     commit_deadline: float = 300.0
     workload_grace: float = 1.0
+    disk: DiskConfig | None = None  # set: the disk backend (a real node), else emulated
 
 
 class Agent:
@@ -81,16 +85,31 @@ class Agent:
         self.busy: Busy | None = None
         self.stopping = asyncio.Event()
         self.exit_action = ExitAction.EXIT
-        self.workload = Supervisor(
-            log_path=self.store.log_path,
-            port=config.workload_port,
-            grace=config.workload_grace,
-            should_restart=lambda: self.state.committed,
-            on_failed=self._workload_failed,
-        )
+        self.backend: Backend = self._make_backend()
         self._state: AgentState | None = None
         self._deadline: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _make_backend(self) -> Backend:
+        def committed() -> bool:
+            return self.state.committed
+
+        if self.config.disk is not None:
+            from rollout.agent.disk import DiskBackend
+
+            return DiskBackend(
+                self.config,
+                self.config.disk,
+                self.store,
+                is_committed=committed,
+                on_workload_failed=self._workload_failed,
+            )
+        return EmulatedBackend(
+            self.config,
+            self.store,
+            is_committed=committed,
+            on_workload_failed=self._workload_failed,
+        )
 
     @property
     def state(self) -> AgentState:
@@ -120,38 +139,48 @@ class Agent:
         if loaded is None:
             loaded = await asyncio.to_thread(self._factory_install)
         self._state = loaded
-        log.info("agent_start", pid=os.getpid(), node_id=self.config.node_id)
-        await self._boot(soft=False)
+        log.info(
+            "agent_start", pid=os.getpid(), node_id=self.config.node_id, backend=self.backend.kind
+        )
+        identity = await asyncio.to_thread(self.backend.boot_identity)
+        if identity is not None and identity == loaded.boot_id:
+            # The agent restarted; the machine did not boot: count nothing, resume.
+            log.info("agent_restart", boot_id=identity, slot=str(loaded.booted))
+            await self.backend.after_boot(loaded)
+            self._start_workload()
+            self._arm_deadline()
+            return
+        await self._boot(soft=False, identity=identity)
 
     def _factory_install(self) -> AgentState:
-        if self.config.image is None:
-            raise InputError(
-                f"{self.config.state_dir}: no agent state yet; pass --image FILE to "
-                "install the first image into slot A"
-            )
-        image = self.store.install_file(Slot.A, self.config.image)
-        state = sm.factory_state(image)
+        state = self.backend.factory_state()
         self.store.save(state)
-        log.info("factory_install", slot="A", digest=image.digest, version=image.version)
+        image = state.booted_image
+        log.info(
+            "factory_install", slot=str(state.booted), digest=image.digest, version=image.version
+        )
         return state
 
-    async def _boot(self, *, soft: bool) -> None:
+    async def _boot(self, *, soft: bool, identity: str | None = None) -> None:
         plan = sm.plan_boot(self.state)
+        observed = await asyncio.to_thread(self.backend.booted_slot)
+        if observed is not None:
+            try:
+                plan = sm.reconcile_boot(self.state, plan, observed)
+            except ValueError as exc:
+                raise InputError(f"{self.config.state_dir}: {exc}") from exc
         if plan.consumes_try:
             self._save(sm.begin_boot(self.state, plan))
-        delay = (
-            0.0
-            if soft
-            else sm.boot_delay(
-                plan.mode, firmware=self.config.firmware_delay, kernel=self.config.kernel_delay
-            )
-        )
+        delay = self.backend.boot_delay(plan.mode, soft)
         if delay:
             await asyncio.sleep(delay)
         new = sm.finish_boot(
             self.state, plan, now=time.time(), commit_deadline=self.config.commit_deadline
         )
+        if identity is not None:
+            new = replace(new, boot_id=identity)
         self._save(new)
+        await self.backend.after_boot(new)
         image = new.booted_image
         log.info(
             "boot",
@@ -176,21 +205,7 @@ class Agent:
         self._arm_deadline()
 
     def _start_workload(self) -> None:
-        state = self.state
-        image = state.booted_image
-        manifest = self.store.manifest(state.booted)
-        env = {
-            **os.environ,
-            **manifest.env,
-            "ROLLOUT_WORKLOAD_HOST": self.config.host,
-            "ROLLOUT_WORKLOAD_PORT": str(self.config.workload_port),
-            "ROLLOUT_NODE_ID": self.config.node_id,
-            "ROLLOUT_IMAGE_VERSION": image.version,
-            "ROLLOUT_IMAGE_DIGEST": image.digest,
-        }
-        self.workload.start(
-            WorkloadSpec(command=manifest.command, cwd=self.store.root(state.booted), env=env)
-        )
+        self.backend.start_workload(self.state)
 
     def _arm_deadline(self) -> None:
         self._disarm_deadline()
@@ -234,18 +249,30 @@ class Agent:
         if pending is None:
             raise ValueError("switch without a pending boot")
         self._disarm_deadline()
-        await self.workload.stop()
+        await self.backend.stop_workload()
         # `new` was planned before the stop; keep a lease taken, renewed or released since.
         self._save(replace(new, lease=self.state.lease))
-        if pending.mode is ActivationMode.SOFT_REBOOT:
+        log.info("reboot", mode=str(pending.mode), slot=str(pending.slot))
+        try:
+            result = await self.backend.switch(self.state)
+        except AgentError as exc:
+            # Nothing was started: the machine still runs the booted slot. Drop the
+            # pending boot so the state says so too, and serve again.
+            log.error("switch_failed", error=exc.code, message=exc.message)
+            self._save(replace(self.state, pending=None))
+            self._start_workload()
+            self._arm_deadline()
+            self.busy = None
+            return
+        if result is SwitchResult.IN_PROCESS:
             try:
                 await self._boot(soft=True)
             finally:
                 self.busy = None
-        else:
-            log.info("reboot", mode=str(pending.mode), slot=str(pending.slot))
+        elif result is SwitchResult.REEXEC:
             self.exit_action = ExitAction.REEXEC
             self.stopping.set()
+        # WAIT: the machine is going down; the service manager stops this process.
 
     # --- requests ----------------------------------------------------------------------
 
@@ -261,7 +288,7 @@ class Agent:
             "last_good_slot": str(s.last_good),
             "boot_tries_left": s.tries_left,
             "boot_count": s.boot_count,
-            "workload": self.workload.snapshot(),
+            "workload": self.backend.workload_snapshot(),
             "fell_back": None
             if f is None
             else {
@@ -272,6 +299,7 @@ class Agent:
             },
             "busy": str(self.busy) if self.busy is not None else None,
             "lease": self._lease_body(),
+            "backend": self.backend.describe(),
         }
 
     def _lease_body(self) -> dict[str, Any] | None:
@@ -361,42 +389,21 @@ class Agent:
         log.info("stage_begin", slot=str(slot), digest=digest)
         ok = False
         try:
-            writer = await asyncio.to_thread(self.store.open_writer, slot)
             try:
-                buf = bytearray()
-                async for chunk in body:
-                    buf += chunk
-                    if len(buf) >= _WRITE_CHUNK:
-                        data, buf = bytes(buf), bytearray()
-                        await asyncio.to_thread(writer.write, data)
-                if buf:
-                    await asyncio.to_thread(writer.write, bytes(buf))
-                actual, size = await asyncio.to_thread(writer.finish)
+                image, size = await self.backend.write_slot(self.state, slot, digest, body)
             except AgentError as exc:
-                writer.abort()
-                log.warning("stage_aborted", slot=str(slot), error=exc.code, message=exc.message)
-                raise
-            except BaseException:
-                writer.abort()
-                raise
-            if actual != digest:
-                log.warning("stage_digest_mismatch", slot=str(slot), expected=digest, actual=actual)
-                raise AgentError(
-                    "digest_mismatch",
-                    f"the image written has digest {actual}, the request said {digest}",
-                    expected=digest,
-                    actual=actual,
+                log.warning(
+                    "stage_refused" if exc.code != "digest_mismatch" else "stage_digest_mismatch",
+                    slot=str(slot),
+                    error=exc.code,
+                    message=exc.message,
                 )
-            try:
-                image = await asyncio.to_thread(self.store.install, slot, digest)
-            except AgentError as exc:
-                log.warning("stage_refused", slot=str(slot), error=exc.code, message=exc.message)
                 raise
             self._save(sm.finish_stage(self.state, slot, image))
             ok = True
         finally:
             if not ok:
-                self.store.clear_slot(slot)
+                await asyncio.to_thread(self.backend.clear_slot, slot)
         log.info("stage", slot=str(slot), digest=digest, version=image.version, bytes=size)
         return {**_stage_body(slot, image), "bytes": size, "written": True}
 
@@ -435,13 +442,16 @@ class Agent:
     def begin_switch(self, new: AgentState) -> None:
         self._spawn(self._switch(new), name="switch")
 
-    def commit(self, *, lease: str | None = None) -> dict[str, Any]:
+    async def commit(self, *, lease: str | None = None) -> dict[str, Any]:
         self.check_lease(lease, "commit")
         if self.busy is Busy.ACTIVATING:
             raise AgentError("busy", "the agent is busy activating; retry later", busy="activating")
         if not self.state.committed or self.state.pending is not None:
             self._disarm_deadline()
-            self._save(sm.commit(self.state))
+            new = sm.commit(self.state)
+            # The bootloader first: a crash between the two boots the committed slot.
+            await self.backend.commit(new)
+            self._save(new)
             log.info("commit", slot=str(self.state.booted), digest=self.state.booted_image.digest)
         return self.status()
 
@@ -458,7 +468,7 @@ class Agent:
             if task is not asyncio.current_task():
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.workload.stop()
+        await self.backend.stop_workload()
 
 
 def _stage_body(slot: Slot, image: sm.SlotImage) -> dict[str, Any]:

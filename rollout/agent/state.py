@@ -77,6 +77,7 @@ class FallbackReason(enum.StrEnum):
     COMMIT_DEADLINE = "commit_deadline"
     WORKLOAD_FAILED = "workload_failed"
     BOOT_TRIES_EXHAUSTED = "boot_tries_exhausted"
+    BOOT_FAILED = "boot_failed"  # a real machine came up on another slot than planned
 
 
 class Busy(enum.StrEnum):
@@ -169,6 +170,7 @@ class AgentState:
     fell_back: FellBack | None = None
     commit_deadline_at: float | None = None  # wall-clock epoch seconds
     lease: Lease | None = None
+    boot_id: str | None = None  # real machines: the kernel boot (and soft-reboot) counted last
 
     def slot(self, slot: Slot) -> SlotImage | None:
         return self.slot_a if slot is Slot.A else self.slot_b
@@ -246,6 +248,45 @@ def plan_boot(state: AgentState) -> BootPlan:
             from_slot=failed,
         )
     return BootPlan(slot=state.booted, mode=None, committed=True, consumes_try=False)
+
+
+def reconcile_boot(state: AgentState, plan: BootPlan, observed: Slot) -> BootPlan:
+    """The boot that really happened on a real machine, where firmware picks the slot.
+
+    `plan` is what the persisted state expected (`plan_boot`); `observed` is the slot the
+    root filesystem was mounted from. When they agree the plan stands. Otherwise:
+
+    - the machine came up on the last good slot (an activation that never happened: a
+      power cut before kexec, GRUB skipping a slot it already tried): a committed boot of
+      it, recorded as a fallback `boot_failed` from the slot that was expected;
+    - it came up on the other slot, which holds an image (GRUB booted a slot whose commit
+      was written to its environment but not yet to the state): an uncommitted boot of
+      it; the commit deadline then decides, as after any activation;
+    - it came up on a slot the state says is empty: ValueError (nothing safe to assume).
+
+    >>> a = factory_state(SlotImage("sha256:1", "os", "1"))
+    >>> s = replace(a, slot_b=SlotImage("sha256:2", "os", "2"), staged=Slot.B)
+    >>> s = plan_activate(s, ActivationMode.KEXEC)
+    >>> p = reconcile_boot(s, plan_boot(s), Slot.A)
+    >>> p.slot, p.committed, p.fallback
+    (<Slot.A: 'A'>, True, <FallbackReason.BOOT_FAILED: 'boot_failed'>)
+    """
+    if observed == plan.slot:
+        return plan
+    if state.slot(observed) is None:
+        raise ValueError(
+            f"the machine booted slot {observed}, which the agent's state says is empty"
+        )
+    if observed == state.last_good:
+        return BootPlan(
+            slot=observed,
+            mode=None,
+            committed=True,
+            consumes_try=False,
+            fallback=FallbackReason.BOOT_FAILED,
+            from_slot=plan.slot,
+        )
+    return BootPlan(slot=observed, mode=None, committed=False, consumes_try=False)
 
 
 def begin_boot(state: AgentState, plan: BootPlan) -> AgentState:
@@ -542,6 +583,7 @@ def to_json(state: AgentState) -> dict[str, Any]:
         "lease": None
         if lease is None
         else {"holder": lease.holder, "expires_at": lease.expires_at},
+        "boot_id": state.boot_id,
     }
 
 
@@ -626,6 +668,7 @@ def from_json(raw: Any) -> AgentState:
         fell_back=fell_back,
         commit_deadline_at=deadline_at,
         lease=lease,
+        boot_id=boot_id if isinstance(boot_id := raw.get("boot_id"), str) else None,
     )
     if state.slot(state.booted) is None:
         raise ValueError(f"state: booted slot {state.booted} holds no image")

@@ -22,6 +22,7 @@ from tests.conftest import SampleImages
 
 STATUS_KEYS = {
     "node_id",
+    "backend",
     "booted",
     "staged",
     "committed",
@@ -82,6 +83,7 @@ async def test_status_shape(start_agent: StartAgent, images: SampleImages) -> No
     agent = await start_agent()
     status = await agent.wait_status(lambda s: s["workload"]["state"] == "running", "running")
     assert set(status) == STATUS_KEYS
+    assert status["backend"] == {"kind": "emulated"}
     assert status["node_id"] == agent.host
     assert status["booted"] == {
         "slot": "A",

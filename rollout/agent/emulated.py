@@ -1,0 +1,142 @@
+"""The emulated backend: the agent process is the machine.
+
+Slots are directories under the state dir (store.py: the image tar, hashed as it streams,
+then unpacked), a reboot or kexec is a re-exec of the agent process after a simulated
+delay (reboot = firmware + kernel, kexec = kernel), a soft reboot is done in-process, and
+the workload is the image manifest's command, run as a supervised child process with the
+slot's unpacked root as its working directory (workload.py).
+
+Every agent start is a boot here (`boot_identity` is None) and the persisted plan decides
+which slot boots (`booted_slot` is None): this is the simulated firmware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING, Any
+
+from rollout.agent import state as sm
+from rollout.agent.backend import IsCommitted, OnWorkloadFailed, SwitchResult
+from rollout.agent.state import AgentError, AgentState, Slot, SlotImage
+from rollout.agent.store import Store
+from rollout.agent.workload import Supervisor, WorkloadSpec
+from rollout.errors import InputError
+from rollout.model import ActivationMode
+
+if TYPE_CHECKING:
+    from rollout.agent.node import AgentConfig
+
+_WRITE_CHUNK = 1 << 20
+
+
+class EmulatedBackend:
+    kind = "emulated"
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: Store,
+        *,
+        is_committed: IsCommitted,
+        on_workload_failed: OnWorkloadFailed,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.workload = Supervisor(
+            log_path=store.log_path,
+            port=config.workload_port,
+            grace=config.workload_grace,
+            should_restart=is_committed,
+            on_failed=on_workload_failed,
+        )
+
+    def factory_state(self) -> AgentState:
+        if self.config.image is None:
+            raise InputError(
+                f"{self.config.state_dir}: no agent state yet; pass --image FILE to "
+                "install the first image into slot A"
+            )
+        image = self.store.install_file(Slot.A, self.config.image)
+        return sm.factory_state(image)
+
+    def boot_identity(self) -> str | None:
+        return None
+
+    def booted_slot(self) -> Slot | None:
+        return None
+
+    def boot_delay(self, mode: ActivationMode | None, soft: bool) -> float:
+        if soft:
+            return 0.0
+        return sm.boot_delay(
+            mode, firmware=self.config.firmware_delay, kernel=self.config.kernel_delay
+        )
+
+    async def after_boot(self, state: AgentState) -> None:
+        return None
+
+    def start_workload(self, state: AgentState) -> None:
+        image = state.booted_image
+        manifest = self.store.manifest(state.booted)
+        env = {
+            **os.environ,
+            **manifest.env,
+            "ROLLOUT_WORKLOAD_HOST": self.config.host,
+            "ROLLOUT_WORKLOAD_PORT": str(self.config.workload_port),
+            "ROLLOUT_NODE_ID": self.config.node_id,
+            "ROLLOUT_IMAGE_VERSION": image.version,
+            "ROLLOUT_IMAGE_DIGEST": image.digest,
+        }
+        self.workload.start(
+            WorkloadSpec(command=manifest.command, cwd=self.store.root(state.booted), env=env)
+        )
+
+    async def stop_workload(self) -> None:
+        await self.workload.stop()
+
+    def workload_snapshot(self) -> dict[str, Any]:
+        return self.workload.snapshot()
+
+    async def write_slot(
+        self, state: AgentState, slot: Slot, digest: str, body: AsyncIterable[bytes]
+    ) -> tuple[SlotImage, int]:
+        writer = await asyncio.to_thread(self.store.open_writer, slot)
+        try:
+            buf = bytearray()
+            async for chunk in body:
+                buf += chunk
+                if len(buf) >= _WRITE_CHUNK:
+                    data, buf = bytes(buf), bytearray()
+                    await asyncio.to_thread(writer.write, data)
+            if buf:
+                await asyncio.to_thread(writer.write, bytes(buf))
+            actual, size = await asyncio.to_thread(writer.finish)
+        except BaseException:
+            writer.abort()
+            raise
+        if actual != digest:
+            raise AgentError(
+                "digest_mismatch",
+                f"the image written has digest {actual}, the request said {digest}",
+                expected=digest,
+                actual=actual,
+            )
+        image = await asyncio.to_thread(self.store.install, slot, digest)
+        return image, size
+
+    def clear_slot(self, slot: Slot) -> None:
+        self.store.clear_slot(slot)
+
+    async def switch(self, state: AgentState) -> SwitchResult:
+        pending = state.pending
+        if pending is not None and pending.mode is ActivationMode.SOFT_REBOOT:
+            return SwitchResult.IN_PROCESS
+        return SwitchResult.REEXEC
+
+    async def commit(self, state: AgentState) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
