@@ -1,6 +1,10 @@
 """The image format: a plain tar with `manifest.json` at its root.
 
-An image is the whole installed tree of a node. The file is an uncompressed POSIX tar so
+This is the "tree" kind, unpacked into a slot directory; rollout.rootfs holds the other
+kind ("rootfs", a whole ext4 filesystem for partition slots), and rollout.imagefile what
+both share. `load_image` describes a file of either kind.
+
+A tree image is the whole installed tree of a node. The file is an uncompressed POSIX tar so
 an agent can hash it while it streams to disk; its identity is the sha256 of the file
 bytes (`sha256:<hex>`). Building is reproducible: members are sorted, owners are 0 and
 mtimes are fixed, so the same tree and version give the same digest.
@@ -18,7 +22,6 @@ device or FIFO members are refused, both when building and when unpacking (where
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -28,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rollout.errors import ImageError
+from rollout.imagefile import FORMAT as FORMAT
+from rollout.imagefile import KIND_ROOTFS, manifest_bytes, manifest_kind, manifest_object
+from rollout.imagefile import MANIFEST as MANIFEST
+from rollout.imagefile import sha256_file as sha256_file
+from rollout.imagefile import tar_info as _info
 from rollout.model import Image
-
-MANIFEST = "manifest.json"
-FORMAT = 1
-_CHUNK = 1 << 20
+from rollout.rootfs import load_rootfs_image
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise ImageError(f"{where}: {MANIFEST} is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise ImageError(f"{where}: {MANIFEST} must be a JSON object")
+        body = manifest_object(raw, where)
         name, version, workload = body.get("name"), body.get("version"), body.get("workload")
         if not isinstance(name, str) or not name:
             raise ImageError(f"{where}: {MANIFEST}: name: expected a non-empty string")
@@ -80,14 +80,6 @@ class Manifest:
         ):
             raise ImageError(f"{where}: {MANIFEST}: workload.env: expected string to string map")
         return cls(name=name, version=version, command=tuple(command), env=dict(env))
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _inside(base: str, target: str) -> bool:
@@ -188,38 +180,29 @@ def build_image(
     )
 
 
-def _info(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = mode
-    info.size = size
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
-
-
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read the manifest of an image file without unpacking it."""
-    try:
-        with tarfile.open(path, "r:") as tar:
-            try:
-                member = tar.getmember(MANIFEST)
-            except KeyError:
-                raise ImageError(f"{path}: not an image: no {MANIFEST} at the root") from None
-            fh = tar.extractfile(member)
-            if fh is None:
-                raise ImageError(f"{path}: {MANIFEST} is not a regular file")
-            return Manifest.from_json(fh.read(), str(path))
-    except (tarfile.TarError, OSError) as exc:
-        raise ImageError(f"{path}: not a readable image tar: {exc}") from exc
+    """Read the manifest of a tree image file without unpacking it."""
+    raw = manifest_bytes(path)
+    if manifest_kind(raw, str(path)) == KIND_ROOTFS:
+        raise ImageError(
+            f"{path}: a root-filesystem image (kind rootfs), not a tree image: it is written "
+            "whole to a partition slot, not unpacked; use a tree image for this node"
+        )
+    return Manifest.from_json(raw, str(path))
 
 
 def load_image(path: str | os.PathLike[str]) -> Image:
-    """Describe an image file: its digest and what its manifest says."""
+    """Describe an image file of either kind: its digest and what its manifest says.
+
+    A rootfs image is read through once, its layout and filesystem digest checked while
+    the file is hashed (rollout.rootfs.load_rootfs_image); a tree image is hashed as before.
+    """
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such image file; build one with `rollout image build`")
-    manifest = read_manifest(path)
+    raw = manifest_bytes(path)
+    if manifest_kind(raw, str(path)) == KIND_ROOTFS:
+        return load_rootfs_image(path)[0]
+    manifest = Manifest.from_json(raw, str(path))
     return Image(
         path=str(path),
         digest=sha256_file(path),
