@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv clean
+.PHONY: demo demo-vm test test-vm lint venv clean
 
 $(BIN)/rollout: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ demo: venv
 test: venv
 	$(BIN)/ruff check rollout tests
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not vm"
+
+# Real Linux VMs under QEMU (root; builds the guest once, cached): about 20-30 minutes.
+test-vm: venv
+	$(BIN)/pytest -q -m vm tests/vm
+
+# Two QEMU VMs moved from the sample OS 1.0.0 to 2.0.0 by reboot (docs/real-nodes.md).
+demo-vm: venv
+	bash scripts/demo-vm.sh
 
 lint: venv
 	$(BIN)/ruff check rollout tests

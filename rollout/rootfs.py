@@ -77,6 +77,11 @@ DEFAULT_INITRD = "initrd.img"
 MAX_MANIFEST = 64 * 1024
 MIB = 1 << 20
 BLOCK = 4096
+# Pinned, not the host's mke2fs.conf: GRUB 2.06 cannot read metadata_csum_seed/orphan_file
+# filesystems, and a slot's kernel is loaded by GRUB.
+EXT4_FEATURES = (
+    "none,has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
+)
 # Every timestamp the build sets: E2FSPROGS_FAKE_TIME ignores 0, so the first second.
 EPOCH = 1
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|target|socket|timer)$")
@@ -423,6 +428,7 @@ def _make_ext4(src: Path, fs: Path, size: int, fs_uuid: str) -> None:
         fh.truncate(size)
     mkfs = [
         _tool("mkfs.ext4"), "-q", "-F", "-b", str(BLOCK), "-I", "256", "-L", LABEL,
+        "-O", EXT4_FEATURES,
         "-U", fs_uuid, "-E", f"hash_seed={fs_uuid},root_owner=0:0", "-d", str(src), str(fs),
     ]  # fmt: skip
     _run(

@@ -261,7 +261,10 @@ def _disk_config(path: Path, node_id: str | None) -> tuple[AgentConfig, ssl.SSLC
 
     disk = load_config(path)
     host, port = parse_listen(disk.listen)
-    tls = (Path(disk.tls_cert) if disk.tls_cert else None, Path(disk.tls_key) if disk.tls_key else None)
+    tls = (
+        Path(disk.tls_cert) if disk.tls_cert else None,
+        Path(disk.tls_key) if disk.tls_key else None,
+    )
     config = AgentConfig(
         host=host,
         port=port,

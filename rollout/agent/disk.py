@@ -236,9 +236,7 @@ class _Pipe(io.RawIOBase):
 class UnitWatcher:
     """Polls the image's systemd units; reports a failure before commit once."""
 
-    def __init__(
-        self, port: int, is_committed: IsCommitted, on_failed: OnWorkloadFailed
-    ) -> None:
+    def __init__(self, port: int, is_committed: IsCommitted, on_failed: OnWorkloadFailed) -> None:
         self.port = port
         self._is_committed = is_committed
         self._on_failed = on_failed
@@ -341,11 +339,16 @@ class DiskBackend:
         self.grubenv = Path(disk.grubenv)
         self._root_id = root_id
         self.units = UnitWatcher(disk.workload_port, is_committed, on_workload_failed)
+        self._touched = False  # the slot being staged was written to (or its env changed)
 
     # --- slots and manifests -----------------------------------------------------------
 
     def device(self, slot: Slot) -> Path:
-        return resolve(self.disk.slots[str(slot)])  # type: ignore[index]
+        return resolve(self.spec(slot))
+
+    def spec(self, slot: Slot) -> str:
+        """The slot's device as configured (also what `root=` names it by)."""
+        return self.disk.slots["A" if slot is Slot.A else "B"]
 
     def manifest_path(self, slot: Slot) -> Path:
         return self.store.slot_dir(slot) / "manifest.json"
@@ -448,10 +451,10 @@ class DiskBackend:
         from rollout.rootfs import RootfsStreamError
 
         device = self.device(slot)
+        self._touched = False
         await asyncio.to_thread(self._guard, slot, device)
-        await asyncio.to_thread(self._write_env, grubenv.disable(self._env(), str(slot)))
         pipe = _Pipe()
-        worker = asyncio.ensure_future(asyncio.to_thread(self._copy, pipe, device))
+        worker = asyncio.ensure_future(asyncio.to_thread(self._copy, pipe, device, str(slot)))
         size = 0
         try:
             try:
@@ -473,7 +476,10 @@ class DiskBackend:
             try:
                 manifest, actual = await worker
             except RootfsStreamError as exc:
-                raise AgentError(exc.code, str(exc)) from None
+                raise AgentError(exc.code, str(exc), written=self._touched) from None
+            except AgentError as exc:
+                exc.extra.setdefault("written", self._touched)
+                raise
         finally:
             pipe.closed_by_reader.set()
         if actual != digest:
@@ -501,7 +507,7 @@ class DiskBackend:
                 slot=str(slot),
             )
 
-    def _copy(self, pipe: _Pipe, device: Path) -> tuple[RootfsManifest, str]:
+    def _copy(self, pipe: _Pipe, device: Path, slot_name: str) -> tuple[RootfsManifest, str]:
         """Worker thread: parse the stream, write the filesystem to `device`, fsync."""
         import hashlib
 
@@ -527,17 +533,19 @@ class DiskBackend:
                 if m.compatible != self.disk.compatible:
                     raise AgentError(
                         "incompatible",
-                        f"the image is for {m.compatible!r}; this node is "
-                        f"{self.disk.compatible!r}",
+                        f"the image is for {m.compatible!r}; this node is {self.disk.compatible!r}",
                         image=m.compatible,
                         node=self.disk.compatible,
                     )
                 if m.rootfs.size > capacity:
                     raise AgentError(
                         "too_large",
-                        f"the filesystem is {m.rootfs.size} bytes; slot {device} holds "
-                        f"{capacity}",
+                        f"the filesystem is {m.rootfs.size} bytes; slot {device} holds {capacity}",
                     )
+                # Accepted: from here on the slot is being overwritten; GRUB must not
+                # boot it until it is activated.
+                self._touched = True
+                self._write_env(grubenv.disable(self._env(), slot_name))
 
             def sink(data: bytes) -> None:
                 view = memoryview(data)
@@ -545,7 +553,9 @@ class DiskBackend:
                     view = view[os.write(fd, view) :]
 
             try:
-                manifest = copy_rootfs(io.BufferedReader(Hashing(), 1 << 20), check=check, sink=sink)
+                manifest = copy_rootfs(
+                    io.BufferedReader(Hashing(), 1 << 20), check=check, sink=sink
+                )
             finally:
                 pipe.closed_by_reader.set()
             os.fsync(fd)
@@ -563,6 +573,8 @@ class DiskBackend:
     def clear_slot(self, slot: Slot) -> None:
         """After a failed write: no manifest, and the start of the device zeroed, so
         nothing mounts or boots what was half written (GRUB already has it OK=0)."""
+        if not self._touched:
+            return
         self.manifest_path(slot).unlink(missing_ok=True)
         device = self.device(slot)
         try:
@@ -615,7 +627,9 @@ class DiskBackend:
         _run(["mount", "-o", "ro", str(self.device(slot)), str(KEXEC_MOUNT)], "kexec mount")
         try:
             cmdline = kexec_cmdline(
-                Path("/proc/cmdline").read_text(), self.disk.slots[str(slot)], slot  # type: ignore[index]
+                Path("/proc/cmdline").read_text(),
+                self.spec(slot),
+                slot,
             )
             _run(
                 [kexec, "-l", str(KEXEC_MOUNT / boot.kernel),
@@ -640,9 +654,14 @@ class DiskBackend:
             env = self._env()
         except AgentError:
             env = {}
+        try:
+            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot_id = None
         return {
             "kind": self.kind,
             "root_device": self.root_device(),
+            "kernel_boot_id": boot_id,
             "slots": dict(self.disk.slots),
             "compatible": self.disk.compatible,
             "grubenv": {k: env[k] for k in sorted(env) if k in ("ORDER", "A_OK", "A_TRY",

@@ -43,8 +43,8 @@ import structlog
 
 from rollout.agent import state as sm
 from rollout.agent.backend import Backend, SwitchResult
-from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
 from rollout.agent.emulated import EmulatedBackend
+from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
 from rollout.agent.store import Store
 from rollout.errors import InputError
 from rollout.model import ActivationMode
@@ -385,6 +385,7 @@ class Agent:
     async def _write_slot(
         self, slot: Slot, digest: str, body: AsyncIterable[bytes]
     ) -> dict[str, Any]:
+        before = self.state
         self._save(sm.begin_stage(self.state, slot))
         log.info("stage_begin", slot=str(slot), digest=digest)
         ok = False
@@ -398,6 +399,10 @@ class Agent:
                     error=exc.code,
                     message=exc.message,
                 )
+                if exc.extra.get("written") is False:
+                    # Refused before the slot was touched: it still holds what it held.
+                    self._save(replace(before, lease=self.state.lease))
+                    ok = True
                 raise
             self._save(sm.finish_stage(self.state, slot, image))
             ok = True

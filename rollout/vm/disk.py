@@ -33,13 +33,13 @@ from pathlib import Path
 
 from rollout.agent import grubenv
 from rollout.errors import InputError
+from rollout.rootfs import EXT4_FEATURES
 from rollout.vm import guest
 
 MIB = 1 << 20
 SECTOR = 512
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
 GRUB_CFG = Path(__file__).resolve().parent.parent / "agent" / "grub.cfg"
-EXT4_FEATURES = "none,has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,9 @@ def mkfs(dest: Path, size: int, tree: Path | None, label: str) -> None:
     _run([*args, str(dest)], f"making the {label} filesystem")
 
 
-def _copy_into(disk: Path, src: Path | tarfile.TarFile, offset: int, size: int, member: str = "") -> None:
+def _copy_into(
+    disk: Path, src: Path | tarfile.TarFile, offset: int, size: int, member: str = ""
+) -> None:
     with open(disk, "r+b") as out:
         out.seek(offset)
         if isinstance(src, Path):
@@ -123,7 +125,9 @@ def build_base(image_path: Path, dest: Path, layout: Layout = Layout()) -> Path:
     guest.need("grub-mkimage", package="grub-pc-bin")
     guest.need("mkfs.ext4", package="e2fsprogs")
     if not (GRUB_DIR / "boot.img").exists():
-        raise InputError(f"{GRUB_DIR}/boot.img missing; install it (Debian: apt-get install grub-pc-bin)")
+        raise InputError(
+            f"{GRUB_DIR}/boot.img missing; install it (Debian: apt-get install grub-pc-bin)"
+        )
     from rollout.rootfs import ROOTFS_MEMBER, read_image_manifest
 
     manifest = read_image_manifest(image_path)
@@ -136,11 +140,15 @@ def build_base(image_path: Path, dest: Path, layout: Layout = Layout()) -> Path:
     part.unlink(missing_ok=True)
     with open(part, "wb") as fh:
         fh.truncate(layout.total)
-    table = [f"label: dos", f"label-id: 0x{guest.DISK_ID}", "unit: sectors", ""]
+    table = ["label: dos", f"label-id: 0x{guest.DISK_ID}", "unit: sectors", ""]
     for i, (_, off, size) in enumerate(layout.parts(), start=1):
         boot = ", bootable" if i == 1 else ""
         table.append(f"start={off // SECTOR}, size={size // SECTOR}, type=83{boot}")
-    _run(["sfdisk", "--no-reread", "--no-tell-kernel", str(part)], "partitioning", "\n".join(table) + "\n")
+    _run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", str(part)],
+        "partitioning",
+        "\n".join(table) + "\n",
+    )
     with tempfile.TemporaryDirectory(prefix="rollout-disk-") as tmp:
         work = Path(tmp)
         core = work / "core.img"

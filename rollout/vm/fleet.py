@@ -116,7 +116,9 @@ def up(workdir: str | os.PathLike[str], image_path: str | None, opts: VMFleetOpt
     guest.need("qemu-system-x86_64", package="qemu-system-x86")
     wd = Path(workdir).resolve()
     if (wd / FLEET_FILE).exists() and any(qemu.alive(v["pid"]) for v in _vms(wd).values()):
-        raise InputError(f"{wd}: a fleet is running here; stop it: rollout fleet down --workdir {wd}")
+        raise InputError(
+            f"{wd}: a fleet is running here; stop it: rollout fleet down --workdir {wd}"
+        )
     hosts = _addresses(opts.base_address, opts.nodes)
     image = Path(image_path) if image_path else sample_image("1.0.0")
     manifest = read_image_manifest(image)
@@ -148,10 +150,17 @@ def up(workdir: str | os.PathLike[str], image_path: str | None, opts: VMFleetOpt
         data = disk.data_partition(nd / "data.ext4", files)
         vm_disk = disk.overlay(base, nd / "disk.qcow2", data)
         data.unlink()
-        vms[node_id] = {"host": host, "disk": str(vm_disk), "console": str(nd / "console.log"),
-                        "memory": opts.memory, "accel": accel, "pid": 0}  # fmt: skip
-        nodes.append(Node(node_id, f"{host}:{guest.AGENT_PORT}", {"rack": f"rack-{i % opts.racks + 1}"},
-                          str(token_path), None))  # fmt: skip
+        vms[node_id] = {
+            "host": host,
+            "disk": str(vm_disk),
+            "console": str(nd / "console.log"),
+            "memory": opts.memory,
+            "accel": accel,
+            "pid": 0,
+        }
+        rack = {"rack": f"rack-{i % opts.racks + 1}"}
+        address = f"{host}:{guest.AGENT_PORT}"
+        nodes.append(Node(node_id, address, rack, str(token_path), None))
     _write(wd, vms)
     try:
         for node_id in vms:
@@ -175,7 +184,7 @@ def _vms(wd: Path) -> dict[str, dict[str, Any]]:
 
 def is_vm_fleet(wd: Path) -> bool:
     try:
-        return json.loads((wd / FLEET_FILE).read_text()).get("kind") == "vm"
+        return bool(json.loads((wd / FLEET_FILE).read_text()).get("kind") == "vm")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -219,7 +228,9 @@ def wait_ready(wd: Path, timeout: float) -> None:
     while pending:
         for node_id, vm in list(pending.items()):
             if not qemu.alive(int(vm["pid"])):
-                raise RuntimeError(f"{node_id}: QEMU exited; see {Path(vm['disk']).with_name('qemu.log')}")
+                raise RuntimeError(
+                    f"{node_id}: QEMU exited; see {Path(vm['disk']).with_name('qemu.log')}"
+                )
             try:
                 url = f"http://{vm['host']}:{guest.AGENT_PORT}/healthz"
                 with urllib.request.urlopen(url, timeout=2) as r:

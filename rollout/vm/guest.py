@@ -163,7 +163,12 @@ def cache_dir() -> Path:
 
 def _run(args: list[str], what: str, **kw: object) -> str:
     done = subprocess.run(
-        args, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, **kw  # type: ignore[call-overload]
+        args,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+        **kw,  # type: ignore[call-overload]
     )
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
@@ -292,9 +297,7 @@ def sample_tree(dest: Path, version: str, *, bad: bool = False) -> Path:
     _run(["cp", "-a", "--reflink=auto", str(base), str(dest)], "copying the base tree")
     site = dest / "usr/lib/python3/dist-packages/rollout"
     package = Path(rollout.__file__).parent
-    shutil.copytree(
-        package, site, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    shutil.copytree(package, site, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     _run(
         ["chroot", str(dest), "python3", "-m", "compileall", "-q",
          "/usr/lib/python3/dist-packages/rollout"],

@@ -39,9 +39,7 @@ _PROBE_TIMEOUT = 40.0
 def qemu_binary() -> str:
     found = shutil.which(QEMU)
     if found is None:
-        raise InputError(
-            f"{QEMU} not found; install it (Debian: apt-get install qemu-system-x86)"
-        )
+        raise InputError(f"{QEMU} not found; install it (Debian: apt-get install qemu-system-x86)")
     return found
 
 

@@ -1,0 +1,318 @@
+"""Real Linux nodes: rollouts to QEMU VMs with A/B partitions, GRUB, reboot, kexec and
+soft-reboot (the `vm` marker; `make test-vm`, its own stage in .ci/run).
+
+One fleet of two VMs serves the whole module and the tests run in file order, each
+starting from where the previous one left the nodes (that is what a real fleet does, and
+it keeps CI within its budget: a VM boot under TCG takes 30-85 s). Every assertion reads
+the agent's real status: the digest booted, the root device the kernel mounted, the
+kernel's boot id, GRUB's environment block, the boot count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rollout.image import sha256_file
+from rollout.vm import fleet as vm_fleet
+from rollout.vm import guest
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parents[2]
+SLOT_DEVICE = {"A": "/dev/vda2", "B": "/dev/vda3"}
+BOOT_WAIT = 420.0  # a reboot under TCG with two VMs on two cores, with slack
+
+
+@dataclass
+class VMFleet:
+    workdir: Path
+    inventory: Path
+    token: str
+    hosts: dict[str, str]
+    images: dict[str, Path]
+
+    def url(self, node: str, path: str) -> str:
+        return f"http://{self.hosts[node]}:{guest.AGENT_PORT}{path}"
+
+    def call(
+        self, node: str, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None, timeout: float = 30,
+    ) -> tuple[int, dict[str, Any]]:  # fmt: skip
+        req = urllib.request.Request(self.url(node, path), data=body, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def status(self, node: str) -> dict[str, Any]:
+        code, body = self.call(node, "GET", "/v1/status", timeout=5)
+        assert code == 200, body
+        return body
+
+    def wait(self, node: str, cond: Callable[[dict[str, Any]], bool], what: str,
+             timeout: float = BOOT_WAIT) -> dict[str, Any]:  # fmt: skip
+        """Poll the agent's status until `cond` holds (a deadline, not a sleep)."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | str = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                last = self.status(node)
+                if cond(last):
+                    return last
+            except (OSError, AssertionError, ValueError) as exc:
+                last = repr(exc)
+            time.sleep(1)  # polling interval
+        console = (self.workdir / "nodes" / node / "console.log").read_text(errors="replace")
+        raise AssertionError(f"{node}: not {what} in {timeout:g}s; last: {last}\n{console[-3000:]}")
+
+    def stage(self, node: str, image: Path) -> tuple[int, dict[str, Any]]:
+        digest = sha256_file(image)
+        return self.call(node, "PUT", "/v1/image", image.read_bytes(),
+                         {"X-Image-Digest": digest}, timeout=600)  # fmt: skip
+
+
+def run(
+    vms: VMFleet, image: Path, mode: str, tmp: Path, **policy: Any
+) -> subprocess.CompletedProcess[str]:
+    body: dict[str, Any] = {
+        "activation": mode,
+        "batches": {"canary": 0, "size": "100%", "max_unavailable": "100%"},
+        "health": {
+            "checks": [
+                {"type": "http", "port": guest.WORKLOAD_PORT, "path": "/"},
+                {"type": "agent"},
+            ],
+            "interval": "1s", "min_healthy_time": "3s", "deadline": "3m",
+            "boot_timeout": "7m", "failure_threshold": 0,
+        },
+        "failure": {"max_failed": 0, "action": "rollback"},
+    }  # fmt: skip
+    body.update(policy)
+    path = tmp / "policy.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return subprocess.run(
+        [sys.executable, "-m", "rollout", "run", "--inventory", str(vms.inventory),
+         "--policy", str(path), "--image", str(image), "--state", str(tmp / "state.db"),
+         "--output", "json", "--log-format", "json"],
+        capture_output=True, text=True, timeout=1500, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VMFleet]:
+    if os.geteuid() != 0:
+        pytest.skip("VM tests build guest disks with debootstrap and chroot: run as root")
+    images = {
+        "v1": vm_fleet.sample_image("1.0.0"),
+        "v2": vm_fleet.sample_image("2.0.0"),
+        "v3": vm_fleet.sample_image("3.0.0"),
+        "bad": vm_fleet.sample_image("4.0.0", bad=True),
+    }
+    wd = tmp_path_factory.mktemp("vmfleet")
+    inventory = vm_fleet.up(
+        wd, str(images["v1"]), vm_fleet.VMFleetOptions(nodes=2, base_address="127.0.0.40")
+    )
+    token = (wd / "token").read_text().strip()
+    hosts = {
+        n["id"]: n["address"].split(":")[0] for n in yaml.safe_load(inventory.read_text())["nodes"]
+    }
+    try:
+        yield VMFleet(wd, inventory, token, hosts, images)
+    finally:
+        vm_fleet.down(wd)
+
+
+def digest(image: Path) -> str:
+    return sha256_file(image)
+
+
+def test_reboot_rollout_moves_both_vms_to_v2_with_one_boot_each(
+    vms: VMFleet, tmp_path: Path
+) -> None:
+    before = {n: vms.status(n) for n in vms.hosts}
+    for st in before.values():
+        assert st["backend"]["kind"] == "disk"
+        assert st["backend"]["root_device"] == SLOT_DEVICE["A"]
+        assert st["booted"]["digest"] == digest(vms.images["v1"]) and st["committed"]
+    proc = run(vms, vms.images["v2"], "reboot", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for node, old in before.items():
+        st = vms.status(node)
+        assert st["booted"]["digest"] == digest(vms.images["v2"])
+        assert st["committed"] and st["boot_count"] == old["boot_count"] + 1
+        assert st["backend"]["root_device"] == SLOT_DEVICE["B"]
+        assert st["backend"]["kernel_boot_id"] != old["backend"]["kernel_boot_id"]
+        # Committed in GRUB's environment: B first, confirmed (TRY=0); A still good.
+        assert st["backend"]["grubenv"] == {
+            "ORDER": "B A", "B_OK": "1", "B_TRY": "0", "A_OK": "1", "A_TRY": "0"}  # fmt: skip
+        assert st["workload"]["units"] == {guest.SERVICE: "active"}
+
+
+def test_kexec_rollout_boots_the_new_slot_without_grub(vms: VMFleet, tmp_path: Path) -> None:
+    before = {n: vms.status(n) for n in vms.hosts}
+    proc = run(vms, vms.images["v3"], "kexec", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for node, old in before.items():
+        st = vms.status(node)
+        assert st["booted"]["digest"] == digest(vms.images["v3"]) and st["committed"]
+        assert st["boot_count"] == old["boot_count"] + 1
+        assert st["backend"]["root_device"] == SLOT_DEVICE["A"]
+        assert st["backend"]["kernel_boot_id"] != old["backend"]["kernel_boot_id"]  # new kernel
+        assert st["backend"]["grubenv"]["ORDER"] == "A B"  # written by the commit only
+
+
+def test_soft_reboot_rollout_changes_root_but_not_the_kernel(vms: VMFleet, tmp_path: Path) -> None:
+    before = {n: vms.status(n) for n in vms.hosts}
+    proc = run(vms, vms.images["v2"], "soft-reboot", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for node, old in before.items():
+        st = vms.status(node)
+        assert st["booted"]["digest"] == digest(vms.images["v2"]) and st["committed"]
+        assert st["boot_count"] == old["boot_count"] + 1
+        assert st["backend"]["root_device"] == SLOT_DEVICE["B"]  # the new userspace's root
+        assert st["backend"]["kernel_boot_id"] == old["backend"]["kernel_boot_id"]  # same kernel
+
+
+def test_incompatible_image_is_refused_before_a_byte_is_written(
+    vms: VMFleet, tmp_path: Path
+) -> None:
+    from rollout.rootfs import build_rootfs_image
+
+    tree = tmp_path / "tree"
+    guest.sample_tree(tree, "9.9.9")
+    other = tmp_path / "other.img"
+    build_rootfs_image(tree, other, version="9.9.9", name="sample-os",
+                       compatible="some-other-board", units=[guest.SERVICE])  # fmt: skip
+    node = "vm-01"
+    before = vms.status(node)
+    code, body = vms.stage(node, other)
+    assert code == 422 and body["error"] == "incompatible" and body["written"] is False, body
+    after = vms.status(node)
+    assert after["staged"] is None and after["backend"]["grubenv"] == before["backend"]["grubenv"]
+    # Slot A still holds v3, untouched: rolling back onto it boots v3.
+    code, body = vms.call(
+        node, "POST", "/v1/rollback", json.dumps({"mode": "soft-reboot"}).encode()
+    )
+    assert code == 202, body
+    st = vms.wait(
+        node,
+        lambda s: (
+            s["boot_count"] == before["boot_count"] + 1 and s["workload"]["state"] == "running"
+        ),
+        "back on slot A",
+    )
+    assert st["booted"]["digest"] == digest(vms.images["v3"]) and st["committed"]
+    assert st["backend"]["root_device"] == SLOT_DEVICE["A"]
+
+
+def test_bad_image_is_rolled_back_by_the_controller(vms: VMFleet, tmp_path: Path) -> None:
+    before = {n: vms.status(n) for n in vms.hosts}
+    proc = run(vms, vms.images["bad"], "reboot", tmp_path,
+               batches={"canary": 1, "size": "100%", "max_unavailable": "100%"})  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    canary, other = "vm-01", "vm-02"
+    st = vms.status(canary)
+    assert st["booted"]["digest"] == before[canary]["booted"]["digest"] and st["committed"]
+    assert st["backend"]["root_device"] == before[canary]["backend"]["root_device"]
+    assert st["boot_count"] >= before[canary]["boot_count"] + 2  # into bad, and back
+    # The bad slot may never boot again.
+    bad_slot = "B" if st["booted"]["slot"] == "A" else "A"
+    assert st["backend"]["grubenv"][f"{bad_slot}_OK"] == "0"
+    assert vms.status(other)["boot_count"] == before[other]["boot_count"]  # never touched
+
+
+def test_agent_falls_back_by_itself_without_a_controller(vms: VMFleet) -> None:
+    node = "vm-02"
+    start = vms.status(node)
+    good = start["booted"]
+    # A service that fails, activated with nobody watching: the agent reboots to the good slot.
+    code, body = vms.stage(node, vms.images["bad"])
+    assert code == 200, body
+    code, body = vms.call(node, "POST", "/v1/activate", json.dumps({"mode": "reboot"}).encode())
+    assert code == 202, body
+    st = vms.wait(
+        node,
+        lambda s: s["fell_back"] is not None and s["workload"]["state"] == "running",
+        "fallen back",
+    )
+    assert st["fell_back"]["reason"] == "workload_failed"
+    assert st["booted"] == good and st["committed"]
+    assert st["boot_count"] == start["boot_count"] + 2
+    # GRUB's boot counting: a good image booted by reboot and never committed; the power
+    # fails; the firmware (GRUB, TRY=1) skips the unconfirmed slot and boots the good one.
+    code, body = vms.stage(
+        node, vms.images["v3"] if good["digest"] != digest(vms.images["v3"]) else vms.images["v1"]
+    )
+    assert code == 200, body
+    count = st["boot_count"]
+    code, body = vms.call(node, "POST", "/v1/activate", json.dumps({"mode": "reboot"}).encode())
+    assert code == 202, body
+    st = vms.wait(
+        node,
+        lambda s: s["boot_count"] == count + 1 and not s["committed"],
+        "on the new slot, uncommitted",
+    )
+    assert st["backend"]["grubenv"][f"{st['booted']['slot']}_TRY"] == "1"
+    assert vm_fleet.power_cut(vms.workdir, node)
+    vm_fleet.power_on(vms.workdir, node)
+    st = vms.wait(
+        node,
+        lambda s: s["boot_count"] == count + 2 and s["workload"]["state"] == "running",
+        "rebooted",
+    )
+    assert st["booted"] == good and st["committed"]
+    assert st["fell_back"]["reason"] == "boot_tries_exhausted"
+
+
+def test_power_cut_mid_stage_boots_the_good_slot_and_claims_nothing(vms: VMFleet) -> None:
+    node = "vm-01"
+    start = vms.status(node)
+    image = (
+        vms.images["v1"]
+        if start["booted"]["digest"] != digest(vms.images["v1"])
+        else vms.images["v2"]
+    )
+    result: dict[str, Any] = {}
+
+    def upload() -> None:
+        try:
+            result["answer"] = vms.stage(node, image)
+        except OSError as exc:  # the VM died under the upload
+            result["error"] = exc
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    vms.wait(node, lambda s: s["busy"] == "staging", "staging", timeout=60)
+    inactive = "B" if start["booted"]["slot"] == "A" else "A"
+    # Wait until the slot is being written (GRUB already told not to boot it).
+    vms.wait(
+        node, lambda s: s["backend"]["grubenv"][f"{inactive}_OK"] == "0", "writing", timeout=120
+    )
+    assert vm_fleet.power_cut(vms.workdir, node)
+    thread.join(60)
+    vm_fleet.power_on(vms.workdir, node)
+    st = vms.wait(node, lambda s: s["workload"]["state"] == "running", "booted again")
+    assert st["booted"] == start["booted"] and st["committed"] and st["staged"] is None
+    assert st["backend"]["grubenv"][f"{inactive}_OK"] == "0"
+    assert st["boot_count"] == start["boot_count"] + 1
+    code, body = vms.stage(node, image)
+    assert code == 200 and body["written"] is True and body["slot"] == inactive, body
+    assert vms.status(node)["staged"]["digest"] == digest(image)
