@@ -175,6 +175,21 @@ def image_sample(dest: str, bad: bool) -> None:
                "--version 1.0.0 --output v1.img")  # fmt: skip
 
 
+@image.command("sample-os")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--version", required=True, help="Version of the sample OS, e.g. 2.0.0.")
+@click.option("--bad", is_flag=True, help="Its service fails at boot (a release to roll back).")
+def image_sample_os(output: str, version: str, bad: bool) -> None:
+    """Build the sample OS root-filesystem image for VM nodes (Debian 13 + the agent).
+
+    The first call runs debootstrap (root, about 2 minutes) and caches the tree.
+    """
+    from rollout.vm import guest
+
+    img = guest.sample_image(Path(output), version, bad=bad)
+    click.echo(img.digest)
+
+
 @image.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 def image_inspect(file: str) -> None:

@@ -51,6 +51,10 @@ STATUS_OF: dict[str, int] = {
     "digest_mismatch": 422,
     "bad_image": 422,
     "unsafe_image": 422,
+    "incompatible": 422,
+    "booted_slot": 409,
+    "bad_slot": 500,
+    "bootloader": 500,
     "internal": 500,
 }
 

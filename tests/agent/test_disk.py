@@ -28,8 +28,10 @@ SLOT_SIZE = 16 << 20
 
 def rootfs(tmp: Path, version: str, compatible: str = "test-board") -> Path:
     tree = make_tree(tmp / f"tree-{version}")
-    img = build_rootfs_image(tree, tmp / f"{version}.img", version=version, name="os",
-                             compatible=compatible, units=["web.service"], size=8 << 20)  # fmt: skip
+    img = build_rootfs_image(
+        tree, tmp / f"{version}.img", version=version, name="os",
+        compatible=compatible, units=["web.service"], size=8 << 20,
+    )  # fmt: skip
     return Path(img.path)
 
 
@@ -59,7 +61,7 @@ def backend(tmp: Path) -> tuple[DiskBackend, Path, Path]:
 
 
 async def chunks(path: Path, flip: int | None = None) -> AsyncIterator[bytes]:
-    data = bytearray(path.read_bytes())
+    data = bytearray(read(path))
     if flip is not None:
         data[flip] ^= 0xFF
     for i in range(0, len(data), 65536):
@@ -67,7 +69,11 @@ async def chunks(path: Path, flip: int | None = None) -> AsyncIterator[bytes]:
 
 
 def sha(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(read(path)).hexdigest()
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 FACTORY = sm.factory_state(sm.SlotImage("sha256:" + "1" * 64, "os", "1"))
@@ -76,7 +82,7 @@ FACTORY = sm.factory_state(sm.SlotImage("sha256:" + "1" * 64, "os", "1"))
 async def test_stage_writes_the_filesystem_into_the_inactive_slot(tmp_path: Path) -> None:
     b, slot_a, slot_b = backend(tmp_path)
     image = rootfs(tmp_path, "2")
-    a_before = slot_a.read_bytes()
+    a_before = read(slot_a)
     got, size = await b.write_slot(FACTORY, Slot.B, sha(image), chunks(image))
     assert (got.version, got.digest, size) == ("2", sha(image), image.stat().st_size)
     import tarfile
@@ -85,8 +91,8 @@ async def test_stage_writes_the_filesystem_into_the_inactive_slot(tmp_path: Path
         fs = tar.extractfile("rootfs.ext4")
         assert fs is not None
         fs_bytes = fs.read()
-    assert slot_b.read_bytes()[: len(fs_bytes)] == fs_bytes
-    assert slot_a.read_bytes() == a_before  # the booted slot untouched
+    assert read(slot_b)[: len(fs_bytes)] == fs_bytes
+    assert read(slot_a) == a_before  # the booted slot untouched
     env = grubenv.read_file(Path(b.disk.grubenv))
     assert env["B_OK"] == "0" and grubenv.would_boot(env) == "A"  # not bootable until activated
     assert b.manifest(Slot.B).units == ("web.service",)
@@ -99,23 +105,23 @@ async def test_the_booted_device_is_refused_by_identity_not_by_name(tmp_path: Pa
     disk = b.disk.model_copy(update={"slots": {"A": str(tmp_path / "slot-B"), "B": str(alias)}})
     b.disk = disk
     image = rootfs(tmp_path, "2")
-    before = slot_a.read_bytes()
+    before = read(slot_a)
     with pytest.raises(AgentError) as err:
         await b.write_slot(FACTORY, Slot.B, sha(image), chunks(image))
     assert err.value.code == "booted_slot"
-    assert slot_a.read_bytes() == before
+    assert read(slot_a) == before
 
 
 async def test_incompatible_image_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
     b, _, slot_b = backend(tmp_path)
-    env_before = Path(b.disk.grubenv).read_bytes()
+    env_before = read(Path(b.disk.grubenv))
     image = rootfs(tmp_path, "2", compatible="another-board")
     with pytest.raises(AgentError) as err:
         await b.write_slot(FACTORY, Slot.B, sha(image), chunks(image))
     assert err.value.code == "incompatible" and err.value.extra["written"] is False
     b.clear_slot(Slot.B)  # what the runtime does after a failure: nothing to clear
-    assert slot_b.read_bytes() == b"\xaa" * SLOT_SIZE
-    assert Path(b.disk.grubenv).read_bytes() == env_before
+    assert read(slot_b) == b"\xaa" * SLOT_SIZE
+    assert read(Path(b.disk.grubenv)) == env_before
 
 
 async def test_corrupt_bytes_leave_the_slot_wiped_and_unbootable(tmp_path: Path) -> None:
@@ -125,7 +131,7 @@ async def test_corrupt_bytes_leave_the_slot_wiped_and_unbootable(tmp_path: Path)
         await b.write_slot(FACTORY, Slot.B, sha(image), chunks(image, flip=600_000))
     assert err.value.code in ("bad_image", "digest_mismatch") and err.value.extra["written"]
     b.clear_slot(Slot.B)
-    assert slot_b.read_bytes()[: 1 << 20] == bytes(1 << 20)
+    assert read(slot_b)[: 1 << 20] == bytes(1 << 20)
     assert not b.manifest_path(Slot.B).exists()
     assert grubenv.read_file(Path(b.disk.grubenv))["B_OK"] == "0"
 

@@ -41,7 +41,7 @@ def test_grub_editenv_reads_what_we_write_and_we_read_what_it_writes(tmp_path: P
             "B tried once, never confirmed",
             {"ORDER": "B A", "A_OK": "1", "A_TRY": "0", "B_OK": "1", "B_TRY": "1"},
             "A",
-        ),  # fmt: skip
+        ),
         ("B being written", grubenv.disable({"ORDER": "B A", "A_OK": "1", "B_OK": "1"}, "B"), "A"),
         ("nothing bootable", {"A_OK": "0", "B_OK": "0"}, None),
         ("ORDER missing a slot", {"ORDER": "B", "A_OK": "1", "B_OK": "0"}, "A"),

@@ -459,3 +459,64 @@ def test_lease_holder(value: object, ok: bool) -> None:
         with pytest.raises(AgentError) as exc:
             sm.lease_holder(value)
         assert (exc.value.code, exc.value.extra) == ("bad_request", {"field": "holder"})
+
+
+# --- real machines: the slot the firmware booted ---------------------------------------
+KEXEC_ACTIVATED = sm.plan_activate(STAGED, KEXEC)
+
+
+@pytest.mark.parametrize(
+    ("name", "state", "observed", "expected"),
+    [
+        (
+            "as planned: the activated slot came up",
+            ACTIVATED,
+            Slot.B,
+            sm.plan_boot(ACTIVATED),
+        ),
+        (
+            "power cut before kexec: GRUB booted the good slot",
+            KEXEC_ACTIVATED,
+            Slot.A,
+            BootPlan(
+                Slot.A,
+                None,
+                committed=True,
+                consumes_try=False,
+                fallback=FallbackReason.BOOT_FAILED,
+                from_slot=Slot.B,
+            ),
+        ),
+        (
+            "uncommitted reboot, power cycle: GRUB skipped the tried slot",
+            UNCOMMITTED,
+            Slot.A,
+            sm.plan_boot(UNCOMMITTED),  # the plan already says: tries exhausted, A
+        ),
+        (
+            "commit reached GRUB but not the state: the committed slot came up again",
+            UNCOMMITTED,
+            Slot.B,
+            BootPlan(Slot.B, None, committed=False, consumes_try=False),
+        ),
+        (
+            "no pending boot and the good slot: nothing to reconcile",
+            COMMITTED_B,
+            Slot.B,
+            sm.plan_boot(COMMITTED_B),
+        ),
+    ],
+)
+def test_reconcile_boot(name: str, state: AgentState, observed: Slot, expected: BootPlan) -> None:
+    assert sm.reconcile_boot(state, sm.plan_boot(state), observed) == expected, name
+
+
+def test_reconcile_boot_refuses_a_slot_the_state_calls_empty() -> None:
+    with pytest.raises(ValueError, match="slot B, which the agent's state says is empty"):
+        sm.reconcile_boot(FACTORY, sm.plan_boot(FACTORY), Slot.B)
+
+
+def test_boot_id_survives_the_json_form() -> None:
+    s = replace(COMMITTED_B, boot_id="3f1c/2")
+    assert sm.from_json(sm.to_json(s)) == s
+    assert sm.from_json({**sm.to_json(COMMITTED_B), "boot_id": None}).boot_id is None
