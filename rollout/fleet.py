@@ -31,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,33 +160,53 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
 
 
 def _wait_ready(nodes: list[Node], timeout: float) -> None:
-    """Poll each agent's /healthz until all answer (synchronous: callers may be inside an
-    event loop, e.g. async tests, where asyncio.run is not allowed)."""
-    deadline = time.monotonic() + timeout
-    pending = {n.id: n for n in nodes}
     contexts: dict[str, ssl.SSLContext] = {}
+    targets: dict[str, tuple[str, ssl.SSLContext | None]] = {}
+    for node in nodes:
+        context = None
+        if node.ca_file is not None:
+            if node.ca_file not in contexts:
+                contexts[node.ca_file] = client_context(node.ca_file)
+            context = contexts[node.ca_file]
+        targets[node.id] = (f"{node.scheme}://{node.address}/healthz", context)
+    wait_healthz(targets, timeout, "agents", "see nodes/<id>/agent.log in the workdir")
+
+
+def wait_healthz(
+    targets: dict[str, tuple[str, ssl.SSLContext | None]],
+    timeout: float,
+    what: str,
+    hint: str,
+    *,
+    interval: float = 0.1,
+    alive: Callable[[str], str | None] = lambda _: None,
+) -> None:
+    """Poll each target's /healthz URL until all answer 200, within `timeout` seconds.
+
+    Synchronous: callers may be inside an event loop (async tests) where asyncio.run is
+    not allowed. `alive(name)` may return why a target can never answer (its process
+    died), which ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    pending = dict(targets)
     while pending:
-        for node_id, node in list(pending.items()):
-            url = f"{node.scheme}://{node.address}/healthz"
-            context = None
-            if node.ca_file is not None:
-                if node.ca_file not in contexts:
-                    contexts[node.ca_file] = client_context(node.ca_file)
-                context = contexts[node.ca_file]
+        for name, (url, context) in list(pending.items()):
+            dead = alive(name)
+            if dead is not None:
+                raise RuntimeError(f"{name}: {dead}")
             try:
                 with urllib.request.urlopen(url, timeout=2, context=context) as r:
                     if r.status == 200:
-                        del pending[node_id]
+                        del pending[name]
             except (urllib.error.URLError, OSError):
                 pass
         if not pending:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"agents did not answer within {timeout:g}s: {', '.join(sorted(pending))} "
-                "(see nodes/<id>/agent.log in the workdir)"
+                f"{what} did not answer within {timeout:g}s: {', '.join(sorted(pending))} ({hint})"
             )
-        time.sleep(0.1)  # polling interval, not a wait for an event
+        time.sleep(interval)  # polling interval, not a wait for an event
 
 
 def _openssl() -> str:

@@ -3,7 +3,8 @@
 The workload is a stdlib-only Python server started by the agent after each boot. It
 listens on ROLLOUT_WORKLOAD_HOST:ROLLOUT_WORKLOAD_PORT and answers `GET /healthz` with 200
 and its version, or with 500 when built with `bad=True` (a release that boots fine but
-fails its health check, the case a canary exists to catch).
+fails its health check, the case a canary exists to catch). With SAMPLE_MODE=crash it
+exits at once (the VM sample OS's bad release: its systemd unit fails).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ HOST = os.environ.get("ROLLOUT_WORKLOAD_HOST", "127.0.0.1")
 PORT = int(os.environ.get("ROLLOUT_WORKLOAD_PORT", "8080"))
 VERSION = os.environ.get("ROLLOUT_IMAGE_VERSION", "unknown")
 BAD = os.environ.get("SAMPLE_MODE") == "bad"
+if os.environ.get("SAMPLE_MODE") == "crash":  # a release that does not even start
+    raise SystemExit("sample workload: this build is broken on purpose")
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -20,9 +20,7 @@ import hashlib
 import json
 import os
 import secrets
-import time
-import urllib.error
-import urllib.request
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,29 +221,21 @@ def power_cut(wd: Path, node_id: str) -> bool:
 
 def wait_ready(wd: Path, timeout: float) -> None:
     """Wait until every VM's agent answers /healthz (polling with a deadline)."""
-    deadline = time.monotonic() + timeout
-    pending = dict(_vms(wd))
-    while pending:
-        for node_id, vm in list(pending.items()):
-            if not qemu.alive(int(vm["pid"])):
-                raise RuntimeError(
-                    f"{node_id}: QEMU exited; see {Path(vm['disk']).with_name('qemu.log')}"
-                )
-            try:
-                url = f"http://{vm['host']}:{guest.AGENT_PORT}/healthz"
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        del pending[node_id]
-            except (urllib.error.URLError, OSError):
-                pass
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"VMs did not answer within {timeout:g}s: {', '.join(sorted(pending))} (see "
-                "nodes/<id>/console.log in the workdir)"
-            )
-        time.sleep(0.5)  # polling interval, not a wait for an event
+    from rollout.fleet import wait_healthz
+
+    vms = _vms(wd)
+
+    def alive(node_id: str) -> str | None:
+        vm = vms[node_id]
+        if qemu.alive(int(vm["pid"])):
+            return None
+        return f"QEMU exited; see {Path(vm['disk']).with_name('qemu.log')}"
+
+    targets: dict[str, tuple[str, ssl.SSLContext | None]] = {
+        n: (f"http://{v['host']}:{guest.AGENT_PORT}/healthz", None) for n, v in vms.items()
+    }
+    wait_healthz(targets, timeout, "VMs", "see nodes/<id>/console.log in the workdir",
+                 interval=0.5, alive=alive)  # fmt: skip
 
 
 def down(workdir: str | os.PathLike[str]) -> int:

@@ -16,8 +16,8 @@ tree under the cache dir; later calls reuse it. The tree is made bootable from a
 - kernel modules are cut down to what a virtio machine needs, docs and caches removed.
 
 `sample_tree()` copies the base, adds the rollout package and the sample web service
-(a stdlib HTTP server on port 8080 answering /healthz with the image version, or 500 and
-an exit when bad), and `sample_image()` packs it as a root-filesystem image.
+(the same stdlib HTTP server as the emulated sample, run by systemd on port 8080; the bad
+build exits at start, so its unit fails), and `sample_image()` packs it as a root-filesystem image.
 
 Everything here runs on the host as root (debootstrap, chroot, mkfs.ext4 -d) and blocks.
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 import rollout
 from rollout.errors import InputError
 from rollout.model import Image
+from rollout.sample import WORKLOAD_PY
 
 SUITE = "trixie"
 COMPATIBLE = "rollout-vm-x86_64"
@@ -108,42 +109,13 @@ After=network.target
 
 [Service]
 ExecStart=/usr/bin/python3 /opt/sample-web/server.py
-Environment=SAMPLE_MODE={mode} SAMPLE_VERSION={version}
+Environment=SAMPLE_MODE={mode} ROLLOUT_IMAGE_VERSION={version}
+Environment=ROLLOUT_WORKLOAD_HOST=0.0.0.0 ROLLOUT_WORKLOAD_PORT={port}
 Restart=no
 
 [Install]
 WantedBy=multi-user.target
 """
-
-WEB_PY = '''\
-"""Sample web service: answers /healthz with the image version; a bad build exits."""
-import json
-import os
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-VERSION = os.environ.get("SAMPLE_VERSION", "unknown")
-if os.environ.get("SAMPLE_MODE") == "bad":
-    print("sample-web: this build is broken on purpose", file=sys.stderr)
-    sys.exit(1)
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"version": VERSION, "healthy": True}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-ThreadingHTTPServer.allow_reuse_address = True
-ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-'''
 
 _DROP = [
     "var/cache/apt", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
@@ -305,9 +277,11 @@ def sample_tree(dest: Path, version: str, *, bad: bool = False) -> Path:
     )  # fmt: skip
     app = dest / "opt/sample-web"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "server.py").write_text(WEB_PY)
+    (app / "server.py").write_text(WORKLOAD_PY)
     units = dest / "etc/systemd/system"
-    (units / SERVICE).write_text(WEB_SERVICE.format(mode="bad" if bad else "good", version=version))
+    (units / SERVICE).write_text(
+        WEB_SERVICE.format(mode="crash" if bad else "good", version=version, port=WORKLOAD_PORT)
+    )
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
     link = wants / SERVICE
