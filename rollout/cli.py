@@ -329,6 +329,7 @@ async def _statuses(nodes: tuple[Node, ...], workload_port: int) -> list[dict[st
             "staged": st.staged_digest,
             "boot_count": st.boot_count,
             "workload": st.workload,
+            **({"root": st.root_device} if st.root_device else {}),
             "healthy": healthy,
         }
 

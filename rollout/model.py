@@ -161,6 +161,7 @@ class NodeStatus:
     boot_count: int
     workload: str  # "running" | "stopped" | "failed" | "starting"
     busy: str | None = None  # "staging" | "activating" while the agent works on a request
+    root_device: str | None = None  # a real node: the device `/` is mounted from
 
     def runs(self, digest: str) -> bool:
         return self.booted_digest == digest

@@ -58,6 +58,7 @@ def parse_status(body: dict[str, Any]) -> NodeStatus:
         boot_count=int(body.get("boot_count", 0)),
         workload=str(workload.get("state", "unknown")),
         busy=body.get("busy"),
+        root_device=(body.get("backend") or {}).get("root_device"),
     )
 
 

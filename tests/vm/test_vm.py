@@ -164,6 +164,16 @@ def test_reboot_rollout_moves_both_vms_to_v2_with_one_boot_each(
         assert st["backend"]["grubenv"] == {
             "ORDER": "B A", "B_OK": "1", "B_TRY": "0", "A_OK": "1", "A_TRY": "0"}  # fmt: skip
         assert st["workload"]["units"] == {guest.SERVICE: "active"}
+    # What an operator sees: `rollout status` shows each node's real root device.
+    proc = subprocess.run(
+        [sys.executable, "-m", "rollout", "status", "--inventory", str(vms.inventory),
+         "--output", "json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["node"]: r for r in json.loads(proc.stdout)["nodes"]}
+    assert {r["root"] for r in rows.values()} == {SLOT_DEVICE["B"]}
+    assert all(r["healthy"] and r["version"] == "2.0.0" for r in rows.values())
 
 
 def test_kexec_rollout_boots_the_new_slot_without_grub(vms: VMFleet, tmp_path: Path) -> None:
