@@ -1,5 +1,13 @@
 """The agent runtime: applies the pure transitions of state.py, persists, then acts.
 
+What touches the machine is a backend (backend.py): `emulated` (the process is the
+machine) or `disk` (a real Linux node: block-device slots, GRUB, systemctl). The runtime
+is the same for both: the state machine, persistence, leases, busy, the commit deadline
+and the fallback decisions. The text below describes the emulated timeline; on a disk
+node a "re-exec" is a real reboot/kexec/soft-reboot (`SwitchResult.WAIT`), the booted
+slot is observed rather than planned (`state.reconcile_boot`), and a restart of the agent
+within one boot counts nothing.
+
 Rule: every state change goes `new = transition(state)`, `store.save(new)`, then side
 effects (start/stop the workload, arm the deadline, re-exec). So after a crash the next
 start finds a state that already says what was being done.
@@ -146,6 +154,11 @@ class Agent:
         if identity is not None and identity == loaded.boot_id:
             # The agent restarted; the machine did not boot: count nothing, resume.
             log.info("agent_restart", boot_id=identity, slot=str(loaded.booted))
+            if loaded.pending is not None and loaded.pending.tries_left > 0:
+                # A switch was persisted but this boot is still running: it never
+                # happened. Whatever the bootloader was told, the next boot is reconciled.
+                log.warning("switch_lost", slot=str(loaded.pending.slot))
+                self._save(replace(loaded, pending=None))
             await self.backend.after_boot(loaded)
             self._start_workload()
             self._arm_deadline()
