@@ -190,6 +190,49 @@ def image_sample_os(output: str, version: str, bad: bool) -> None:
     click.echo(img.digest)
 
 
+@image.command("keygen")
+@click.argument("prefix", type=click.Path(dir_okay=False))
+def image_keygen(prefix: str) -> None:
+    """Make an ed25519 key pair: PREFIX.key (private, 0600) and PREFIX.pub (public)."""
+    from rollout.signing import keygen, load_public
+
+    private, public = keygen(Path(prefix))
+    click.echo(f"private key {private} (keep it secret), public key {public} "
+               f"(key id {load_public(public).key_id}); give nodes the public key")  # fmt: skip
+
+
+@image.command("sign")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Private key (PEM) from `rollout image keygen`.")  # fmt: skip
+@click.option("--output", type=click.Path(dir_okay=False), help="[default: FILE.sig]")
+def image_sign(file: str, key_path: str, output: str | None) -> None:
+    """Sign FILE's digest and manifest; adds to an existing signature file (key rotation)."""
+    from rollout.signing import image_payload, load_private, read_signature, sign, signature_path
+
+    out = Path(output) if output else signature_path(file)
+    payload = image_payload(load_image(file))
+    existing = read_signature(out) if out.exists() else None
+    doc = sign(payload, load_private(Path(key_path)), existing)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out)
+    click.echo(f"{out}: {len(doc['signatures'])} signature(s) over {payload.digest}")
+
+
+@image.command("verify")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--key", "keys", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Trusted public key (PEM); repeat for several.")  # fmt: skip
+@click.option("--signature", type=click.Path(dir_okay=False), help="[default: FILE.sig]")
+def image_verify(file: str, keys: tuple[str, ...], signature: str | None) -> None:
+    """Check FILE's signature against trusted keys: exit 0 when good, 2 when not."""
+    from rollout.signing import load_signed_image
+
+    img = load_signed_image(file, keys, signature)
+    click.echo(f"{file}: good signature for {img.name} {img.version} ({img.digest})")
+
+
 @image.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 def image_inspect(file: str) -> None:
@@ -463,11 +506,15 @@ def run_rollout(
     stop_after: str | None = None,
     junit: str | None = None,
     console: Console | None = None,
+    trusted_keys: tuple[str, ...] = (),
+    signature: str | None = None,
 ) -> RolloutResult:
     """Load inputs, run (or resume) the rollout in the foreground, return its result."""
+    from rollout.signing import load_signed_image
+
     inv = load_inventory(inventory_path)
     pol = load_policy(policy_path)
-    img = load_image(image_path)
+    img = load_signed_image(image_path, trusted_keys, signature)
     batches = plan_batches(inv.nodes, pol)
     stop_batch = _stop_batch(stop_after, batches)
     token = _listen_token(listen, token_file)
@@ -657,6 +704,19 @@ def print_result(result: RolloutResult, console: Console) -> None:
     type=click.Path(dir_okay=False),
     help="Journal file (SQLite); running again with it resumes an unfinished rollout.",
 )
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="ed25519 public key (PEM): IMAGE must be signed by it (or by another --trusted-key) "
+    "before any node is touched; exit 2 otherwise.",
+)
+@click.option(
+    "--signature",
+    type=click.Path(dir_okay=False),
+    help="Signature file of IMAGE [default: IMAGE.sig when it exists]; sent to the agents.",
+)
 def run(
     inventory_path: str,
     policy_path: str,
@@ -673,6 +733,8 @@ def run(
     tls_key: str | None,
     stop_after: str | None,
     junit: str | None,
+    trusted_keys: tuple[str, ...],
+    signature: str | None,
 ) -> None:
     """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
     console = make_console()
@@ -691,6 +753,8 @@ def run(
         tls_key=tls_key,
         stop_after=stop_after,
         junit=junit,
+        trusted_keys=trusted_keys,
+        signature=signature,
     )
     if output == "json":
         click.echo(json.dumps(_result_json(result), indent=2))

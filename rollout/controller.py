@@ -172,6 +172,7 @@ class Controller:
                     "name": image.name,
                     "version": image.version,
                     "size": image.size,
+                    "signature": image.signature,  # public: travels to every agent
                 },
                 "inventory": [_node_json(n) for n in nodes],
                 "batches": [

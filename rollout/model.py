@@ -133,6 +133,7 @@ class Image:
     name: str
     version: str
     size: int
+    signature: str | None = None  # X-Image-Signature value (base64 of IMAGE.sig), if signed
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ STATUS_OF: dict[str, int] = {
     "bad_image": 422,
     "unsafe_image": 422,
     "incompatible": 422,
+    "unsigned": 422,
+    "bad_signature": 422,
     "booted_slot": 409,
     "bad_slot": 500,
     "bootloader": 500,
@@ -161,7 +163,10 @@ async def put_image(request: web.Request) -> web.Response:
         except (ConnectionError, ClientPayloadError) as exc:
             raise AgentError("upload_incomplete", f"the image upload broke off: {exc}") from None
 
-    result = await request.app[AGENT_KEY].stage(digest.strip(), body(), lease=lease)
+    signature = request.headers.get("X-Image-Signature")
+    result = await request.app[AGENT_KEY].stage(
+        digest.strip(), body(), lease=lease, signature=signature
+    )
     return web.json_response(result)
 
 

@@ -200,6 +200,14 @@ def reexec() -> None:
     default=None,
     help="PEM private key of --tls-cert.",
 )
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="ed25519 public key (PEM) an image must be signed by; repeat to trust several "
+    "(key rotation). Without one, images are checked by digest only.",
+)
 def agent(
     config_file: Path | None,
     listen: str | None,
@@ -214,6 +222,7 @@ def agent(
     workload_grace: float,
     tls_cert: Path | None,
     tls_key: Path | None,
+    trusted_keys: tuple[Path, ...],
 ) -> None:
     """Run the node agent: A/B slots, boot counting, workload, HTTP API."""
     configure_logging()
@@ -244,6 +253,7 @@ def agent(
             kernel_delay=kernel_delay,
             commit_deadline=commit_deadline,
             workload_grace=workload_grace,
+            trusted_keys=tuple(str(k.absolute()) for k in trusted_keys),
         )
         action = asyncio.run(serve(config, ssl_context))
     except InputError as exc:
@@ -274,5 +284,6 @@ def _disk_config(path: Path, node_id: str | None) -> tuple[AgentConfig, ssl.SSLC
         workload_port=disk.workload_port,
         commit_deadline=disk.commit_deadline,
         disk=disk,
+        trusted_keys=tuple(disk.trusted_keys),
     )
     return config, optional_server_context(*tls)

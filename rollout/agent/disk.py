@@ -94,6 +94,10 @@ class DiskConfig(BaseModel):
     workload_port: int = Field(8080, ge=1, le=65535, description="Port reported in status.")
     tls_cert: str | None = None
     tls_key: str | None = None
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="ed25519 public keys (PEM files); when set, images must be signed.",
+    )
 
     @field_validator("slots")
     @classmethod

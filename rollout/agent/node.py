@@ -56,6 +56,10 @@ from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Sl
 from rollout.agent.store import Store
 from rollout.errors import InputError
 from rollout.model import ActivationMode
+from rollout.signing import HEADER as SIGNATURE_HEADER
+from rollout.signing import Payload, SignatureError, load_keys
+from rollout.signing import decode as decode_signature
+from rollout.signing import verify as verify_signature
 
 if TYPE_CHECKING:
     from rollout.agent.disk import DiskConfig
@@ -84,6 +88,7 @@ class AgentConfig:
     commit_deadline: float = 300.0
     workload_grace: float = 1.0
     disk: DiskConfig | None = None  # set: the disk backend (a real node), else emulated
+    trusted_keys: tuple[str, ...] = ()  # public key files: images must be signed by one
 
 
 class Agent:
@@ -94,6 +99,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self.exit_action = ExitAction.EXIT
         self.backend: Backend = self._make_backend()
+        self.trusted = load_keys(config.trusted_keys)
         self._state: AgentState | None = None
         self._deadline: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -367,8 +373,41 @@ class Agent:
         self._check_not_busy()
         self.busy = what
 
+    def _check_signature(self, signature: str | None, digest: str) -> Payload | None:
+        """With trusted keys: the signed payload, verified before a byte is read."""
+        if not self.trusted:
+            return None
+        kind = "rootfs" if self.backend.kind == "disk" else "tree"
+        try:
+            if signature is None:
+                raise SignatureError(
+                    "unsigned",
+                    f"this node only takes signed images ({SIGNATURE_HEADER} is missing)",
+                )
+            payload = verify_signature(decode_signature(signature), self.trusted, digest=digest)
+            if payload.kind != kind:
+                raise SignatureError(
+                    "bad_signature", f"the signature is for a {payload.kind} image; this node "
+                    f"takes {kind} images",
+                )  # fmt: skip
+            node_compatible = self.config.disk.compatible if self.config.disk else None
+            if node_compatible is not None and payload.compatible != node_compatible:
+                raise SignatureError(
+                    "bad_signature", f"the signature is for {payload.compatible!r} images; "
+                    f"this node is {node_compatible!r}",
+                )  # fmt: skip
+        except SignatureError as exc:
+            log.warning("stage_refused", error=exc.code, message=str(exc), digest=digest)
+            raise AgentError(exc.code, str(exc), written=False) from None
+        return payload
+
     async def stage(
-        self, digest: str, body: AsyncIterable[bytes], *, lease: str | None = None
+        self,
+        digest: str,
+        body: AsyncIterable[bytes],
+        *,
+        lease: str | None = None,
+        signature: str | None = None,
     ) -> dict[str, Any]:
         """Stream an image into the inactive slot, verify `digest`, unpack, stage it."""
         self.check_lease(lease, "stage")
@@ -378,6 +417,7 @@ class Agent:
                 "X-Image-Digest: expected 'sha256:' and 64 lowercase hex digits",
                 field="X-Image-Digest",
             )
+        payload = self._check_signature(signature, digest)
         self._check_not_busy()
         slot = sm.stage_target(self.state, digest)
         if slot is None:
@@ -391,12 +431,12 @@ class Agent:
             return {**_stage_body(staged, image), "bytes": 0, "written": False}
         self._claim(Busy.STAGING)
         try:
-            return await self._write_slot(slot, digest, body)
+            return await self._write_slot(slot, digest, body, payload)
         finally:
             self.busy = None
 
     async def _write_slot(
-        self, slot: Slot, digest: str, body: AsyncIterable[bytes]
+        self, slot: Slot, digest: str, body: AsyncIterable[bytes], payload: Payload | None
     ) -> dict[str, Any]:
         before = self.state
         self._save(sm.begin_stage(self.state, slot))
@@ -417,6 +457,16 @@ class Agent:
                     self._save(replace(before, lease=self.state.lease))
                     ok = True
                 raise
+            if payload is not None and (payload.name, payload.version) != (
+                image.name,
+                image.version,
+            ):
+                log.warning("stage_refused", slot=str(slot), error="bad_signature")
+                raise AgentError(
+                    "bad_signature",
+                    f"the signature is for {payload.name} {payload.version}; the image is "
+                    f"{image.name} {image.version}",
+                )
             self._save(sm.finish_stage(self.state, slot, image))
             ok = True
         finally:

@@ -190,6 +190,8 @@ class AgentDriver:
             "Content-Type": "application/octet-stream",
             "Content-Length": str(image.size),
         }
+        if image.signature is not None:
+            headers["X-Image-Signature"] = image.signature
         try:
             async with self._http().put(
                 self._url(node, "/v1/image"),

@@ -57,7 +57,7 @@ PACKAGES = [
     "systemd", "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools",
     "kexec-tools", "e2fsprogs", "util-linux", "iproute2", "python3", "python3-aiohttp",
     "python3-tenacity", "python3-prometheus-client", "python3-structlog", "python3-pydantic",
-    "python3-yaml", "python3-click", "python3-rich",
+    "python3-yaml", "python3-click", "python3-rich", "python3-cryptography",
 ]  # fmt: skip
 # Kernel modules kept (with their dependencies): a virtio machine on ext4.
 MODULES = [
