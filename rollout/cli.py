@@ -291,6 +291,13 @@ def fleet_group() -> None:
     help="Agents serve HTTPS: make a private CA (WORKDIR/ca.pem) and one certificate per "
     "node with the openssl command, and write ca_file into the inventory.",
 )
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="ed25519 public key (PEM) the agents require images to be signed by; repeat for several.",
+)
 def fleet_up(
     nodes: int | None,
     workdir: str,
@@ -304,6 +311,7 @@ def fleet_up(
     kernel_delay: float,
     commit_deadline: float,
     tls: bool,
+    trusted_keys: tuple[str, ...],
 ) -> None:
     """Start N agents booted on IMAGE and write WORKDIR/inventory.yaml."""
     if vm:
@@ -314,6 +322,7 @@ def fleet_up(
             base_address=base_address or "127.0.0.20",
             memory=memory,
             commit_deadline=commit_deadline,
+            trusted_keys=trusted_keys,
         )
         click.echo("building or reusing the VM images and disks, then booting (~1 min)...")
         inventory = vm_fleet.up(workdir, image_path, vm_opts)
@@ -331,6 +340,7 @@ def fleet_up(
         kernel_delay=kernel_delay,
         commit_deadline=commit_deadline,
         tls=tls,
+        trusted_keys=trusted_keys,
     )
     inventory = fleet.up(workdir, image_path, opts)
     click.echo(f"{nodes} agents up{' (HTTPS)' if tls else ''}; inventory: {inventory}")

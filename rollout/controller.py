@@ -8,7 +8,14 @@ Both front ends use it: `rollout run` (one rollout in the foreground) and `rollo
   agents' leases, run the engine, keep locks and leases renewed while it runs, release
   them when the rollout finishes;
 - commands: pause, resume, abort, retry, rollback, each checked against the rollout's
-  phase (an illegal one raises `IllegalCommand` and changes nothing) and journaled.
+  phase (an illegal one raises `IllegalCommand` and changes nothing) and journaled;
+- wait-gate signals, by the token-authenticated path or by each gate's pre-signed URL
+  (`signal_paths`, `signal_by_secret`; the secret is derived from the signal key beside
+  the state file, never journaled: rollout.gates.handles).
+
+The service creates with `create_claimed`: every node's agent lease is taken for the new
+rollout before anything is journaled, so a rollout of another controller (another state
+file) over those nodes is refused at once (LockConflict naming it), not left pending.
 
 A crashed controller resumes by calling `execute` again on the unfinished rollout: the
 engine reconciles each node's journaled phase with its agent's status.
@@ -31,6 +38,7 @@ from rollout.drivers.base import Refused, TransportError
 from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
+from rollout.gates.handles import SignalKey, signal_path
 from rollout.gates.notify import Notifier
 from rollout.gates.signals import GateBoxes, Signal, parse_signal
 from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
@@ -53,6 +61,11 @@ class UnknownRollout(KeyError):
 
 class UnknownGate(LookupError):
     """The rollout's policy has no such gate (HTTP 404)."""
+
+
+class UnknownSignalURL(LookupError):
+    """A pre-signed signal URL that is not one: wrong secret, rollout or gate (HTTP 404,
+    the same answer whichever part was wrong)."""
 
 
 def _node_json(node: Node) -> dict[str, Any]:
@@ -125,6 +138,10 @@ def check_tokens(nodes: Sequence[Node]) -> None:
             client_context(node.ca_file, option=f"node {node.id}: ca_file")
 
 
+def new_rollout_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 class Controller:
     def __init__(
         self,
@@ -132,8 +149,12 @@ class Controller:
         observer_for: Callable[[str], Observer] = lambda rollout_id: lambda event: None,
         lock_ttl: float = LOCK_TTL,
         reach_timeout: float = REACH_TIMEOUT,
+        signal_key: SignalKey | None = None,
     ) -> None:
         self.store = store
+        # The key of the wait gates' signal URLs: beside the state file by default.
+        path = getattr(store, "path", ":memory:")
+        self.signal_key = signal_key or SignalKey.beside(str(path))
         self.observer_for = observer_for  # each rollout's engine reports to its own observer
         self.lock_ttl = lock_ttl
         self.reach_timeout = reach_timeout
@@ -151,13 +172,16 @@ class Controller:
         image: Image,
         policy_name: str = "",
         by: str = "cli",
+        rollout_id: str | None = None,
     ) -> RolloutState:
         """Plan and journal a new rollout, locking its nodes; LockConflict if overlapping."""
         if not nodes:
             raise InputError("the rollout selects no nodes")
         check_tokens(nodes)  # refuse before anything is journaled or locked
-        rollout_id = uuid.uuid4().hex[:12]
+        rollout_id = rollout_id or new_rollout_id()
         batches = plan_batches(nodes, policy)
+        if any(g.kind == "wait" for g in policy.gates):
+            self.signal_key.key()  # an unusable key file is refused before anything
         self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)
         self.store.append(
             rollout_id,
@@ -183,6 +207,39 @@ class Controller:
         )
         return load_state(self.store, rollout_id)
 
+    async def create_claimed(
+        self,
+        nodes: Sequence[Node],
+        policy: Policy,
+        image: Image,
+        policy_name: str = "",
+        by: str = "api",
+    ) -> RolloutState:
+        """`create`, after taking every node's agent lease for the new rollout.
+
+        Another rollout's lease in force on any node (that of another controller, sharing
+        nothing but the nodes, or of this one) raises LockConflict naming it and until
+        when; then the leases just taken are released, and nothing is journaled or locked.
+        An unreachable node is not a refusal (the engine deals with it, as on a resume).
+        """
+        if not nodes:
+            raise InputError("the rollout selects no nodes")
+        check_tokens(nodes)  # the lease requests need the tokens
+        plan_batches(nodes, policy)
+        rollout_id = new_rollout_id()
+        driver = AgentDriver(lease_holder=rollout_id)
+        try:
+            try:
+                await self._lease_all(driver, list(nodes), rollout_id)
+                return self.create(nodes, policy, image, policy_name, by, rollout_id)
+            except BaseException:
+                await self._release_all(driver, list(nodes), rollout_id)
+                raise
+        except Refused as exc:  # e.g. the inventory's token for a node is not the agent's
+            raise InputError(f"an agent refused the new rollout's lease: {exc}") from None
+        finally:
+            await driver.close()
+
     def state(self, rollout_id: str) -> RolloutState:
         try:
             return load_state(self.store, rollout_id)
@@ -205,7 +262,10 @@ class Controller:
         async def run() -> RolloutResult:
             if previous is not None and not previous.done():
                 await asyncio.wait({previous})
-            return await self.execute(rollout_id, action=action)
+            try:
+                return await self.execute(rollout_id, action=action)
+            except LockConflict as exc:  # e.g. a resume finds a node leased to another
+                return self._halt_on_conflict(rollout_id, exc)
 
         task = asyncio.create_task(run(), name=rollout_id)
         self.tasks[rollout_id] = task
@@ -271,7 +331,11 @@ class Controller:
         nodes = list(loaded.nodes.values())
         try:
             self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)
-            await self._lease_all(driver, nodes, rollout_id)
+            try:
+                await self._lease_all(driver, nodes, rollout_id)
+            except LockConflict:
+                await self._release_all(driver, nodes, rollout_id)  # those it did take
+                raise
             async with self._renewing(driver, nodes, rollout_id):
                 if action is not None:
                     result: RolloutResult = await action(engine)
@@ -284,6 +348,19 @@ class Controller:
         finally:
             await driver.close()
             self.engines.pop(rollout_id, None)
+
+    def _halt_on_conflict(self, rollout_id: str, exc: LockConflict) -> RolloutResult:
+        """A background rollout that cannot take its nodes does not sit silent: it halts,
+        naming the holder and until when (retry it once that rollout is done)."""
+        state = self.state(rollout_id)
+        message = f"cannot take its nodes: {exc}; then retry"
+        if not state.finished:
+            self.store.append(rollout_id, "phase", {"phase": "halted", "message": message})
+            self.store.unlock(rollout_id)
+            self.observer_for(rollout_id)(
+                RolloutPhaseChanged(rollout_id, RolloutPhase.HALTED, message)
+            )
+        return RolloutResult(rollout_id, RolloutPhase.HALTED, message, rebuild(state).records)
 
     def boxes_of(self, rollout_id: str) -> GateBoxes:
         """The rollout's gate boxes; on first use, refilled with the signals and approvals
@@ -334,6 +411,33 @@ class Controller:
         )
         return boxes.signals(gate).add(sig)
 
+    def signal_paths(self, rollout_id: str) -> dict[str, str]:
+        """The pre-signed signal path of each wait gate of the rollout (reveal these only
+        to a token holder: the path is the credential)."""
+        policy = rebuild(self.state(rollout_id)).policy
+        return {
+            g.name: signal_path(rollout_id, g.name, self.signal_key.secret(rollout_id, g.name))
+            for g in policy.gates
+            if g.kind == "wait"
+        }
+
+    def check_signal_secret(self, rollout_id: str, gate: str, secret: str) -> None:
+        """UnknownSignalURL unless `secret` is the secret of this wait gate of this rollout.
+
+        The secret is compared (in constant time) before the rollout is looked up, and every
+        wrong part raises the same error."""
+        if not self.signal_key.matches(rollout_id, gate, secret):
+            raise UnknownSignalURL("no such signal URL")
+        try:
+            self._gate(rollout_id, gate, ("wait",))
+        except (UnknownRollout, UnknownGate, IllegalCommand):
+            raise UnknownSignalURL("no such signal URL") from None
+
+    def signal_by_secret(self, rollout_id: str, gate: str, secret: str, body: object) -> Signal:
+        """A signal through the gate's pre-signed URL: `check_signal_secret`, then `signal`."""
+        self.check_signal_secret(rollout_id, gate, secret)
+        return self.signal(rollout_id, gate, body)
+
     def decide(self, rollout_id: str, gate: str, approved: bool, by: str, reason: str = "") -> str:
         """Approve or reject an approval gate (or an inconclusive analysis)."""
         state = self.state(rollout_id)
@@ -376,6 +480,15 @@ class Controller:
                 pass  # unreachable now (perhaps rebooting); the engine deals with it
 
         outcomes = await asyncio.gather(*(one(n) for n in nodes), return_exceptions=True)
+        conflicts = [o for o in outcomes if isinstance(o, LockConflict)]
+        if conflicts:  # one answer naming a holder and all of its nodes
+            first = conflicts[0]
+            mine = [c for c in conflicts if c.holder == first.holder]
+            raise LockConflict(
+                first.holder,
+                [n for c in mine for n in c.nodes],
+                max(c.expires_in for c in mine),
+            ) from first
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

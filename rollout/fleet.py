@@ -62,6 +62,7 @@ class FleetOptions:
     commit_deadline: float = 300.0
     ready_timeout: float = 30.0
     tls: bool = False  # agents serve HTTPS with certificates from a private CA
+    trusted_keys: tuple[str, ...] = ()  # public keys the agents require signatures by
 
 
 def _addresses(base: str, count: int) -> list[str]:
@@ -137,6 +138,7 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
             "--kernel-delay", str(opts.kernel_delay),
             "--commit-deadline", str(opts.commit_deadline),
             *tls.get(node_id, []),
+            *[a for k in opts.trusted_keys for a in ("--trusted-key", str(Path(k).resolve()))],
         ]  # fmt: skip
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -71,16 +71,27 @@ class Entry:
 
 
 class LockConflict(InputError):
-    """Nodes are locked by another rollout."""
+    """Nodes are locked by another rollout (in this state file, or by its agent lease).
 
-    def __init__(self, holder: str, nodes: Sequence[str], expires_in: float) -> None:
+    ``expires_at`` (wall clock) is when the holder's lock lapses unless its controller
+    renews it, which a live controller does every third of its ttl.
+    """
+
+    def __init__(
+        self, holder: str, nodes: Sequence[str], expires_in: float, now: float | None = None
+    ) -> None:
         shown = ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else "")
+        self.expires_in = max(0.0, expires_in)
+        self.expires_at = (time.time() if now is None else now) + self.expires_in
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at))
         super().__init__(
-            f"node(s) {shown} belong to rollout {holder}, which is not finished (lock lease "
-            f"expires in {expires_in:.0f}s); finish, abort or roll it back first"
+            f"node(s) {shown} belong to rollout {holder}, which is not finished (its lock "
+            f"lease expires in {self.expires_in:.0f}s, at {until}, unless its controller "
+            "renews it); finish, abort or roll it back first"
         )
         self.holder = holder
         self.nodes = tuple(nodes)
+        self.until = until
 
 
 class Store(Protocol):

@@ -72,7 +72,9 @@ def make_fleet(tmp_path: Path, images: SampleImages) -> Iterator[Callable[..., L
     """Start real local fleets (agent processes on fresh loopback addresses); stop them after."""
     started: list[Path] = []
 
-    def make(count: int, image: Image | None = None, **opts: float) -> LocalFleet:
+    def make(
+        count: int, image: Image | None = None, trusted_keys: tuple[str, ...] = (), **opts: float
+    ) -> LocalFleet:
         workdir = tmp_path / f"fleet-{len(started)}"
         options = FleetOptions(
             nodes=count,
@@ -80,6 +82,7 @@ def make_fleet(tmp_path: Path, images: SampleImages) -> Iterator[Callable[..., L
             firmware_delay=opts.pop("firmware_delay", 0.2),
             kernel_delay=opts.pop("kernel_delay", 0.1),
             commit_deadline=opts.pop("commit_deadline", 120.0),
+            trusted_keys=trusted_keys,
         )
         started.append(workdir)
         inventory = fleet.up(workdir, (image or images.v1).path, options)

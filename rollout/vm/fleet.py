@@ -48,6 +48,7 @@ class VMFleetOptions:
     memory: int = qemu.MEMORY_MIB
     commit_deadline: float = 300.0
     ready_timeout: float = 300.0
+    trusted_keys: tuple[str, ...] = ()  # public keys the agents require signatures by
 
 
 def _code_key() -> str:
@@ -84,8 +85,10 @@ def base_disk(image_path: Path) -> tuple[Path, str]:
     return path, image.digest
 
 
-def agent_config(node_id: str, commit_deadline: float) -> dict[str, Any]:
+def agent_config(node_id: str, commit_deadline: float, keys: int = 0) -> dict[str, Any]:
+    trusted = [f"{guest.DATA_MOUNT}/trusted/key-{i}.pub" for i in range(keys)]
     return {
+        **({"trusted_keys": trusted} if trusted else {}),
         "listen": f"0.0.0.0:{guest.AGENT_PORT}",
         "node_id": node_id,
         "token_file": f"{guest.DATA_MOUNT}/{DATA_TOKEN}",
@@ -140,9 +143,13 @@ def up(workdir: str | os.PathLike[str], image_path: str | None, opts: VMFleetOpt
         nd = wd / "nodes" / node_id
         nd.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes | str] = {
-            "agent.yaml": yaml.safe_dump(agent_config(node_id, opts.commit_deadline)),
+            "agent.yaml": yaml.safe_dump(
+                agent_config(node_id, opts.commit_deadline, len(opts.trusted_keys))
+            ),
             DATA_TOKEN: token + "\n",
         }
+        for k, key in enumerate(opts.trusted_keys):
+            files[f"trusted/key-{k}.pub"] = Path(key).read_bytes()
         for rel, content in provision(digest, manifest).items():
             files[f"{AGENT_STATE}/{rel}"] = content
         data = disk.data_partition(nd / "data.ext4", files)

@@ -58,6 +58,7 @@ PACKAGES = [
     "kexec-tools", "e2fsprogs", "util-linux", "iproute2", "python3", "python3-aiohttp",
     "python3-tenacity", "python3-prometheus-client", "python3-structlog", "python3-pydantic",
     "python3-yaml", "python3-click", "python3-rich", "python3-cryptography",
+    "python3-cffi-backend",  # debootstrap does not resolve the virtual package cryptography needs
 ]  # fmt: skip
 # Kernel modules kept (with their dependencies): a virtio machine on ext4.
 MODULES = [

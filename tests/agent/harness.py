@@ -131,11 +131,18 @@ class AgentProc:
         return await eventually(probe, what=what, timeout=timeout)
 
     async def stage(
-        self, image_path: str, digest: str, *, lease: str | None = None
+        self,
+        image_path: str,
+        digest: str,
+        *,
+        lease: str | None = None,
+        signature: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         headers = {"X-Image-Digest": digest}
         if lease is not None:
             headers["X-Rollout-Lease"] = lease
+        if signature is not None:
+            headers["X-Image-Signature"] = signature
         fh = await asyncio.to_thread(open, image_path, "rb")
         try:  # streamed from the file, as the controller does
             code, body, _ = await self.request("PUT", "/v1/image", data=fh, headers=headers)
