@@ -107,8 +107,10 @@ def test_run_with_trusted_key_refuses_an_unsigned_image_before_touching_a_node(
     fl = make_fleet(2, image=images.v1)
     state = tmp_path / "state.db"
     policy = str(write_policy(tmp_path))
-    proc = rollout("run", "--inventory", str(fl.inventory), "--policy", policy,
-                   "--image", images.v2.path, "--trusted-key", str(pub), "--state", str(state))  # fmt: skip
+    proc = rollout(
+        "run", "--inventory", str(fl.inventory), "--policy", policy, "--image", images.v2.path,
+        "--trusted-key", str(pub), "--state", str(state),
+    )  # fmt: skip
     assert proc.returncode == 2 and "not signed" in proc.stderr
     assert all(row["version"] == "1.0.0" and row["staged"] is None
                for row in status_json(fl.inventory).values())  # fmt: skip
