@@ -12,6 +12,7 @@ rules; a backend owns everything that touches the machine:
 
 The contract, in the order the runtime calls it:
 
+    recover(state)         clean up what a killed previous agent process left behind
     boot_identity()        None (every agent start is a boot) or an id of the running
                            kernel boot; the same id as the state's `boot_id` means the
                            agent restarted without a boot, so nothing is counted again
@@ -54,6 +55,10 @@ class Backend(Protocol):
 
     def factory_state(self) -> AgentState:
         """The first state of a node that has none yet (InputError when it cannot)."""
+        ...
+
+    def recover(self, state: AgentState) -> None:
+        """At agent start: clean up after a previous process that died (blocking)."""
         ...
 
     def boot_identity(self) -> str | None: ...

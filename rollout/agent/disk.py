@@ -385,6 +385,10 @@ class DiskBackend:
             "slot A and its state, as `rollout fleet up --vm` does; see docs/real-nodes.md)"
         )
 
+    def recover(self, state: AgentState) -> None:
+        """Nothing to clean: a half-written slot is already OK=0 and empty in the state,
+        and the workload belongs to systemd, not to this process."""
+
     def boot_identity(self) -> str | None:
         try:
             boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()

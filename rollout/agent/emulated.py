@@ -17,16 +17,20 @@ import os
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from rollout.agent import state as sm
 from rollout.agent.backend import IsCommitted, OnWorkloadFailed, SwitchResult
 from rollout.agent.state import AgentError, AgentState, Slot, SlotImage
 from rollout.agent.store import Store
-from rollout.agent.workload import Supervisor, WorkloadSpec
+from rollout.agent.workload import Supervisor, WorkloadSpec, reap_leftover
 from rollout.errors import InputError
 from rollout.model import ActivationMode
 
 if TYPE_CHECKING:
     from rollout.agent.node import AgentConfig
+
+log = structlog.get_logger("rollout.agent")
 
 _WRITE_CHUNK = 1 << 20
 
@@ -46,6 +50,7 @@ class EmulatedBackend:
         self.store = store
         self.workload = Supervisor(
             log_path=store.log_path,
+            pid_path=store.workload_pid_path,
             port=config.workload_port,
             grace=config.workload_grace,
             should_restart=is_committed,
@@ -60,6 +65,13 @@ class EmulatedBackend:
             )
         image = self.store.install_file(Slot.A, self.config.image)
         return sm.factory_state(image)
+
+    def recover(self, state: AgentState) -> None:
+        """A previous agent process may have died (SIGKILL): stop the workload it left,
+        which still holds the port, and drop half-written slot files."""
+        reap_leftover(self.store.workload_pid_path)
+        for path in self.store.remove_partial(state):
+            log.warning("partial_removed", path=path)
 
     def boot_identity(self) -> str | None:
         return None

@@ -153,6 +153,7 @@ class Agent:
         if loaded is None:
             loaded = await asyncio.to_thread(self._factory_install)
         self._state = loaded
+        await asyncio.to_thread(self.backend.recover, loaded)
         log.info(
             "agent_start", pid=os.getpid(), node_id=self.config.node_id, backend=self.backend.kind
         )

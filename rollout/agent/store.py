@@ -80,6 +80,35 @@ class Store:
 
     # --- slots -------------------------------------------------------------------------
 
+    @property
+    def workload_pid_path(self) -> Path:
+        return self.dir / "workload.pid"
+
+    def remove_partial(self, state: AgentState) -> list[str]:
+        """After a crash: drop half-written files, and slot dirs the state calls empty."""
+        removed = []
+        for slot in Slot:
+            d = self.slot_dir(slot)
+            if not d.exists():
+                continue
+            if state.slot(slot) is None:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+                continue
+            for name in ("image.tar.part", "root.part"):
+                part = d / name
+                if part.is_dir():
+                    shutil.rmtree(part, ignore_errors=True)
+                    removed.append(str(part))
+                elif part.exists():
+                    part.unlink()
+                    removed.append(str(part))
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+            removed.append(str(tmp))
+        return removed
+
     def clear_slot(self, slot: Slot) -> None:
         shutil.rmtree(self.slot_dir(slot), ignore_errors=True)
 

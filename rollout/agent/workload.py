@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +69,14 @@ class Supervisor:
         *,
         log_path: Path,
         port: int,
+        pid_path: Path | None = None,
         grace: float,
         should_restart: Callable[[], bool],
         on_failed: Callable[[int, float], None],
         stop_timeout: float = 5.0,
     ) -> None:
         self.log_path = log_path
+        self.pid_path = pid_path
         self.port = port
         self.grace = grace
         self.stop_timeout = stop_timeout
@@ -129,6 +133,8 @@ class Supervisor:
             log.error("workload_spawn_failed", command=list(spec.command), error=str(exc))
             return SPAWN_FAILED
         self._proc, self.pid = proc, proc.pid
+        if self.pid_path is not None:
+            await asyncio.to_thread(write_pidfile, self.pid_path, proc.pid)
         log.info("workload_started", pid=proc.pid, command=list(spec.command))
         waiter = loop.create_task(proc.wait())
         try:
@@ -180,6 +186,47 @@ class Supervisor:
             _killpg(proc.pid, signal.SIGKILL)  # whatever else is left in its group
         self.pid = None
         self.state = WorkloadState.STOPPED
+        if self.pid_path is not None:
+            self.pid_path.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pidfile(path: Path, pid: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": pid, "start": _start_time(pid)}) + "\n")
+    os.replace(tmp, path)
+
+
+def reap_leftover(path: Path, timeout: float = 5.0) -> int | None:
+    """Stop the workload a previous agent process left running (it was SIGKILLed, so its
+    child, in a session of its own, lived on and holds the port). Only the process the
+    pidfile names, and only if it is still that process (same start time). Returns its
+    pid when one was stopped. Blocking."""
+    try:
+        data = json.loads(path.read_text())
+        pid, start = int(data["pid"]), data.get("start")
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    found = None
+    if start is not None and _start_time(pid) == start:
+        found = pid
+        _killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _start_time(pid) == start and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the exit, with a deadline
+        _killpg(pid, signal.SIGKILL)
+        log.warning("workload_reaped", pid=pid)
+    path.unlink(missing_ok=True)
+    return found
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
