@@ -141,3 +141,20 @@ def test_load_signed_image_without_keys_passes_the_signature_along(
     assert signing.load_signed_image(images.v1.path).signature is None
     with pytest.raises(InputError, match="no such file"):
         signing.load_signed_image(images.v1.path, signature=tmp_path / "nope.sig")
+
+
+def test_a_root_filesystem_image_is_signed_with_its_compatible_string(tmp_path: Path) -> None:
+    from tests.test_rootfs_image import build, make_tree
+
+    _, image = build(make_tree(tmp_path / "tree"), tmp_path / "os.img")
+    key, pub = keys(tmp_path, "k")
+    proc = rollout("image", "sign", str(image), "--key", str(key))
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(signing.signature_path(image).read_text())["payload"]
+    assert (payload["kind"], payload["compatible"]) == ("rootfs", "rollout-vm-x86_64")
+    assert rollout("image", "verify", str(image), "--key", str(pub)).returncode == 0
+    # Moved to other hardware's string, the signature no longer verifies.
+    doc = json.loads(signing.signature_path(image).read_text())
+    doc["payload"]["compatible"] = "other-board"
+    signing.signature_path(image).write_text(json.dumps(doc))
+    assert rollout("image", "verify", str(image), "--key", str(pub)).returncode == 2
