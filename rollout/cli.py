@@ -623,7 +623,10 @@ async def _run_controller(
     if api is not None:  # the signal/approve API beside this one rollout
         listen, token, recorder, ssl_context = api
         host, port = split_address(listen)
-        runner = web.AppRunner(make_app(controller, token, recorder, service=False))
+        # No access log: request lines carry the wait gates' signal secrets.
+        runner = web.AppRunner(
+            make_app(controller, token, recorder, service=False), access_log=None
+        )
         await runner.setup()
         await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     try:

@@ -317,15 +317,17 @@ def register(main: click.Group) -> None:
         ssl_context = optional_server_context(tls_cert, tls_key)
         configure_logging(log_format)
         store = SQLiteStore(state_path)
-        app = make_app(Controller(store), token, MetricsRecorder())
+        controller = Controller(store)
         try:
+            controller.signal_key.key()  # <state>.signal-key: unusable -> exit 2 now
             web.run_app(
-                app,
+                make_app(controller, token, MetricsRecorder()),
                 host=host,
                 port=port,
                 ssl_context=ssl_context,
                 print=None,
                 handle_signals=True,
+                access_log=None,  # request lines carry signal secrets: never logged
             )
         finally:
             store.close()
@@ -413,7 +415,8 @@ def register(main: click.Group) -> None:
         rollout_id: str,
         output: str,
     ) -> None:
-        """Show one rollout: phase, batch, every node, commands and gates."""
+        """Show one rollout: phase, batch, every node, commands, gates and each wait gate's
+        signal URL."""
         answer = _run(
             _client(server, token_file, ca_file, state_file).call(
                 "GET", f"/v1/rollouts/{rollout_id}"
@@ -443,6 +446,12 @@ def register(main: click.Group) -> None:
         console.print(node_table(rows, "nodes"))
         for gate in answer.get("gates", []):
             console.print(f"{_ts(gate['ts'])}  {_gate_line(gate)}", soft_wrap=True)
+        for gate, url in answer.get("signal_urls", {}).items():  # token holders only
+            console.print(
+                f"gate {gate} signal URL (cfn-signal URL, or PUT/POST it; the URL is the "
+                f"credential): {url}",
+                soft_wrap=True, markup=False, highlight=False,
+            )  # fmt: skip
 
     @main.command()
     @server_options

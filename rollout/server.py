@@ -1,10 +1,20 @@
 """The controller service: `rollout serve`, an HTTP API over the Controller.
 
 Thin by design: handlers validate, call the Controller, and shape JSON. Every endpoint
-but `GET /healthz` and `GET /v1/openapi.json` needs `Authorization: Bearer <token>`
-(compared in constant time, never logged). Errors are JSON `{"error", "message"}` (plus
-`field` for 400 and `holder` for lock conflicts): 400 malformed, 401 no token, 404
-unknown rollout, 409 illegal transition or overlapping rollout; none of them changes state.
+but `GET /healthz`, `GET /v1/openapi.json` and the wait gates' pre-signed signal URLs
+needs `Authorization: Bearer <token>` (compared in constant time, never logged); the
+ordinary signal path also takes the token as `X-Auth-Token: <token>`, as Heat-native
+clients send it. Errors are JSON `{"error", "message"}` (plus `field` for 400, and
+`holder`, `nodes`, `expires_at`, `expires_in` for lock conflicts): 400 malformed, 401 no
+token, 404 unknown rollout (or a signal URL that is not one), 409 illegal transition or
+overlapping rollout; none of them changes state.
+
+Pre-signed signal URLs (rollout.gates.handles): `PUT` or `POST
+/v1/rollouts/{id}/gates/{gate}/signal/{secret}` with no Authorization header, what
+`cfn-signal URL` sends. A wrong secret, rollout or gate is one and the same 404. The
+URLs are shown only in token-authenticated answers (`GET /v1/rollouts/{id}`, the 201 of
+`POST /v1/rollouts`) as `signal_urls`; the access log is off, so no request line (and no
+secret in it) is ever logged.
 
 `GET /v1/rollouts/{id}/events` returns the journal; with `Accept: text/event-stream` it
 is a Server-Sent Events stream that first replays the journal and then follows it live
@@ -16,6 +26,7 @@ On start the service resumes every unfinished rollout in its state file.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rollout import __version__
 from rollout.console import EventLog
-from rollout.controller import Controller, IllegalCommand, UnknownGate, UnknownRollout
+from rollout.controller import (
+    Controller,
+    IllegalCommand,
+    UnknownGate,
+    UnknownRollout,
+    UnknownSignalURL,
+)
 from rollout.errors import InputError
 from rollout.events import Fanout
 from rollout.httpauth import bearer_ok
@@ -45,6 +62,8 @@ TOKEN = web.AppKey("token", bytes)
 RECORDER = web.AppKey("recorder", MetricsRecorder)
 COMMANDS = ("pause", "resume", "abort", "retry", "rollback")
 SSE_POLL = 0.2  # seconds between journal reads while following a stream
+SIGNAL_ROUTE = "gate-signal"  # the ordinary, token-authenticated signal path
+PRESIGNED_ROUTE = "gate-signal-presigned"  # .../signal/{secret}: the secret authenticates
 
 
 class StartRequest(BaseModel):
@@ -76,13 +95,36 @@ class CommandAnswer(BaseModel):
 class ErrorAnswer(BaseModel):
     error: str
     message: str
-    field: str | None = None
-    holder: str | None = None
+    field: str | None = Field(default=None, description="400: the culprit field")
+    holder: str | None = Field(default=None, description="409 conflict: the holding rollout")
+    nodes: list[str] | None = Field(
+        default=None, description="409 conflict: the nodes that rollout holds"
+    )
+    expires_at: str | None = Field(
+        default=None,
+        description="409 conflict: when the holder's lock lapses unless its controller "
+        "renews it (UTC, ISO 8601)",
+    )
+    expires_in: float | None = Field(default=None, description="409 conflict: seconds to then")
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    body = {"error": code, "message": message} | {k: v for k, v in extra.items() if v}
+    body = {"error": code, "message": message} | {
+        k: v for k, v in extra.items() if v is not None and v != ""
+    }
     return web.json_response(body, status=status)
+
+
+def x_auth_token_ok(value: str, token: bytes) -> bool:
+    """True when an `X-Auth-Token` header value is exactly `token` (constant time).
+
+    >>> x_auth_token_ok("s3cret", b"s3cret"), x_auth_token_ok(" s3cret ", b"s3cret")
+    (True, True)
+    >>> x_auth_token_ok("Bearer s3cret", b"s3cret"), x_auth_token_ok("", b"")
+    (False, False)
+    """
+    given = value.strip().encode("utf-8", "replace")
+    return bool(given) and hmac.compare_digest(given, token)
 
 
 @web.middleware
@@ -91,7 +133,13 @@ async def _auth(
 ) -> web.StreamResponse:
     if request.path in ("/healthz", "/v1/openapi.json"):
         return await handler(request)
-    if not bearer_ok(request.headers.get("Authorization", ""), request.app[TOKEN]):
+    route = (request.match_info.route.name or "").rpartition("-")[0]  # name-METHOD
+    if route == PRESIGNED_ROUTE:
+        return await handler(request)  # the secret in the path is the credential
+    token = request.app[TOKEN]
+    if route == SIGNAL_ROUTE and x_auth_token_ok(request.headers.get("X-Auth-Token", ""), token):
+        return await handler(request)
+    if not bearer_ok(request.headers.get("Authorization", ""), token):
         resp = _error(401, "unauthorized", "missing or wrong bearer token")
         resp.headers["WWW-Authenticate"] = "Bearer"
         return resp
@@ -108,10 +156,15 @@ async def _errors(
         return _error(404, "not_found", f"no rollout {exc.args[0]!r}")
     except UnknownGate as exc:
         return _error(404, "not_found", str(exc))
+    except UnknownSignalURL as exc:
+        return _error(404, "not_found", str(exc))
     except IllegalCommand as exc:
         return _error(409, "illegal", str(exc))
     except LockConflict as exc:
-        return _error(409, "conflict", str(exc), holder=exc.holder)
+        return _error(
+            409, "conflict", str(exc), holder=exc.holder, nodes=list(exc.nodes),
+            expires_at=exc.until, expires_in=round(exc.expires_in, 1),
+        )  # fmt: skip
     except InputError as exc:
         return _error(400, "bad_request", str(exc))
     except web.HTTPException as exc:
@@ -120,7 +173,9 @@ async def _errors(
         raise
 
 
-def _state_json(state: RolloutState, detail: bool) -> dict[str, Any]:
+def _state_json(
+    state: RolloutState, detail: bool, signal_urls: dict[str, str] | None = None
+) -> dict[str, Any]:
     out = state.summary()
     if detail:
         out["nodes"] = list(state.nodes.values())
@@ -128,7 +183,16 @@ def _state_json(state: RolloutState, detail: bool) -> dict[str, Any]:
         out["commands"] = state.commands
         out["gates"] = state.gates
         out["plan"] = state.created.get("batches", [])
+    if signal_urls is not None:
+        out["signal_urls"] = signal_urls
     return out
+
+
+def _signal_urls(request: web.Request, rollout_id: str) -> dict[str, str]:
+    """Each wait gate's pre-signed URL, on the origin the caller reached this API by."""
+    origin = str(request.url.origin())
+    paths = request.app[CONTROLLER].signal_paths(rollout_id)
+    return {gate: origin + path for gate, path in paths.items()}
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -194,10 +258,18 @@ async def create_rollout(request: web.Request) -> web.Response:
     except _Bad as bad:
         return _error(400, "bad_request", str(bad), field=bad.field)
     name = Path(req.policy).stem if isinstance(req.policy, str) else "inline"
-    state = controller.create(nodes, policy, image, policy_name=name, by="api")
+    try:
+        # Every node's agent lease first: a rollout of another controller (or of this one)
+        # over these nodes is a 409 naming it, and nothing is journaled or locked.
+        state = await controller.create_claimed(nodes, policy, image, policy_name=name, by="api")
+    except LockConflict:
+        raise
+    except InputError as exc:  # a node's token or CA file, or its agent refused the token
+        return _error(400, "bad_request", str(exc), field="inventory")
     controller.start(state.rollout_id)
     log.info("rollout_created", rollout=state.rollout_id, nodes=len(nodes), image=image.version)
-    return web.json_response(_state_json(state, detail=False), status=201)
+    answer = _state_json(state, detail=False, signal_urls=_signal_urls(request, state.rollout_id))
+    return web.json_response(answer, status=201)
 
 
 async def list_rollouts(request: web.Request) -> web.Response:
@@ -207,7 +279,8 @@ async def list_rollouts(request: web.Request) -> web.Response:
 
 async def get_rollout(request: web.Request) -> web.Response:
     state = request.app[CONTROLLER].state(request.match_info["id"])
-    return web.json_response(_state_json(state, detail=True))
+    urls = _signal_urls(request, state.rollout_id)
+    return web.json_response(_state_json(state, detail=True, signal_urls=urls))
 
 
 async def command(request: web.Request) -> web.Response:
@@ -232,21 +305,48 @@ async def command(request: web.Request) -> web.Response:
     )
 
 
-async def gate_signal(request: web.Request) -> web.Response:
-    """A Heat wait-condition signal: native or CloudFormation body."""
+async def _signal_body(request: web.Request) -> Any:
+    """The decoded body of a signal; None for an empty one (Heat: a bare POST is SUCCESS).
+    Read whatever the Content-Type says: `cfn-signal` sends none."""
+    raw = await request.read()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise _Bad("body", "the body is not JSON") from None
+
+
+async def _take_signal(request: web.Request, secret: str | None) -> web.Response:
     controller = request.app[CONTROLLER]
     rollout_id, gate = request.match_info["id"], request.match_info["gate"]
-    controller.state(rollout_id)
+    if secret is None:
+        controller.state(rollout_id)
+    else:  # before anything else, and one answer for whichever part is wrong
+        controller.check_signal_secret(rollout_id, gate, secret)
     try:
-        body = await request.json()
-    except ValueError:
-        return _error(400, "bad_request", "the body is not JSON", field="body")
+        body = await _signal_body(request)
+    except _Bad as bad:
+        return _error(400, "bad_request", str(bad), field=bad.field)
     try:
-        sig = controller.signal(rollout_id, gate, body)
+        if secret is None:
+            sig = controller.signal(rollout_id, gate, body)
+        else:
+            sig = controller.signal_by_secret(rollout_id, gate, secret, body)
     except ValueError as exc:
         field = str(exc).split(":", 1)[0] if ":" in str(exc) else "body"
         return _error(400, "bad_request", str(exc), field=field)
     return web.json_response({"id": rollout_id, "gate": gate, "signal": sig.to_json()})
+
+
+async def gate_signal(request: web.Request) -> web.Response:
+    """A Heat wait-condition signal: native or CloudFormation body (token-authenticated)."""
+    return await _take_signal(request, None)
+
+
+async def gate_signal_presigned(request: web.Request) -> web.Response:
+    """The same through the gate's pre-signed URL: no Authorization, the secret is it."""
+    return await _take_signal(request, request.match_info["secret"])
 
 
 async def gate_decision(request: web.Request) -> web.Response:
@@ -315,18 +415,28 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of this API (request schemas from the pydantic models)."""
     err = {"$ref": "#/components/schemas/ErrorAnswer"}
 
-    def answers(ok: int, schema: dict[str, Any], *codes: int) -> dict[str, Any]:
+    def answers(
+        ok: int,
+        schema: dict[str, Any],
+        *codes: int,
+        auth: bool = True,
+        reasons: dict[int, str] | None = None,
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {
             str(ok): {"description": "ok", "content": {"application/json": {"schema": schema}}}
         }
-        for c in (401, *codes):
+        for c in (401, *codes) if auth else codes:
             out[str(c)] = {
-                "description": _REASONS[c],
+                "description": (reasons or {}).get(c, _REASONS[c]),
                 "content": {"application/json": {"schema": err}},
             }
         return out
 
-    rollout = {"type": "object", "description": "A rollout: id, phase, batch, counts, nodes."}
+    rollout = {
+        "type": "object",
+        "description": "A rollout: id, phase, batch, counts, nodes; "
+        "signal_urls: each wait gate's pre-signed signal URL (its secret included)",
+    }
     id_param = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
@@ -353,17 +463,42 @@ def openapi_document() -> dict[str, Any]:
     }  # fmt: skip
     gate_param = [*id_param, {"name": "gate", "in": "path", "required": True,
                               "schema": {"type": "string"}}]  # fmt: skip
+    signal_body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object",
+        "description": 'Heat: {"status": "SUCCESS"|"FAILURE", "reason", "data", "id"} '
+        '(every key optional; an empty body is a SUCCESS); CloudFormation: {"Status", '
+        '"Reason", "UniqueId", "Data"}. Read whatever the Content-Type says.'}}}}  # fmt: skip
+    signal_answer = {"type": "object", "properties": {
+        "id": {"type": "string"}, "gate": {"type": "string"},
+        "signal": {"type": "object"}}}  # fmt: skip
+    token_signal = {
+        "summary": "Signal a wait-condition gate (Heat or CloudFormation body); the token "
+        "as Authorization: Bearer or X-Auth-Token",
+        "parameters": gate_param,
+        "security": [{"bearer": []}, {"xAuthToken": []}],
+        "requestBody": signal_body,
+        "responses": answers(200, signal_answer, 400, 404, 409),
+    }
     paths["/v1/rollouts/{id}/gates/{gate}/signal"] = {
-        "post": {
-            "summary": "Signal a wait-condition gate (Heat or CloudFormation body)",
-            "parameters": gate_param,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object",
-                "description": 'Heat: {"status": "SUCCESS"|"FAILURE", "reason", "data", '
-                '"id"}; CloudFormation: {"Status", "Reason", "UniqueId", "Data"}'}}}},
-            "responses": answers(200, {"type": "object"}, 400, 404, 409),
-        }
+        "post": token_signal, "put": dict(token_signal)}  # fmt: skip
+    secret_param = {"name": "secret", "in": "path", "required": True,
+                    "schema": {"type": "string"},
+                    "description": "The gate's own secret, from signal_urls"}  # fmt: skip
+    presigned = {
+        "summary": "Signal a wait-condition gate by its pre-signed URL (as cfn-signal does: "
+        "PUT, CloudFormation body, no Authorization header)",
+        "parameters": [*gate_param, secret_param],
+        "security": [],
+        "requestBody": signal_body,
+        "responses": answers(
+            200, signal_answer, 400, 404, 409, auth=False,
+            reasons={404: "not a signal URL: wrong secret, rollout or gate (one answer for "
+                     "all), with nothing changed",
+                     409: "the rollout has finished; signals are no longer taken"},
+        ),
     }  # fmt: skip
+    paths["/v1/rollouts/{id}/gates/{gate}/signal/{secret}"] = {
+        "put": presigned, "post": dict(presigned)}  # fmt: skip
     for verdict in ("approve", "reject"):
         paths[f"/v1/rollouts/{{id}}/gates/{{gate}}/{verdict}"] = {
             "post": {
@@ -395,7 +530,10 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "xAuthToken": {"type": "apiKey", "in": "header", "name": "X-Auth-Token"},
+            },
             "schemas": {
                 "StartRequest": StartRequest.model_json_schema(),
                 "CommandAnswer": CommandAnswer.model_json_schema(),
@@ -408,8 +546,9 @@ def openapi_document() -> dict[str, Any]:
 _REASONS = {
     400: "malformed request (field names the culprit)",
     401: "missing or wrong bearer token",
-    404: "unknown rollout",
-    409: "illegal transition, or nodes held by another rollout",
+    404: "unknown rollout (or gate)",
+    409: "illegal transition, or nodes held by another rollout (of this controller or "
+    "another one): holder, nodes, expires_at",
 }
 
 
@@ -436,7 +575,13 @@ def make_app(
     app.router.add_get("/v1/rollouts", list_rollouts)
     app.router.add_get("/v1/rollouts/{id}", get_rollout)
     app.router.add_get("/v1/rollouts/{id}/events", events)
-    app.router.add_post("/v1/rollouts/{id}/gates/{gate}/signal", gate_signal)
+    signal_path = "/v1/rollouts/{id}/gates/{gate}/signal"
+    for method in ("POST", "PUT"):  # Heat clients POST, cfn-signal PUTs
+        app.router.add_route(method, signal_path, gate_signal, name=f"{SIGNAL_ROUTE}-{method}")
+        app.router.add_route(
+            method, signal_path + "/{secret}", gate_signal_presigned,
+            name=f"{PRESIGNED_ROUTE}-{method}",
+        )  # fmt: skip
     app.router.add_post("/v1/rollouts/{id}/gates/{gate}/{verdict:approve|reject}", gate_decision)
     app.router.add_post("/v1/rollouts/{id}/{command}", command)
 
