@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ import aiohttp
 import pytest
 import yaml
 
+from rollout.model import Node
 from tests.conftest import LocalFleet, SampleImages, next_host
 from tests.test_cli import FAST_POLICY, ROOT, status_json
 
@@ -411,3 +415,82 @@ def test_gates_through_the_service_and_its_cli(
     assert watched.returncode == 0, watched.stdout
     hist = cli("history", rid).stdout
     assert "gate ship-it: approved by alice" in hist and "gate smoke (wait) passed" in hist
+
+
+async def agent_lease(node: Node) -> dict[str, Any] | None:
+    """The node's lease as its agent reports it (GET /v1/status)."""
+    with open(str(node.token_file)) as f:
+        token = f.read().strip()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{node.address}/v1/status",
+                 headers={"Authorization": f"Bearer {token}"}) as r,
+    ):  # fmt: skip
+        assert r.status == 200
+        lease = (await r.json())["lease"]
+        return lease if isinstance(lease, dict) else None
+
+
+def locks_in(state: Path) -> list[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+        return [(r[0], r[1]) for r in db.execute("SELECT node_id, rollout_id FROM locks")]
+
+
+async def test_rollout_over_nodes_another_controller_holds_is_refused_409_naming_it(
+    service: Service, make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    """Another `rollout serve` (its own state file and token: it shares nothing but the
+    nodes) holds two of three nodes: a rollout over all three is a 409 naming the holder,
+    its nodes and until when, and nothing is journaled, locked or leased for it."""
+    fl = make_fleet(3)
+    ids = [n.id for n in fl.nodes]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "token").write_text("other-token\n")
+    other = Service(tmp_path / "other", next_host(), "other-token")
+    other.start()
+    try:
+        gate = {"name": "hold", "kind": "wait", "after": "canary", "timeout": "300s"}
+        policy = policy_file(tmp_path, gates=[gate],
+                             batches={"canary": 1, "size": 1, "max_unavailable": 1})  # fmt: skip
+        status, held = await other.call(
+            "POST", "/v1/rollouts", body(fl, policy, images.v2.path, nodes=ids[1:])
+        )
+        assert status == 201, held
+        holder = held["id"]
+        await other.wait_phase(holder, {"waiting"})
+
+        plain = policy_file(tmp_path)
+        status, clash = await service.call("POST", "/v1/rollouts", body(fl, plain, images.v2.path))
+        assert status == 409, clash
+        assert clash["error"] == "conflict" and clash["holder"] == holder
+        assert sorted(clash["nodes"]) == ids[1:]
+        assert holder in clash["message"] and ids[1] in clash["message"]
+        until = dt.datetime.strptime(clash["expires_at"], "%Y-%m-%dT%H:%M:%SZ")
+        left = until.replace(tzinfo=dt.UTC).timestamp() - time.time()
+        assert -2 < left <= 31 and 0 < clash["expires_in"] <= 30  # the lock ttl, 30 s
+        assert clash["expires_at"] in clash["message"]
+        # Nothing journaled, locked or leased for the refused request.
+        assert (await service.call("GET", "/v1/rollouts"))[1]["rollouts"] == []
+        assert locks_in(service.workdir / "state.db") == []
+        assert await agent_lease(fl.nodes[0]) is None  # taken for the request, released
+        for node in fl.nodes[1:]:
+            lease = await agent_lease(node)
+            assert lease is not None and lease["holder"] == holder
+
+        # The free node alone is fine; once the holder is done, its nodes are too.
+        status, free = await service.call(
+            "POST", "/v1/rollouts", body(fl, plain, images.v2.path, nodes=ids[:1])
+        )
+        assert status == 201, free
+        signal = held["signal_urls"]["hold"]
+        async with aiohttp.ClientSession() as http, http.put(signal, data=b"") as r:
+            assert r.status == 200, await r.text()  # a bare signal is a SUCCESS (Heat)
+        assert (await other.wait_phase(holder, TERMINAL))["phase"] == "succeeded"
+        status, after = await service.call(
+            "POST", "/v1/rollouts", body(fl, plain, images.v1.path, nodes=ids[1:])
+        )
+        assert status == 201, after
+        assert (await service.wait_phase(free["id"], TERMINAL))["phase"] == "succeeded"
+        assert (await service.wait_phase(after["id"], TERMINAL))["phase"] == "succeeded"
+    finally:
+        other.kill()
