@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -494,3 +495,40 @@ async def test_rollout_over_nodes_another_controller_holds_is_refused_409_naming
         assert (await service.wait_phase(after["id"], TERMINAL))["phase"] == "succeeded"
     finally:
         other.kill()
+
+
+async def test_a_resumed_rollout_whose_node_another_holds_halts_naming_it(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    """The service resumes a rollout (as after a restart) and finds one of its nodes leased
+    to another controller's rollout: it halts, saying who holds which node until when, and
+    leaves no lease of its own behind; a retry once the node is free finishes it."""
+    from rollout.controller import Controller
+    from rollout.drivers.agent import AgentDriver
+    from rollout.inventory import load_inventory
+    from rollout.journal import SQLiteStore
+    from rollout.policy import load_policy
+
+    fl = make_fleet(2)
+    store = SQLiteStore(tmp_path / "state.db")
+    controller = Controller(store)
+    policy = load_policy(policy_file(tmp_path))
+    rid = controller.create(load_inventory(fl.inventory).nodes, policy, images.v2).rollout_id
+    other = AgentDriver(lease_holder="other-controller-rollout")
+    try:
+        await other.lease(fl.nodes[1], 120)
+        result = await asyncio.wait_for(controller.start(rid), 60)
+        assert result.phase.value == "halted"
+        state = controller.state(rid)
+        assert state.phase.value == "halted"
+        assert "other-controller-rollout" in state.message and fl.nodes[1].id in state.message
+        assert re.search(r"at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", state.message)
+        assert await agent_lease(fl.nodes[0]) is None  # its own lease was given back
+        assert store.lock_expiry(rid) is None
+        await other.release(fl.nodes[1])
+    finally:
+        await other.close()
+    assert controller.command(rid, "retry", by="ops").startswith("retrying")
+    final = await asyncio.wait_for(controller.tasks[rid], 90)
+    assert final.phase.value == "succeeded", final.message
+    store.close()
