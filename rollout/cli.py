@@ -36,7 +36,7 @@ from rollout.gates.schedule import unreachable
 from rollout.image import build_image, load_image
 from rollout.imagefile import KIND_ROOTFS
 from rollout.inventory import Inventory, load_inventory, split_address
-from rollout.journal import SQLiteStore, unfinished
+from rollout.journal import SQLiteStore, load_state, unfinished
 from rollout.metrics import MetricsRecorder
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
@@ -496,6 +496,19 @@ def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Imag
             f"{', '.join(sorted(overlap)[:5])} is not finished in this state file; resume it "
             "by running it again with its inventory and image, or use another --state"
         )
+    halted = [
+        s for s in (load_state(controller.store, r) for r in controller.store.rollout_ids())
+        if s.phase is RolloutPhase.HALTED and set(s.node_ids) == wanted
+        and s.created.get("image", {}).get("digest") == img.digest
+    ]  # fmt: skip
+    if halted:  # the same command again after a halt: retry its failed nodes
+        state = halted[-1]
+        again = controller.journal_retry(state, "run")
+        console.print(
+            f"retrying halted rollout {state.rollout_id}: {len(again)} failed node(s) again",
+            soft_wrap=True,
+        )
+        return state.rollout_id
     return controller.create(inv.nodes, pol, img, policy_name=policy_name, by="run").rollout_id
 
 

@@ -570,12 +570,7 @@ class Controller:
                 raise IllegalCommand(
                     "the rollout is still running (paused rollouts resume with resume)"
                 )
-            self._lock_again(state)
-            loaded = rebuild(state)
-            again = Engine.retry_failed(loaded.records)
-            for node_id in again:
-                self.store.append(rollout_id, "node", loaded.records[node_id].to_json())
-            self.journal_command(rollout_id, command, by, RolloutPhase.RUNNING, nodes=again)
+            again = self.journal_retry(state, by)
             self.controls[rollout_id] = Control()
             self.start(rollout_id)
             return f"retrying; {len(again)} failed or rolled back node(s) will be tried again"
@@ -592,6 +587,17 @@ class Controller:
             self.start(rollout_id, action=lambda e: e.rollback_all())
             return "rolling back every node this rollout updated"
         raise IllegalCommand(f"unknown command {command!r}")
+
+    def journal_retry(self, state: RolloutState, by: str) -> list[str]:
+        """Journal a retry: failed nodes pending again, the rollout running; return them.
+        The caller (the retry command, or `rollout run` on a halted rollout) starts it."""
+        self._lock_again(state)
+        loaded = rebuild(state)
+        again = Engine.retry_failed(loaded.records)
+        for node_id in again:
+            self.store.append(state.rollout_id, "node", loaded.records[node_id].to_json())
+        self.journal_command(state.rollout_id, "retry", by, RolloutPhase.RUNNING, nodes=again)
+        return again
 
     def _lock_again(self, state: RolloutState) -> None:
         self.store.lock(state.rollout_id, state.node_ids, self.lock_ttl)

@@ -454,10 +454,12 @@ class Engine:
     @staticmethod
     def retry_failed(records: dict[str, NodeRecord]) -> list[str]:
         """Make failed and rolled-back nodes pending again (the retry command); return
-        their ids. A node whose rollback failed is left for the operator to inspect."""
+        their ids. A node whose rollback failed (it was unreachable: partitioned, frozen)
+        is tried again too: the update starts by asking the node where it is, so one
+        that fell back, or came back on the target uncommitted, is handled as it is."""
         again = []
         for rec in records.values():
-            if rec.phase in (NodePhase.ROLLED_BACK, NodePhase.FAILED):
+            if rec.phase in (NodePhase.ROLLED_BACK, NodePhase.FAILED, NodePhase.ROLLBACK_FAILED):
                 rec.phase, rec.failed, rec.reason, rec.detail = NodePhase.PENDING, False, None, ""
                 rec.activated = False
                 again.append(rec.node.id)
@@ -494,6 +496,24 @@ class Engine:
             rec.boot_count, rec.version = st.boot_count, st.booted_version
             self._set(rec, NodePhase.SKIPPED, detail="already on the target, committed")
             return
+        elif not st.committed and st.runs(target) and st.busy is None:
+            # This rollout activated it before and lost sight of it (a partition, a crash
+            # of the controller between attempts): it runs the target on trial. Adopt it:
+            # verify and commit, or roll back to the image it had before.
+            if rec.previous_digest is None:
+                if st.last_good_digest is None or st.last_good_digest == target:
+                    raise NodeFailed(
+                        Reason.ACTIVATE_FAILED,
+                        f"node is trying image {st.booted_version} uncommitted and reports no "
+                        "other good image; wait until it commits or falls back",
+                    )
+                rec.previous_digest = st.last_good_digest
+                rec.previous_version = st.last_good_version
+            rec.activated = True
+            rec.boot_count_start = st.boot_count - 1
+            rec.boot_count, rec.version = st.boot_count, st.booted_version
+            self._set(rec, NodePhase.BOOTING, detail="adopted: on the target, uncommitted")
+            await self._boot(rec, st.boot_count - 1)  # its workload past starting
         elif not st.committed:
             raise NodeFailed(
                 Reason.ACTIVATE_FAILED,

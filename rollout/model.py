@@ -163,6 +163,8 @@ class NodeStatus:
     workload: str  # "running" | "stopped" | "failed" | "starting"
     busy: str | None = None  # "staging" | "activating" while the agent works on a request
     root_device: str | None = None  # a real node: the device `/` is mounted from
+    last_good_digest: str | None = None  # the image a fallback or rollback returns to
+    last_good_version: str | None = None
 
     def runs(self, digest: str) -> bool:
         return self.booted_digest == digest

@@ -299,6 +299,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         s = self.state
         staged = s.slot(s.staged) if s.staged is not None else None
+        good = s.slot(s.last_good)
         f = s.fell_back
         return {
             "node_id": self.config.node_id,
@@ -306,6 +307,7 @@ class Agent:
             "staged": staged.describe(s.staged) if staged is not None and s.staged else None,
             "committed": s.committed,
             "last_good_slot": str(s.last_good),
+            "last_good": good.describe(s.last_good) if good is not None else None,
             "boot_tries_left": s.tries_left,
             "boot_count": s.boot_count,
             "workload": self.backend.workload_snapshot(),

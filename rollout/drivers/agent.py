@@ -59,6 +59,8 @@ def parse_status(body: dict[str, Any]) -> NodeStatus:
         workload=str(workload.get("state", "unknown")),
         busy=body.get("busy"),
         root_device=(body.get("backend") or {}).get("root_device"),
+        last_good_digest=(body.get("last_good") or {}).get("digest"),
+        last_good_version=(body.get("last_good") or {}).get("version"),
     )
 
 

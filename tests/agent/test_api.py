@@ -27,6 +27,7 @@ STATUS_KEYS = {
     "staged",
     "committed",
     "last_good_slot",
+    "last_good",
     "boot_tries_left",
     "boot_count",
     "workload",
