@@ -107,6 +107,11 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
     assert secret not in json.dumps(listed)
     _, shown = await service.call("GET", f"/v1/rollouts/{rid}")
     assert shown["signal_urls"] == {"tests": url}
+    _, doc = await service.call("GET", "/v1/openapi.json", token=None)
+    presigned = doc["paths"]["/v1/rollouts/{id}/gates/{gate}/signal/{secret}"]
+    assert set(presigned) == {"put", "post"} and presigned["put"]["security"] == []
+    assert "401" not in presigned["put"]["responses"]
+    assert set(doc["paths"]["/v1/rollouts/{id}/gates/{gate}/signal"]) == {"put", "post"}
 
     async def waiting() -> bool:
         _, state = await service.call("GET", f"/v1/rollouts/{rid}")

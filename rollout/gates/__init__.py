@@ -20,6 +20,7 @@ Modules, pure first:
 - `analysis`  `assess` (pure verdict over measurements) and the measuring loop
 - `alerts`    firing-alert filtering and `wait_clear`
 - `signals`   wait-condition signal parsing, `SignalBox`, `ApprovalBox`, `GateBoxes`
+- `handles`   the wait gates' pre-signed signal URLs: secrets derived from the signal key
 - `prometheus` the small HTTP client the analysis and alerts gates use
 - `events`    frozen event values every gate emits (journal, metrics, display)
 - `schedule`  which gates apply after / before which batch
