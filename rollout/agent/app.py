@@ -25,6 +25,7 @@ from aiohttp import ClientPayloadError, web
 
 from rollout.agent import state as sm
 from rollout.agent.node import Agent
+from rollout.agent.openapi import document as openapi_document
 from rollout.agent.state import AgentError
 from rollout.httpauth import bearer_ok
 from rollout.model import ActivationMode
@@ -91,7 +92,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error(code, exc.reason, status=exc.status)
+        answer = error(code, exc.reason, status=exc.status)
+        if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: say what is allowed
+            answer.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return answer
     except Exception as exc:
         log.exception("request_failed", path=request.path, method=request.method)
         return error("internal", f"internal error: {type(exc).__name__}", status=500)
@@ -99,7 +103,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == "/healthz":
+    if request.path in ("/healthz", "/v1/openapi.json"):
         return await handler(request)
     if not bearer_ok(request.headers.get("Authorization", ""), request.app[TOKEN_KEY]):
         log.info("unauthorized", path=request.path, method=request.method, remote=request.remote)
@@ -109,6 +113,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
 async def status(request: web.Request) -> web.Response:
@@ -232,6 +240,7 @@ def make_app(agent: Agent) -> web.Application:
     app[AGENT_KEY] = agent
     app[TOKEN_KEY] = agent.config.token.encode()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/status", status)
     app.router.add_put("/v1/image", put_image)
     app.router.add_post("/v1/activate", activate)
