@@ -88,7 +88,7 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
     tmp_path: Path,
 ) -> None:
     fl = make_fleet(2)
-    gate = {"name": "tests", "kind": "wait", "after": "canary", "count": 2, "timeout": "120s"}
+    gate = {"name": "tests", "kind": "wait", "after": "canary", "count": 3, "timeout": "120s"}
     policy = policy_file(
         tmp_path, gates=[gate], batches={"canary": 1, "size": 1, "max_unavailable": 1}
     )
@@ -176,11 +176,16 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
                       ordinary)  # fmt: skip
     assert code == 200, text
     assert json.loads(text)["signal"]["id"] == "ci-2"
+    assert (await service.call("GET", f"/v1/rollouts/{rid}"))[1]["phase"] == "waiting"
+    # And a CloudFormation body PUT to the ordinary path with the bearer token.
+    code, text = curl("-X", "PUT", "-H", f"Authorization: Bearer {service.token}",
+                      "--data-binary", cfn.replace("evil", "ci-3"), ordinary)  # fmt: skip
+    assert code == 200, text
     final = await service.wait_phase(rid, TERMINAL)
     assert final["phase"] == "succeeded", final
     finished = [g for g in final["gates"] if g["event"] == "finished"]
     assert [(g["gate"], g["result"]) for g in finished] == [("tests", "passed")]
-    assert [s["id"] for s in received(final["gates"])] == ["ci-1", "ci-2"]
+    assert [s["id"] for s in received(final["gates"])] == ["ci-1", "ci-2", "ci-3"]
     assert all(r["digest"] == images.v2.digest for r in status_json(fl.inventory).values())
 
     # Finished: the URL is spent (409, nothing journaled).
