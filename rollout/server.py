@@ -30,12 +30,12 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from rollout import __version__
 from rollout.console import EventLog
@@ -66,12 +66,16 @@ SIGNAL_ROUTE = "gate-signal"  # the ordinary, token-authenticated signal path
 PRESIGNED_ROUTE = "gate-signal-presigned"  # .../signal/{secret}: the secret authenticates
 
 
+# A file path on the controller: not empty, no NUL byte (the OS refuses it), bounded.
+FilePath = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+
+
 class StartRequest(BaseModel):
     """Body of POST /v1/rollouts."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inventory: str | dict[str, Any] = Field(
+    inventory: FilePath | dict[str, Any] = Field(
         description="Path of an inventory file on the controller, or an inventory object."
     )
     nodes: list[str] | None = Field(
@@ -80,10 +84,10 @@ class StartRequest(BaseModel):
     labels: dict[str, str] | None = Field(
         default=None, description="Only nodes whose labels include all of these."
     )
-    policy: str | dict[str, Any] = Field(
+    policy: FilePath | dict[str, Any] = Field(
         description="Path of a policy file on the controller, or a policy object."
     )
-    image: str = Field(description="Path of the image file on the controller.")
+    image: FilePath = Field(description="Path of the image file on the controller.")
 
 
 class CommandAnswer(BaseModel):
@@ -169,7 +173,10 @@ async def _errors(
         return _error(400, "bad_request", str(exc))
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            answer = _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: say what is allowed
+                answer.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return answer
         raise
 
 
@@ -223,7 +230,9 @@ async def create_rollout(request: web.Request) -> web.Response:
             req = StartRequest.model_validate(body)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in first["loc"]) or "body"
+            # A field that is a path or an object: pydantic names the union member too.
+            loc = [str(p) for p in first["loc"] if p not in ("constrained-str", "dict[str,any]")]
+            field = ".".join(loc) or "body"
             raise _Bad(field, f"{field}: {first['msg']}") from None
         try:
             inv = (
@@ -442,7 +451,9 @@ def openapi_document() -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Liveness (no auth)", "security": [],
                              "responses": {"200": {"description": "ok"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics",
-                             "responses": {"200": {"description": "text exposition"}}}},
+                             "responses": {"200": {"description": "text exposition"},
+                                           "401": {"description": _REASONS[401], "content": {
+                                               "application/json": {"schema": err}}}}}},
         "/v1/rollouts": {
             "post": {
                 "summary": "Create and start a rollout",
@@ -583,7 +594,8 @@ def make_app(
             name=f"{PRESIGNED_ROUTE}-{method}",
         )  # fmt: skip
     app.router.add_post("/v1/rollouts/{id}/gates/{gate}/{verdict:approve|reject}", gate_decision)
-    app.router.add_post("/v1/rollouts/{id}/{command}", command)
+    # Only the commands: a catch-all would also claim e.g. POST .../events (405 Allow).
+    app.router.add_post(f"/v1/rollouts/{{id}}/{{command:{'|'.join(COMMANDS)}}}", command)
 
     async def resume_unfinished(app: web.Application) -> None:
         for state in unfinished(controller.store):
