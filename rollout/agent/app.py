@@ -16,6 +16,7 @@ and only then starts the switch (which may end this process with a re-exec).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -172,10 +173,23 @@ async def put_image(request: web.Request) -> web.Response:
             raise AgentError("upload_incomplete", f"the image upload broke off: {exc}") from None
 
     signature = request.headers.get("X-Image-Signature")
-    result = await request.app[AGENT_KEY].stage(
-        digest.strip(), body(), lease=lease, signature=signature
-    )
+    try:
+        result = await request.app[AGENT_KEY].stage(
+            digest.strip(), body(), lease=lease, signature=signature
+        )
+    except AgentError:
+        # Refused before the upload ended (a wrong `compatible` is seen in the first KiB):
+        # read the rest and drop it, or closing on unread data resets the connection
+        # and the client never reads why.
+        await _drain(request)
+        raise
     return web.json_response(result)
+
+
+async def _drain(request: web.Request) -> None:
+    with contextlib.suppress(ConnectionError, ClientPayloadError):
+        while await request.content.readany():
+            pass
 
 
 async def _mode(request: web.Request, *, required: bool) -> ActivationMode:

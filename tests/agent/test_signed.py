@@ -42,3 +42,4 @@ async def test_an_agent_that_trusts_a_key_refuses_unsigned_and_wrongly_signed_im
     doc = signing.read_signature(signing.signature_path(good))
     code, body = await agent.stage(images.v2.path, images.v2.digest, signature=signing.encode(doc))
     assert code == 200 and body["written"] is True, body
+
