@@ -291,6 +291,14 @@ def register(main: click.Group) -> None:
         help="PEM certificate: serve HTTPS only (needs --tls-key).",
     )
     @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key.")
+    @click.option(
+        "--trusted-key",
+        "trusted_keys",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help="ed25519 public key (PEM): every rollout's image must be signed by one "
+        "(400 otherwise); repeat for several.",
+    )
     def serve(
         state_path: str,
         listen: str,
@@ -298,6 +306,7 @@ def register(main: click.Group) -> None:
         log_format: str,
         tls_cert: str | None,
         tls_key: str | None,
+        trusted_keys: tuple[str, ...],
     ) -> None:
         """Run the controller service: rollouts over HTTP(S), resumed after restarts."""
         from aiohttp import web
@@ -315,13 +324,16 @@ def register(main: click.Group) -> None:
             raise InputError(f"--listen: {exc}") from exc
         token = _token(token_file)
         ssl_context = optional_server_context(tls_cert, tls_key)
+        from rollout.signing import load_keys
+
+        load_keys(trusted_keys)  # unreadable or not ed25519: exit 2 now
         configure_logging(log_format)
         store = SQLiteStore(state_path)
         controller = Controller(store)
         try:
             controller.signal_key.key()  # <state>.signal-key: unusable -> exit 2 now
             web.run_app(
-                make_app(controller, token, MetricsRecorder()),
+                make_app(controller, token, MetricsRecorder(), trusted_keys=trusted_keys),
                 host=host,
                 port=port,
                 ssl_context=ssl_context,

@@ -49,17 +49,18 @@ from rollout.controller import (
 from rollout.errors import InputError
 from rollout.events import Fanout
 from rollout.httpauth import bearer_ok
-from rollout.image import load_image
 from rollout.inventory import load_inventory, parse_inventory
 from rollout.journal import LockConflict, RolloutState, unfinished
 from rollout.metrics import MetricsRecorder
 from rollout.policy import load_policy, parse_policy
+from rollout.signing import load_signed_image
 
 log = structlog.get_logger("rollout.server")
 
 CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", bytes)
 RECORDER = web.AppKey("recorder", MetricsRecorder)
+TRUSTED: web.AppKey[tuple[str, ...]] = web.AppKey("trusted_keys", tuple)
 COMMANDS = ("pause", "resume", "abort", "retry", "rollback")
 SSE_POLL = 0.2  # seconds between journal reads while following a stream
 SIGNAL_ROUTE = "gate-signal"  # the ordinary, token-authenticated signal path
@@ -261,7 +262,9 @@ async def create_rollout(request: web.Request) -> web.Response:
         except InputError as exc:
             raise _from_input_error(exc, "policy") from None
         try:
-            image = load_image(req.image)
+            # IMAGE.sig travels with it; with trusted keys it must verify (400 otherwise).
+            trusted: tuple[str, ...] = request.app[TRUSTED]
+            image = load_signed_image(req.image, trusted)
         except InputError as exc:
             raise _Bad("image", str(exc)) from None
     except _Bad as bad:
@@ -564,7 +567,11 @@ _REASONS = {
 
 
 def make_app(
-    controller: Controller, token: str, recorder: MetricsRecorder, service: bool = True
+    controller: Controller,
+    token: str,
+    recorder: MetricsRecorder,
+    service: bool = True,
+    trusted_keys: tuple[str, ...] = (),
 ) -> web.Application:
     """The API app. `service=False` is `rollout run --listen`: the same API beside one
     foreground rollout, which keeps its own observers and is not resumed by the app."""
@@ -572,6 +579,7 @@ def make_app(
     app[CONTROLLER] = controller
     app[TOKEN] = token.encode()
     app[RECORDER] = recorder
+    app[TRUSTED] = trusted_keys
     if service:
         log_events = EventLog()
 

@@ -37,6 +37,7 @@ class Service:
     token: str
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -49,7 +50,8 @@ class Service:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rollout", "serve", "--state",
                  str(self.workdir / "state.db"), "--listen", f"{self.host}:7400",
-                 "--token-file", str(self.workdir / "token"), "--log-format", "json"],
+                 "--token-file", str(self.workdir / "token"), "--log-format", "json",
+                 *self.args],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
         deadline = time.monotonic() + 20

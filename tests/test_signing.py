@@ -158,3 +158,29 @@ def test_a_root_filesystem_image_is_signed_with_its_compatible_string(tmp_path: 
     doc["payload"]["compatible"] = "other-board"
     signing.signature_path(image).write_text(json.dumps(doc))
     assert rollout("image", "verify", str(image), "--key", str(pub)).returncode == 2
+
+
+async def test_rollout_serve_with_a_trusted_key_refuses_an_unsigned_image(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    from tests.conftest import next_host
+    from tests.test_server import Service, policy_file
+
+    key, pub = keys(tmp_path, "release")
+    (tmp_path / "token").write_text("service-secret-token\n")
+    svc = Service(tmp_path, next_host(), "service-secret-token", args=("--trusted-key", str(pub)))
+    svc.start()
+    try:
+        fl = make_fleet(1, image=images.v1, trusted_keys=(str(pub),))
+        policy = policy_file(tmp_path)
+        body = {"inventory": str(fl.inventory), "policy": policy, "image": images.v2.path}
+        status, answer = await svc.call("POST", "/v1/rollouts", body)
+        assert (status, answer.get("field")) == (400, "image") and "not signed" in answer["message"]
+        signed = signed_copy(tmp_path, images.v2.path, key)
+        status, answer = await svc.call("POST", "/v1/rollouts", {**body, "image": str(signed)})
+        assert status == 201, answer
+        rid = answer["id"]
+        done = await svc.wait_phase(rid, {"succeeded", "halted", "failed", "rolled_back"})
+        assert done["phase"] == "succeeded", done
+    finally:
+        svc.kill()
