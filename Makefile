@@ -23,7 +23,7 @@ test: venv
 
 # Real Linux VMs under QEMU (root; builds the guest once, cached): about 20-30 minutes.
 test-vm: venv
-	$(BIN)/pytest -q -m vm tests/vm
+	$(BIN)/pytest -q -m vm --durations=0 tests/vm
 
 # Two QEMU VMs moved from the sample OS 1.0.0 to 2.0.0 by reboot (docs/real-nodes.md).
 demo-vm: venv
