@@ -555,7 +555,7 @@ def run_rollout(
             api = (listen, token, rec, ssl_context) if listen and token else None
             result = asyncio.run(_run_controller(controller, rollout_id, console, api))
             if metrics_port is not None and metrics_linger > 0:
-                rec.wait_for_scrape(metrics_linger)  # let Prometheus see the final state
+                rec.wait_for_scrape(metrics_linger, count=2)  # Prometheus sees the final state
         if junit:
             report.write(junit, result)
         return result

@@ -322,18 +322,20 @@ class MetricsRecorder:
         with self._collected:
             return self._collections
 
-    def wait_for_scrape(self, timeout: float, since: int | None = None) -> bool:
-        """Block until the registry has been collected (a scrape of /metrics) after this
-        call, or after `collections` was `since`; at most `timeout` seconds. True if it
-        was. A one-shot `rollout run` calls it before exiting, so that Prometheus sees the
-        final state."""
+    def wait_for_scrape(self, timeout: float, since: int | None = None, count: int = 1) -> bool:
+        """Block until the registry has been collected `count` times (scrapes of /metrics)
+        after this call, or after `collections` was `since`; at most `timeout` seconds.
+        True if it was. A one-shot `rollout run` calls it with count=2 before exiting: a
+        collection is counted when it starts, and Prometheus scrapes a target one scrape
+        at a time, so the second start means the first scrape after the final state was
+        answered in full (exiting at the first could cut its answer off)."""
         deadline = time.monotonic() + timeout
         with self._collected:
             seen = self._collections if since is None else since
-            while self._collections == seen:
+            while self._collections < seen + count:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._collected.wait(left):
-                    return self._collections != seen
+                    return self._collections >= seen + count
         return True
 
     def _was_collected(self) -> None:
