@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -17,13 +18,15 @@ from tests.test_server import service as service  # the fixture
 pytestmark = pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="needs schemathesis")
 
 
-async def test_schemathesis_finds_nothing_against_the_service(service: Service) -> None:
+async def test_schemathesis_finds_nothing_against_the_service(
+    service: Service, tmp_path: Path
+) -> None:
     url = service.url + "/v1/openapi.json"
-    every = await fuzz(url, service.token, "--exclude-path", "/v1/rollouts")
+    every = await fuzz(url, service.token, "--exclude-path", "/v1/rollouts", cwd=tmp_path)
     assert every.returncode == 0, every.stdout[-4000:]
     # A well-formed start names files that need not exist: refused (400), never a 500.
     start = await fuzz(url, service.token, "--include-path", "/v1/rollouts",
-                       "--exclude-checks", "positive_data_acceptance")  # fmt: skip
+                       "--exclude-checks", "positive_data_acceptance", cwd=tmp_path)  # fmt: skip
     assert start.returncode == 0, start.stdout[-4000:]
 
 

@@ -18,24 +18,29 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 pytestmark = pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="needs schemathesis")
 
 
-async def fuzz(url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+async def fuzz(
+    url: str, token: str, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the schemathesis CLI (it keeps a .schemathesis/ cache in `cwd`)."""
     auth = f"Authorization: Bearer {token}"
     argv = [str(SCHEMATHESIS), "run", url, "--checks", "all", "-H", auth,
             "--max-examples", "25", "--seed", "20261201", "-w", "1", *args]  # fmt: skip
     return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=240, check=False
+        subprocess.run, argv, capture_output=True, text=True, timeout=240, check=False, cwd=cwd
     )
 
 
-async def test_schemathesis_finds_nothing_against_the_agent(start_agent: StartAgent) -> None:
+async def test_schemathesis_finds_nothing_against_the_agent(
+    start_agent: StartAgent, tmp_path: Path
+) -> None:
     agent = await start_agent()
     url = agent.url("/v1/openapi.json")
-    every = await fuzz(url, agent.token, "--exclude-path", "/v1/image")
+    every = await fuzz(url, agent.token, "--exclude-path", "/v1/image", cwd=tmp_path)
     assert every.returncode == 0, every.stdout[-4000:]
     # A well-formed upload can still be refused (its bytes do not hash to its digest):
     # everything but "schema-valid data is accepted" holds for it too.
     image = await fuzz(url, agent.token, "--include-path", "/v1/image",
-                       "--exclude-checks", "positive_data_acceptance")  # fmt: skip
+                       "--exclude-checks", "positive_data_acceptance", cwd=tmp_path)  # fmt: skip
     assert image.returncode == 0, image.stdout[-4000:]
     assert (await agent.status())["staged"] is None  # nothing random was ever staged
 
