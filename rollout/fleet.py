@@ -310,10 +310,10 @@ def _read_pids(wd: Path) -> dict[str, int]:
 
 
 def _alive(pids: dict[str, int]) -> bool:
-    return any(_pid_alive(p) for p in pids.values())
+    return any(pid_alive(p) for p in pids.values())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -346,7 +346,7 @@ def _processes_under(wd: Path) -> list[int]:
             continue
         state_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--state-dir"]
         agent = "agent" in argv and any(d.startswith(nodes) for d in state_dirs)
-        if (agent or slot_root.match(cwd)) and _pid_alive(int(entry)):
+        if (agent or slot_root.match(cwd)) and pid_alive(int(entry)):
             found.append(int(entry))
     return found
 
@@ -357,14 +357,14 @@ def down(workdir: str | os.PathLike[str], timeout: float = 15.0) -> int:
     if not (wd / FLEET_FILE).exists():
         raise InputError(f"{wd}: no {FLEET_FILE} here; is this a fleet's --workdir?")
     pids = _read_pids(wd)
-    running = [p for p in pids.values() if _pid_alive(p)]
+    running = [p for p in pids.values() if pid_alive(p)]
     for pid in running:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(p) for p in running) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in running) and time.monotonic() < deadline:
         time.sleep(0.05)  # polling for exit with a deadline
     for pid in running:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             _signal_group(pid, signal.SIGKILL)
     for pid in _processes_under(wd):
         _signal_group(pid, signal.SIGKILL)

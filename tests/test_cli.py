@@ -347,7 +347,7 @@ def test_fleet_down_stops_its_agents_and_workloads_and_nothing_else(
         proc = rollout("fleet", "down", "--workdir", str(fl.workdir))
         assert proc.returncode == 0 and "stopped 2 agent(s)" in proc.stdout
         assert fleet._processes_under(fl.workdir.resolve()) == []
-        assert all(not fleet._pid_alive(pid) for pid in ours)
+        assert all(not fleet.pid_alive(pid) for pid in ours)
         assert bystander.poll() is None
     finally:
         bystander.kill()

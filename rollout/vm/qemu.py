@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rollout.errors import InputError
+from rollout.fleet import pid_alive
 from rollout.vm import guest
 
 QEMU = "qemu-system-x86_64"
@@ -123,15 +124,8 @@ def start(spec: VMSpec, log: Path) -> int:
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    """True while `pid` runs (a zombie counts as gone); 0 is never alive."""
+    return pid > 0 and pid_alive(pid)
 
 
 def is_qemu(pid: int, disk: Path) -> bool:
