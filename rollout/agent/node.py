@@ -166,7 +166,7 @@ class Agent:
                 # happened. Whatever the bootloader was told, the next boot is reconciled.
                 log.warning("switch_lost", slot=str(loaded.pending.slot))
                 self._save(replace(loaded, pending=None))
-            await self.backend.after_boot(loaded)
+            await self.backend.after_boot(self.state)
             self._start_workload()
             self._arm_deadline()
             return
