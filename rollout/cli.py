@@ -254,6 +254,93 @@ def image_inspect(file: str) -> None:
                            "digest": img.digest}, indent=2))  # fmt: skip
 
 
+_AUTHFILE_HELP = ("Registry auth file, {\"auths\": {\"HOST:PORT\": {\"auth\": ...}}} (default: "
+                  "$REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, "
+                  "~/.docker/config.json).")  # fmt: skip
+_REGISTRY_CA_HELP = "PEM CA certificates the registry's must chain to (default: the system's)."
+_PLAIN_HTTP_HELP = "Reach the registry over plain http:// (a test registry on loopback)."
+
+
+@image.command("push")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("reference")
+@click.option("--signature", type=click.Path(dir_okay=False),
+              help="Signature file to publish too [default: FILE.sig if it exists].")  # fmt: skip
+@click.option("--authfile", type=click.Path(dir_okay=False), help=_AUTHFILE_HELP)
+@click.option("--registry-ca", type=click.Path(dir_okay=False), help=_REGISTRY_CA_HELP)
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP_HELP)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+def image_push(
+    file: str,
+    reference: str,
+    signature: str | None,
+    authfile: str | None,
+    registry_ca: str | None,
+    plain_http: bool,
+    output: str,
+) -> None:
+    """Publish image FILE to an OCI registry as REFERENCE (oci://HOST[:PORT]/REPO:TAG).
+
+    Prints the pinned reference (REPO@sha256:..., what to roll out), then the image's
+    digest and size (--output json: what `image resolve` prints). Exit 2 for bad input or
+    refused credentials, 1 when the registry fails.
+    """
+    from rollout import oci
+    from rollout.signing import encode, read_signature, signature_path
+
+    ref = oci.parse_reference(reference)
+    sig_path = Path(signature) if signature is not None else signature_path(file)
+    if signature is not None and not sig_path.exists():
+        raise InputError(f"--signature {sig_path}: no such file")
+    sig = encode(read_signature(sig_path)) if sig_path.exists() else None
+
+    async def push() -> oci.Artifact:
+        async with oci.open_client(
+            ref.registry, authfile=authfile, ca_file=registry_ca, plain_http=plain_http
+        ) as client:
+            return await client.push(ref, file, signature=sig)
+
+    try:
+        artifact = asyncio.run(push())
+    except oci.FetchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INPUT if exc.code in oci.INPUT_CODES else EXIT_FAILED)
+    if output == "json":
+        click.echo(json.dumps(artifact.as_dict(), indent=2))
+        return
+    click.echo(str(artifact.reference))
+    click.echo(f"digest {artifact.blob_digest} size {artifact.size}"
+               + (" signed" if artifact.signature else ""))  # fmt: skip
+
+
+@image.command("resolve")
+@click.argument("reference")
+@click.option("--authfile", type=click.Path(dir_okay=False), help=_AUTHFILE_HELP)
+@click.option("--registry-ca", type=click.Path(dir_okay=False), help=_REGISTRY_CA_HELP)
+@click.option("--plain-http", is_flag=True, help=_PLAIN_HTTP_HELP)
+def image_resolve(
+    reference: str, authfile: str | None, registry_ca: str | None, plain_http: bool
+) -> None:
+    """Print what REFERENCE (oci://HOST[:PORT]/REPO:TAG or ...@sha256:...) names, as JSON:
+    its pinned reference, the image's digest, size, kind, name, version and signature."""
+    from rollout import oci
+
+    ref = oci.parse_reference(reference)
+
+    async def resolve() -> oci.Artifact:
+        async with oci.open_client(
+            ref.registry, authfile=authfile, ca_file=registry_ca, plain_http=plain_http
+        ) as client:
+            return await client.resolve(ref)
+
+    try:
+        artifact = asyncio.run(resolve())
+    except oci.FetchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INPUT if exc.code in oci.INPUT_CODES else EXIT_FAILED)
+    click.echo(json.dumps(artifact.as_dict(), indent=2))
+
+
 # -- fleet ----------------------------------------------------------------------------------
 @main.group("fleet")
 def fleet_group() -> None:

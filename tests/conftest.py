@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +17,9 @@ from rollout.fleet import FleetOptions
 from rollout.inventory import load_inventory
 from rollout.model import Image, Node
 from rollout.sample import build_sample_image
+
+if TYPE_CHECKING:  # tests.registry imports this module: no import cycle at run time
+    from tests.registry import Registry, RegistryFactory
 
 # Each test process gets its own 127.X.0.0/16 so parallel or leftover runs never collide.
 _SECOND_OCTET = 100 + os.getpid() % 100
@@ -111,3 +115,19 @@ def tcp_listeners() -> Iterator[Callable[[str, int], socket.socket]]:
     yield listen
     for s in socks:
         s.close()
+
+
+@pytest.fixture
+def registries(tmp_path: Path) -> Iterator[RegistryFactory]:
+    """Start real OCI registries (docker-registry processes, tests/registry.py); all are
+    stopped at teardown. `registries.start(auth=..., tls=..., upstream=...)`."""
+    from tests.registry import registries as started
+
+    with started(tmp_path / "registries") as factory:
+        yield factory
+
+
+@pytest.fixture
+def registry(registries: RegistryFactory) -> Registry:
+    """One registry with TLS (its CA in `registry.ca_pem`) and basic auth."""
+    return registries.start()
