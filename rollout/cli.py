@@ -41,6 +41,7 @@ from rollout.metrics import MetricsRecorder
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
+from rollout.pull import PullAccess
 from rollout.report import JUnitReport
 from rollout.rootfs import (
     DEFAULT_INITRD,
@@ -562,7 +563,8 @@ DEFAULT_STATE = ".rollout/state.db"
 
 
 def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Image,
-                  policy_name: str, console: Console) -> str:  # fmt: skip
+                  policy_name: str, console: Console,
+                  pull: PullAccess | None = None) -> str:  # fmt: skip
     """Resume the unfinished rollout of these nodes and this image, or create a new one."""
     wanted = set(inv.ids)
     for state in unfinished(controller.store):
@@ -570,11 +572,18 @@ def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Imag
         if not overlap:
             continue
         image = state.created.get("image", {})
-        if image.get("digest") == img.digest and set(state.node_ids) == wanted:
+        same_tag = img.reference is not None and image.get("reference") == img.reference
+        if (image.get("digest") == img.digest or same_tag) and set(state.node_ids) == wanted:
             console.print(
                 f"resuming rollout {state.rollout_id} ({state.phase}) from the journal",
                 soft_wrap=True,
             )
+            if image.get("digest") != img.digest:
+                console.print(
+                    f"[yellow]{img.reference} now names {img.digest[:19]}; this rollout stays "
+                    f"on the digest it resolved when it started, {image.get('source')}[/]",
+                    soft_wrap=True,
+                )
             if state.phase is RolloutPhase.PAUSED:  # e.g. stopped after the canary
                 controller.journal_command(state.rollout_id, "resume", "run", RolloutPhase.RUNNING)
             return state.rollout_id
@@ -596,7 +605,9 @@ def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Imag
             soft_wrap=True,
         )
         return state.rollout_id
-    return controller.create(inv.nodes, pol, img, policy_name=policy_name, by="run").rollout_id
+    return controller.create(
+        inv.nodes, pol, img, policy_name=policy_name, by="run", pull=pull
+    ).rollout_id
 
 
 def run_rollout(
@@ -618,13 +629,20 @@ def run_rollout(
     console: Console | None = None,
     trusted_keys: tuple[str, ...] = (),
     signature: str | None = None,
+    authfile: str | None = None,
+    registry_ca: str | None = None,
+    registry_plain_http: bool = False,
 ) -> RolloutResult:
     """Load inputs, run (or resume) the rollout in the foreground, return its result."""
-    from rollout.signing import load_signed_image
-
     inv = load_inventory(inventory_path)
     pol = load_policy(policy_path)
-    img = load_signed_image(image_path, trusted_keys, signature)
+    pull = PullAccess(
+        authfile=os.path.abspath(authfile) if authfile else None,
+        ca_file=os.path.abspath(registry_ca) if registry_ca else None,
+        plain_http=registry_plain_http,
+        mirrors=inv.mirrors,
+    )
+    img = load_any_image(image_path, pull, trusted_keys, signature)
     batches = plan_batches(inv.nodes, pol)
     stop_batch = _stop_batch(stop_after, batches)
     token = _listen_token(listen, token_file)
@@ -633,7 +651,9 @@ def run_rollout(
     store = SQLiteStore(state_path)
     try:
         controller = Controller(store)
-        rollout_id = _pick_rollout(controller, inv, pol, img, Path(policy_path).stem, console)
+        rollout_id = _pick_rollout(
+            controller, inv, pol, img, Path(policy_path).stem, console, pull
+        )
         if stop_batch is not None:
             controller.stop_after[rollout_id] = stop_batch
         report = JUnitReport(rollout_id)
@@ -648,6 +668,19 @@ def run_rollout(
         return result
     finally:
         store.close()
+
+
+def load_any_image(
+    image: str, pull: PullAccess, trusted_keys: Sequence[str], signature: str | None
+) -> Image:
+    """`--image`: a local file (push mode) or an image in a store (pull mode: an oci://
+    reference, resolved to its digest now, or an https:// URL)."""
+    from rollout.pull import is_remote, resolve_image
+    from rollout.signing import load_signed_image
+
+    if is_remote(image):
+        return asyncio.run(resolve_image(image, pull, trusted_keys, signature))
+    return load_signed_image(image, trusted_keys, signature)
 
 
 def _stop_batch(stop_after: str | None, batches: Sequence[Batch]) -> int | None:
@@ -771,7 +804,29 @@ def print_result(result: RolloutResult, console: Console) -> None:
 @main.command()
 @click.option("--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--policy", "policy_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--image", "image_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--image",
+    "image_path",
+    required=True,
+    help="An image file (pushed to each node), oci://HOST[:PORT]/REPO:TAG|@sha256:... or an "
+    "https:// URL (each node pulls it).",
+)
+@click.option(
+    "--authfile",
+    type=click.Path(dir_okay=False),
+    help="Registry credentials (containers auth.json / docker config.json format) "
+    "[default: $REGISTRY_AUTH_FILE, then the usual places].",
+)
+@click.option(
+    "--registry-ca",
+    type=click.Path(dir_okay=False),
+    help="PEM CA the registry's (and its mirrors') certificates are verified against.",
+)
+@click.option(
+    "--registry-plain-http",
+    is_flag=True,
+    help="Reach the registry over plain HTTP (a lab registry without TLS).",
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option(
@@ -848,6 +903,9 @@ def run(
     junit: str | None,
     trusted_keys: tuple[str, ...],
     signature: str | None,
+    authfile: str | None,
+    registry_ca: str | None,
+    registry_plain_http: bool,
 ) -> None:
     """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
     console = make_console()
@@ -868,6 +926,9 @@ def run(
         junit=junit,
         trusted_keys=trusted_keys,
         signature=signature,
+        authfile=authfile,
+        registry_ca=registry_ca,
+        registry_plain_http=registry_plain_http,
     )
     if output == "json":
         click.echo(json.dumps(_result_json(result), indent=2))

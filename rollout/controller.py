@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_st
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Gate, Policy, parse_policy
+from rollout.pull import PullAccess
 from rollout.tls import client_context
 from rollout.webhooks import WebhookObserver
 
@@ -173,8 +174,12 @@ class Controller:
         policy_name: str = "",
         by: str = "cli",
         rollout_id: str | None = None,
+        pull: PullAccess | None = None,
     ) -> RolloutState:
-        """Plan and journal a new rollout, locking its nodes; LockConflict if overlapping."""
+        """Plan and journal a new rollout, locking its nodes; LockConflict if overlapping.
+
+        `pull`: how nodes reach the image store when `image` is pulled (journaled as
+        paths: the credentials stay in the auth file)."""
         if not nodes:
             raise InputError("the rollout selects no nodes")
         check_tokens(nodes)  # refuse before anything is journaled or locked
@@ -197,7 +202,10 @@ class Controller:
                     "version": image.version,
                     "size": image.size,
                     "signature": image.signature,  # public: travels to every agent
+                    "source": image.source,  # pull mode: pinned, so a moved tag changes nothing
+                    "reference": image.reference,
                 },
+                "pull": (pull or PullAccess()).to_json(),
                 "inventory": [_node_json(n) for n in nodes],
                 "batches": [
                     {"index": b.index, "canary": b.canary, "nodes": list(b.node_ids)}
@@ -214,6 +222,7 @@ class Controller:
         image: Image,
         policy_name: str = "",
         by: str = "api",
+        pull: PullAccess | None = None,
     ) -> RolloutState:
         """`create`, after taking every node's agent lease for the new rollout.
 
@@ -231,7 +240,7 @@ class Controller:
         try:
             try:
                 await self._lease_all(driver, list(nodes), rollout_id)
-                return self.create(nodes, policy, image, policy_name, by, rollout_id)
+                return self.create(nodes, policy, image, policy_name, by, rollout_id, pull)
             except BaseException:
                 await self._release_all(driver, list(nodes), rollout_id)
                 raise
@@ -312,7 +321,13 @@ class Controller:
         action: Callable[[Engine], Any] | None,
     ) -> RolloutResult:
         state = loaded.state
-        driver = AgentDriver(lease_holder=rollout_id, on_retry=self._retry_hook(observer))
+        pull = replace(
+            PullAccess.from_json(state.created.get("pull")),
+            rate_limit=loaded.policy.prestage.bandwidth,
+        )
+        driver = AgentDriver(
+            lease_holder=rollout_id, on_retry=self._retry_hook(observer), pull=pull
+        )
         engine = Engine(
             driver,
             loaded.policy,

@@ -36,6 +36,7 @@ from rollout.drivers.base import Driver, Refused, TransportError
 from rollout.events import (
     BatchFinished,
     BatchStarted,
+    BytesFetched,
     BytesSent,
     Event,
     HealthChecked,
@@ -71,6 +72,11 @@ from rollout.model import (
 from rollout.policy import Policy
 
 T = TypeVar("T")
+
+# Final phases after which images staged ahead will not be activated by this rollout.
+_ABANDONING = frozenset(
+    {RolloutPhase.HALTED, RolloutPhase.ROLLED_BACK, RolloutPhase.ABORTED, RolloutPhase.FAILED}
+)
 
 # How often to look at a node that is rebooting; short, it is only a status request.
 POLL_INTERVAL = 0.2
@@ -245,6 +251,8 @@ class Engine:
         self.passed_gates = set(passed_gates or ())  # (gate, batch) passed before a resume
         self._gate_batch = 0
         self.prober_for = prober_for or (lambda session: Prober(self.driver, session))
+        self._prestaging: dict[str, asyncio.Task[None]] = {}
+        self._prestage_slots = asyncio.Semaphore(policy.prestage.max_concurrent)
 
     # -- control ------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -276,12 +284,17 @@ class Engine:
         self._phase(RolloutPhase.PAUSED if self.control.paused else RolloutPhase.RUNNING)
 
     def _phase(self, phase: RolloutPhase, message: str = "") -> None:
+        if phase is RolloutPhase.ROLLING_BACK:
+            self._stop_prestage()  # nothing more is activated: stop fetching for it
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutPhaseChanged(self.rollout_id, phase, message))
 
-    def _finish(
+    async def _finish(
         self, phase: RolloutPhase, message: str, stopped_as_asked: bool = False
     ) -> RolloutResult:
+        self._stop_prestage()
+        if phase in _ABANDONING:
+            await self._discard_prestaged()
         self.journal("phase", {"phase": str(phase), "message": message})
         self._emit(RolloutFinished(phase, message))
         return RolloutResult(self.rollout_id, phase, message, dict(self.records), stopped_as_asked)
@@ -344,12 +357,68 @@ class Engine:
         if action == "rollback":
             self._phase(RolloutPhase.ROLLING_BACK, why)
             await self._rollback_many(records)
-            return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
+            return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
         if action == "rollback-all":
             self._phase(RolloutPhase.ROLLING_BACK, why)
             await self._rollback_many(list(self.records.values()))
-            return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
-        return self._finish(RolloutPhase.HALTED, f"{why}; halted")
+            return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
+        return await self._finish(RolloutPhase.HALTED, f"{why}; halted")
+
+    # -- pre-staging ----------------------------------------------------------------------
+    def _prestage(self, batches: Sequence[Batch]) -> None:
+        """Start staging the nodes of `batches` in the background (policy `prestage`),
+        at most `max_concurrent` at a time across the fleet, earlier batches first."""
+        for batch in batches:
+            for node in batch.nodes:
+                rec = self.records[node.id]
+                if rec.phase is NodePhase.PENDING and node.id not in self._prestaging:
+                    task = asyncio.create_task(self._prestage_node(rec), name=f"prestage-{node.id}")
+                    self._prestaging[node.id] = task
+
+    async def _prestage_node(self, rec: NodeRecord) -> None:
+        async with self._prestage_slots:
+            if self.control.aborted or rec.phase is not NodePhase.PENDING:
+                return
+            try:
+                st = await self.driver.status(rec.node)
+                if not st.committed or st.runs(self.image.digest) or st.busy is not None:
+                    return  # its own update will look at it
+                if st.staged_digest != self.image.digest:
+                    self._set(rec, NodePhase.STAGING, detail="pre-staging")
+                    await self.driver.stage(rec.node, self.image, self._progress(rec))
+                self._set(rec, NodePhase.STAGED, detail="pre-staged")
+            except (TransportError, Refused, OSError, ValueError, aiohttp.ClientError) as exc:
+                # Not a failure of the node: its batch stages it again, and decides then.
+                self._set(rec, NodePhase.PENDING, detail=f"pre-staging failed: {exc}"[:300])
+
+    def _stop_prestage(self) -> None:
+        for task in self._prestaging.values():
+            task.cancel()
+
+    async def _discard_prestaged(self) -> None:
+        """The rollout ends without activating nodes it staged ahead: drop those images."""
+        tasks = list(self._prestaging.values())
+        await asyncio.gather(*tasks, return_exceptions=True)
+        left = [
+            r
+            for r in self.records.values()
+            if r.phase in (NodePhase.STAGING, NodePhase.STAGED) and not r.activated
+        ]
+
+        async def one(rec: NodeRecord) -> None:
+            try:
+                await self.driver.discard(rec.node, self.image.digest)
+            except (TransportError, Refused, OSError, aiohttp.ClientError) as exc:
+                self._set(rec, NodePhase.PENDING, detail=f"staged image not discarded: {exc}")
+                return
+            self._set(rec, NodePhase.PENDING, detail="staged image discarded")
+
+        await asyncio.gather(*(one(r) for r in left))
+
+    def _progress(self, rec: NodeRecord) -> Callable[[int], None]:
+        if self.image.pulled:
+            return lambda n: self._emit(BytesFetched(rec.node.id, n))
+        return lambda n: self._emit(BytesSent(rec.node.id, n))
 
     # -- the rollout --------------------------------------------------------------------
     async def run(self, batches: Sequence[Batch], stop_after: int | None = None) -> RolloutResult:
@@ -392,6 +461,10 @@ class Engine:
                         return await self._gate_failed(batch, [], ready)
                     self.journal("batch_started", {"batch": batch.index})
                     self._emit(BatchStarted(batch, len(batches)))
+                    mode = self.policy.prestage.mode
+                    if mode != "none":
+                        later = [b for b in batches if b.index > batch.index]
+                        self._prestage(later[:1] if mode == "next-batch" else later)
                     async with asyncio.TaskGroup() as tg:
                         for rec in records:
                             if not rec.settled:
@@ -414,7 +487,7 @@ class Engine:
                         return await self._gate_failed(batch, records, outcome)
                     more = batch.index < len(batches)
                     if stop_after is not None and batch.index >= stop_after and more:
-                        return self._finish(
+                        return await self._finish(
                             RolloutPhase.PAUSED,
                             f"stopped after batch {batch.index} as asked; run again to go on",
                             stopped_as_asked=failed_total == 0,
@@ -426,21 +499,23 @@ class Engine:
                     f"{failed_total} failed in all, {tolerated} tolerated"
                 )
                 if decision is Decision.HALT:
-                    return self._finish(RolloutPhase.HALTED, f"{why}; halted")
+                    return await self._finish(RolloutPhase.HALTED, f"{why}; halted")
                 self._phase(RolloutPhase.ROLLING_BACK, why)
                 if decision is Decision.ROLLBACK_BATCH:
                     await self._rollback_many(records)
-                    return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
+                    return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
                 await self._rollback_many(list(self.records.values()))
-                return self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
+                return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
         failed_total = sum(r.failed for r in self.records.values())
         if not all(r.settled for r in self.records.values()):
-            return self._finish(RolloutPhase.ABORTED, "stopped by the operator")
+            return await self._finish(RolloutPhase.ABORTED, "stopped by the operator")
         if failed_total:
-            return self._finish(
+            return await self._finish(
                 RolloutPhase.FAILED, f"{failed_total} node(s) failed; the rest were updated"
             )
-        return self._finish(RolloutPhase.SUCCEEDED, f"{len(fleet)} node(s) on {self.image.version}")
+        return await self._finish(
+            RolloutPhase.SUCCEEDED, f"{len(fleet)} node(s) on {self.image.version}"
+        )
 
     async def rollback_all(self) -> RolloutResult:
         """Return every node this rollout updated to its previous image (operator command)."""
@@ -448,8 +523,8 @@ class Engine:
         await self._rollback_many(list(self.records.values()))
         bad = [r.node.id for r in self.records.values() if r.phase is NodePhase.ROLLBACK_FAILED]
         if bad:
-            return self._finish(RolloutPhase.FAILED, f"rollback failed on {', '.join(bad)}")
-        return self._finish(RolloutPhase.ROLLED_BACK, "rolled back by the operator")
+            return await self._finish(RolloutPhase.FAILED, f"rollback failed on {', '.join(bad)}")
+        return await self._finish(RolloutPhase.ROLLED_BACK, "rolled back by the operator")
 
     @staticmethod
     def retry_failed(records: dict[str, NodeRecord]) -> list[str]:
@@ -485,6 +560,8 @@ class Engine:
     async def _update_steps(self, rec: NodeRecord, prober: Probe) -> None:
         """Drive one node to committed, from wherever the journal says it is."""
         node, target = rec.node, self.image.digest
+        if (ahead := self._prestaging.pop(node.id, None)) is not None:
+            await asyncio.gather(ahead, return_exceptions=True)  # it catches its own errors
         if rec.phase is NodePhase.FAILED or rec.phase is NodePhase.ROLLING_BACK:
             await self._rollback_node(rec)  # a crash interrupted its rollback
             return
@@ -526,7 +603,10 @@ class Engine:
             rec.version = st.booted_version
             if not await self.control.checkpoint():
                 return
-            await self._stage(rec)
+            if st.staged_digest == target and not st.busy:
+                self._set(rec, NodePhase.STAGED, detail="pre-staged")
+            else:
+                await self._stage(rec)
             if not await self.control.checkpoint():
                 return
             await self._activate(rec)
@@ -575,13 +655,10 @@ class Engine:
 
     async def _stage(self, rec: NodeRecord) -> None:
         self._set(rec, NodePhase.STAGING)
-
-        def sent(n: int) -> None:
-            self._emit(BytesSent(rec.node.id, n))
-
+        progress = self._progress(rec)
         try:
             written = await self._timed(
-                rec, Step.STAGE, lambda: self.driver.stage(rec.node, self.image, sent)
+                rec, Step.STAGE, lambda: self.driver.stage(rec.node, self.image, progress)
             )
         except Refused as exc:
             mismatch = exc.code == "digest_mismatch"

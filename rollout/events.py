@@ -67,6 +67,14 @@ class BytesSent:
 
 
 @dataclass(frozen=True)
+class BytesFetched:
+    """Bytes a node pulled from the image store since the last report (pull mode)."""
+
+    node_id: str
+    count: int
+
+
+@dataclass(frozen=True)
 class Retried:
     node_id: str
     operation: str
@@ -111,6 +119,7 @@ Event = (
     | NodeChanged
     | StepDone
     | BytesSent
+    | BytesFetched
     | Retried
     | HealthChecked
     | BatchFinished

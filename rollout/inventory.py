@@ -5,6 +5,9 @@
     # inventory.yaml
     token_file: token            # default for all nodes, relative to this file's directory
     ca_file: ca.pem              # optional: agents speak HTTPS, verified against this CA
+    registry_mirrors:            # optional, pull mode: per-site mirrors, first match wins
+      - match: {site: eu}
+        registry: mirror-eu.example:5000
     nodes:
       - id: node-01
         address: 127.0.0.2:7000  # agent host:port
@@ -42,7 +45,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic import model_validator as _model_validator
 
 from rollout.errors import InputError
-from rollout.model import Node
+from rollout.model import Mirror, Node
 from rollout.policy import FieldProblem, read_yaml, show, validation_message
 
 __all__ = ["Inventory", "dump_inventory", "load_inventory", "parse_inventory", "split_address"]
@@ -120,6 +123,17 @@ class _NodeEntry(BaseModel):
     )
 
 
+class _MirrorEntry(BaseModel):
+    model_config = _CONFIG
+
+    match: Annotated[
+        dict[Annotated[str, Field(min_length=1)], str], BeforeValidator(_labels_as_strings)
+    ] = Field(min_length=1, description="Labels a node must all have, e.g. {site: eu}.")
+    registry: Annotated[str, AfterValidator(_check_address)] = Field(
+        description="The mirror's host:port; those nodes pull images from it."
+    )
+
+
 class _InventoryFile(BaseModel):
     model_config = _CONFIG
 
@@ -138,6 +152,13 @@ class _InventoryFile(BaseModel):
     )
     nodes: list[_NodeEntry] = Field(
         min_length=1, description="The fleet, in order (the planner keeps this order)."
+    )
+    registry_mirrors: list[_MirrorEntry] = Field(
+        default_factory=list,
+        description=(
+            "Per-site registry mirrors for pull mode: the first entry whose labels match a "
+            "node is the registry that node pulls from (by digest, so it gets the same bytes)."
+        ),
     )
 
     @_model_validator(mode="after")
@@ -175,6 +196,7 @@ class Inventory:
     source: str
     token_file: str | None = None
     ca_file: str | None = None
+    mirrors: tuple[Mirror, ...] = ()
 
     def node(self, node_id: str) -> Node:
         """The node with this id; KeyError if there is none."""
@@ -247,7 +269,10 @@ def parse_inventory(data: object, source: str, base_dir: str | os.PathLike[str] 
         )
         for e in parsed.nodes
     )
-    return Inventory(nodes=nodes, source=source, token_file=default, ca_file=default_ca)
+    mirrors = tuple(Mirror(dict(m.match), m.registry) for m in parsed.registry_mirrors)
+    return Inventory(
+        nodes=nodes, source=source, token_file=default, ca_file=default_ca, mirrors=mirrors
+    )
 
 
 def dump_inventory(

@@ -49,6 +49,7 @@ from rollout.decide import Decision
 from rollout.events import (
     BatchFinished,
     BatchStarted,
+    BytesFetched,
     BytesSent,
     Event,
     HealthChecked,
@@ -200,6 +201,12 @@ class MetricsRecorder:
             ["rollout"],
             registry=r,
         )
+        self.fetched = Counter(
+            "rollout_image_bytes_fetched",
+            "Image bytes node agents pulled from the image store (pull mode).",
+            ["rollout"],
+            registry=r,
+        )
         self.retries = Counter(
             "rollout_retries",
             "Transport retries towards node agents, by operation.",
@@ -267,6 +274,8 @@ class MetricsRecorder:
             self._child(self.step_seconds, ro, str(event.step), result).observe(event.seconds)
         elif isinstance(event, BytesSent):
             self._inc(self.bytes, ro, amount=event.count)
+        elif isinstance(event, BytesFetched):
+            self._inc(self.fetched, ro, amount=event.count)
         elif isinstance(event, Retried):
             self._inc(self.retries, ro, event.operation)
         elif isinstance(event, HealthChecked):
@@ -382,6 +391,7 @@ class MetricsRecorder:
         # Counters whose label values are known start at 0, so that the first failure or
         # rollback is an increase Prometheus can see (a series born at 1 shows none).
         self._inc(self.bytes, ro, amount=0)
+        self._inc(self.fetched, ro, amount=0)
         for result in _RESULTS.values():
             self._inc(self.updates, ro, result, amount=0)
         for result in _ROLLBACKS.values():

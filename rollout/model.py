@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ActivationMode(enum.StrEnum):
@@ -125,8 +126,28 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A registry mirror (inventory `registry_mirrors`): nodes whose labels include all
+    of `match` pull images from `registry` instead of the one the reference names."""
+
+    match: Mapping[str, str]
+    registry: str
+
+    def applies(self, node: Node) -> bool:
+        return all(node.labels.get(k) == v for k, v in self.match.items())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"match": dict(self.match), "registry": self.registry}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Mirror:
+        return cls(dict(data["match"]), str(data["registry"]))
+
+
+@dataclass(frozen=True)
 class Image:
-    """An image file on the controller's disk and what its manifest says."""
+    """An image (a file on the controller's disk, or in an image store) and what its
+    manifest says."""
 
     path: str
     digest: str  # "sha256:<hex>"
@@ -134,6 +155,14 @@ class Image:
     version: str
     size: int
     signature: str | None = None  # X-Image-Signature value (base64 of IMAGE.sig), if signed
+    # Pull mode: where the nodes fetch the image themselves, a pinned "oci://REG/REPO@sha256:"
+    # (by manifest digest) or an https:// URL; None: the controller streams `path` (push).
+    source: str | None = None
+    reference: str | None = None  # what the operator named (e.g. a tag), for the record
+
+    @property
+    def pulled(self) -> bool:
+        return self.source is not None
 
 
 @dataclass(frozen=True)

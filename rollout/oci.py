@@ -408,6 +408,11 @@ class RegistryClient:
         user = self._credentials.username if self._credentials else None
         return f"RegistryClient(scheme={self._scheme!r}, user={user!r})"
 
+    def allow(self, url: str) -> None:
+        """Offer the credentials to `url`'s origin too: the store a caller was told to
+        fetch from with them (the agent's `POST /v1/fetch`), not named by a Reference."""
+        self._registries.add(_origin(URL(url, encoded=True)))
+
     # -- plumbing -------------------------------------------------------------------------
     def _base(self, ref: Reference) -> str:
         base = f"{self._scheme}://{ref.registry}"

@@ -502,6 +502,60 @@ class Failure(BaseModel):
     )
 
 
+_RATE_RE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMG]i?B|B)/s")
+_RATE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}  # fmt: skip
+
+
+def parse_rate(value: object) -> object:
+    """A bandwidth like ``50MiB/s`` or ``10 MB/s`` to bytes per second (ints pass through).
+
+    >>> parse_rate("50MiB/s"), parse_rate("1.5 MB/s"), parse_rate(4096)
+    (52428800, 1500000, 4096)
+    """
+    if isinstance(value, str):
+        m = _RATE_RE.fullmatch(value.strip())
+        if not m:
+            raise ValueError(
+                f"expected a rate such as 50MiB/s, 10MB/s or 512KiB/s, got {show(value)}"
+            )
+        return int(float(m.group("n")) * _RATE_UNITS[m.group("unit")])
+    return value
+
+
+def _prestage_shorthand(value: object) -> object:
+    return {"mode": value} if isinstance(value, str) else value
+
+
+PrestageMode = Literal["none", "next-batch", "all"]
+
+
+class Prestage(BaseModel):
+    """Fetching or pushing images to later batches while earlier ones verify and bake."""
+
+    model_config = _CONFIG
+
+    mode: PrestageMode = Field(
+        default="none",
+        description=(
+            "`none`: a node's image is staged when its batch starts. `next-batch`: while a "
+            "batch runs, its gates included, the next batch's nodes stage. `all`: every later "
+            "batch stages from the start. Activation stays in batch order; gates still decide."
+        ),
+    )
+    max_concurrent: Annotated[Int, Field(ge=1)] = Field(
+        default=10,
+        description="Fleet-wide cap on pre-stage transfers in flight at once.",
+    )
+    bandwidth: Annotated[int, BeforeValidator(parse_rate), Field(gt=0)] | None = Field(
+        default=None,
+        description=(
+            "Per-node cap on a pulled image's transfer rate (pull mode), e.g. `50MiB/s`; "
+            "unset: as fast as the store serves."
+        ),
+    )
+
+
 # ----- gates ---------------------------------------------------------------------------
 # Documented in docs/policies.md ("Gates") and docs/gates.md; run by rollout.gates.
 
@@ -846,6 +900,10 @@ class Policy(BaseModel):
     )
     notify: tuple[Notify, ...] = Field(
         default=(), description="Webhooks that receive rollout events as JSON POSTs."
+    )
+    prestage: Annotated[Prestage, BeforeValidator(_prestage_shorthand)] = Field(
+        default_factory=Prestage,
+        description="Stage later batches early (a mode name, or a mapping with the cap).",
     )
 
     @model_validator(mode="after")

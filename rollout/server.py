@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +54,7 @@ from rollout.inventory import load_inventory, parse_inventory
 from rollout.journal import LockConflict, RolloutState, unfinished
 from rollout.metrics import MetricsRecorder
 from rollout.policy import load_policy, parse_policy
+from rollout.pull import PullAccess, is_remote, resolve_image
 from rollout.signing import load_signed_image
 
 log = structlog.get_logger("rollout.server")
@@ -61,6 +63,7 @@ CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", bytes)
 RECORDER = web.AppKey("recorder", MetricsRecorder)
 TRUSTED: web.AppKey[tuple[str, ...]] = web.AppKey("trusted_keys", tuple)
+PULL = web.AppKey("pull", PullAccess)
 COMMANDS = ("pause", "resume", "abort", "retry", "rollback")
 SSE_POLL = 0.2  # seconds between journal reads while following a stream
 SIGNAL_ROUTE = "gate-signal"  # the ordinary, token-authenticated signal path
@@ -88,7 +91,10 @@ class StartRequest(BaseModel):
     policy: FilePath | dict[str, Any] = Field(
         description="Path of a policy file on the controller, or a policy object."
     )
-    image: FilePath = Field(description="Path of the image file on the controller.")
+    image: FilePath = Field(
+        description="Path of an image file on the controller (pushed to the nodes), or "
+        "oci://HOST[:PORT]/REPO:TAG|@sha256:... or an https:// URL (the nodes pull it)."
+    )
 
 
 class CommandAnswer(BaseModel):
@@ -264,7 +270,11 @@ async def create_rollout(request: web.Request) -> web.Response:
         try:
             # IMAGE.sig travels with it; with trusted keys it must verify (400 otherwise).
             trusted: tuple[str, ...] = request.app[TRUSTED]
-            image = load_signed_image(req.image, trusted)
+            pull = replace(request.app[PULL], mirrors=inv.mirrors)
+            if is_remote(req.image):  # pull mode: a tag is resolved to its digest now
+                image = await resolve_image(req.image, pull, trusted)
+            else:
+                image = load_signed_image(req.image, trusted)
         except InputError as exc:
             raise _Bad("image", str(exc)) from None
     except _Bad as bad:
@@ -273,7 +283,9 @@ async def create_rollout(request: web.Request) -> web.Response:
     try:
         # Every node's agent lease first: a rollout of another controller (or of this one)
         # over these nodes is a 409 naming it, and nothing is journaled or locked.
-        state = await controller.create_claimed(nodes, policy, image, policy_name=name, by="api")
+        state = await controller.create_claimed(
+            nodes, policy, image, policy_name=name, by="api", pull=pull
+        )
     except LockConflict:
         raise
     except InputError as exc:  # a node's token or CA file, or its agent refused the token
@@ -572,6 +584,7 @@ def make_app(
     recorder: MetricsRecorder,
     service: bool = True,
     trusted_keys: tuple[str, ...] = (),
+    pull: PullAccess | None = None,
 ) -> web.Application:
     """The API app. `service=False` is `rollout run --listen`: the same API beside one
     foreground rollout, which keeps its own observers and is not resumed by the app."""
@@ -580,6 +593,7 @@ def make_app(
     app[TOKEN] = token.encode()
     app[RECORDER] = recorder
     app[TRUSTED] = trusted_keys
+    app[PULL] = pull or PullAccess()
     if service:
         log_events = EventLog()
 

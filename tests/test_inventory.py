@@ -157,7 +157,7 @@ ERRORS = [
     ),
     (
         "tokens: t\nnodes: [{id: a, address: 'h:1'}]",
-        "tokens: unknown field (known: token_file, ca_file, nodes)",
+        "tokens: unknown field (known: token_file, ca_file, nodes, registry_mirrors)",
     ),
     ("token_file: ''\nnodes: [{id: a, address: 'h:1'}]", "token_file: must not be empty"),
     ("nodes: [a]", 'nodes[0]: expected a mapping, got "a"'),

@@ -244,7 +244,8 @@ ERRORS = [
     ),
     (
         "batch: {}",
-        "batch: unknown field (known: activation, batches, health, failure, gates, notify)",
+        "batch: unknown field (known: activation, batches, health, failure, gates, notify, "
+        "prestage)",
     ),
     (
         "health: {checks: [{type: http, prot: 80}]}",
@@ -424,7 +425,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str, got: str) -> None:
         load_policy(path)
     assert str(err.value) == (
         f"{path}: expected a mapping at the top level "
-        f"(with any of: activation, batches, health, failure, gates, notify), {got}"
+        f"(with any of: activation, batches, health, failure, gates, notify, prestage), {got}"
     )
 
 

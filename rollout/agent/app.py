@@ -25,7 +25,8 @@ import structlog
 from aiohttp import ClientPayloadError, web
 
 from rollout.agent import state as sm
-from rollout.agent.node import Agent
+from rollout.agent.fetch import FetchRequest
+from rollout.agent.node import DIGEST_RE, Agent
 from rollout.agent.openapi import document as openapi_document
 from rollout.agent.state import AgentError
 from rollout.httpauth import bearer_ok
@@ -186,6 +187,26 @@ async def put_image(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def post_fetch(request: web.Request) -> web.Response:
+    agent, lease = request.app[AGENT_KEY], _lease(request)
+    agent.check_lease(lease, "stage")
+    fetch = FetchRequest.parse(await _json_object(request))
+    status, body = await agent.fetch(fetch, lease=lease)
+    return web.json_response(body, status=status)
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    agent, lease = request.app[AGENT_KEY], _lease(request)
+    agent.check_lease(lease, "stage")
+    body = await _json_object(request)
+    digest = body.get("digest")
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise AgentError(
+            "bad_request", "digest: expected 'sha256:' and 64 lowercase hex digits", field="digest"
+        )
+    return web.json_response(await agent.discard(digest, lease=lease))
+
+
 async def _drain(request: web.Request) -> None:
     with contextlib.suppress(ConnectionError, ClientPayloadError):
         while await request.content.readany():
@@ -257,6 +278,8 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/status", status)
     app.router.add_put("/v1/image", put_image)
+    app.router.add_delete("/v1/image", delete_image)
+    app.router.add_post("/v1/fetch", post_fetch)
     app.router.add_post("/v1/activate", activate)
     app.router.add_post("/v1/commit", commit)
     app.router.add_post("/v1/rollback", rollback)

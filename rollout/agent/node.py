@@ -38,11 +38,12 @@ made while a switch stops the workload are carried into the state the switch per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import re
 import time
-from collections.abc import AsyncIterable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ import structlog
 from rollout.agent import state as sm
 from rollout.agent.backend import Backend, SwitchResult
 from rollout.agent.emulated import EmulatedBackend
+from rollout.agent.fetch import FetchProgress, FetchRequest, paced
 from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
 from rollout.agent.store import Store
 from rollout.errors import InputError
@@ -103,6 +105,8 @@ class Agent:
         self._state: AgentState | None = None
         self._deadline: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.fetching: FetchProgress | None = None  # the last pull (POST /v1/fetch)
+        self._fetch_task: asyncio.Task[None] | None = None
 
     def _make_backend(self) -> Backend:
         def committed() -> bool:
@@ -322,6 +326,7 @@ class Agent:
             "busy": str(self.busy) if self.busy is not None else None,
             "lease": self._lease_body(),
             "backend": self.backend.describe(),
+            "fetch": self.fetching.describe() if self.fetching is not None else None,
         }
 
     def _lease_body(self) -> dict[str, Any] | None:
@@ -477,6 +482,116 @@ class Agent:
                 await asyncio.to_thread(self.backend.clear_slot, slot)
         log.info("stage", slot=str(slot), digest=digest, version=image.version, bytes=size)
         return {**_stage_body(slot, image), "bytes": size, "written": True}
+
+    async def fetch(
+        self, request: FetchRequest, *, lease: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Start pulling an image into the inactive slot; (202, progress) while it runs.
+
+        The same digest while it is being fetched joins that fetch; one already staged
+        answers 200 with `written: false`. The signature is checked before anything."""
+        self.check_lease(lease, "stage")
+        digest = request.digest
+        payload = self._check_signature(request.signature, digest)
+        current = self.fetching
+        if current is not None and current.state == "fetching" and current.digest == digest:
+            return 202, current.describe()
+        self._check_not_busy()
+        slot = sm.stage_target(self.state, digest)
+        if slot is None:
+            staged = self.state.staged
+            image = self.state.slot(staged) if staged is not None else None
+            if staged is None or image is None:
+                raise RuntimeError("staged slot vanished")
+            log.info("stage_skipped", slot=str(staged), digest=digest)
+            return 200, {**_stage_body(staged, image), "bytes": 0, "written": False}
+        ssl_context = request.ssl_context()  # a bad CA is a 400 before the slot is claimed
+        self._claim(Busy.STAGING)
+        progress = FetchProgress(digest=digest, size=request.size, url=request.url)
+        self.fetching = progress
+        log.info("fetch_begin", slot=str(slot), digest=digest, url=request.url, size=request.size)
+        self._fetch_task = asyncio.create_task(
+            self._pull(slot, request, ssl_context, progress, payload), name="fetch"
+        )
+        self._tasks.add(self._fetch_task)
+        self._fetch_task.add_done_callback(self._task_done)
+        return 202, progress.describe()
+
+    async def _pull(
+        self,
+        slot: Slot,
+        request: FetchRequest,
+        ssl_context: Any,
+        progress: FetchProgress,
+        payload: Payload | None,
+    ) -> None:
+        import aiohttp
+
+        from rollout.oci import Credentials, FetchError, RegistryClient
+
+        auth = request.auth
+        credentials = Credentials(auth.username, auth.password.get_secret_value()) if auth else None
+
+        def resumed(offset: int, exc: BaseException) -> None:
+            progress.resumes += 1
+            log.warning("fetch_resume", digest=request.digest, offset=offset, error=repr(exc))
+
+        async def body() -> AsyncIterator[bytes]:
+            async with aiohttp.ClientSession() as session:
+                client = RegistryClient(session, credentials=credentials, ssl=ssl_context)
+                client.allow(request.url)
+                chunks = client.fetch(
+                    request.url, digest=request.digest, size=request.size, on_resume=resumed
+                )
+                try:
+                    async for chunk in paced(chunks, request.rate_limit):
+                        progress.bytes += len(chunk)
+                        yield chunk
+                except FetchError as exc:
+                    raise AgentError(f"fetch_{exc.code}", exc.message) from None
+
+        try:
+            result = await self._write_slot(slot, request.digest, body(), payload)
+            progress.state = "staged"
+            log.info(
+                "fetch", digest=request.digest, bytes=result["bytes"], resumes=progress.resumes
+            )
+        except AgentError as exc:
+            progress.state, progress.error = "failed", {"code": exc.code, "message": exc.message}
+            log.warning("fetch_failed", digest=request.digest, error=exc.code, message=exc.message)
+        except asyncio.CancelledError:
+            progress.state = "failed"
+            progress.error = {"code": "cancelled", "message": "the fetch was cancelled"}
+            raise
+        except Exception as exc:
+            progress.state = "failed"
+            progress.error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+            log.exception("fetch_failed", digest=request.digest)
+        finally:
+            progress.finished = time.time()
+            self.busy = None
+            self._fetch_task = None
+
+    async def discard(self, digest: str, *, lease: str | None = None) -> dict[str, Any]:
+        """Drop a staged (or still fetching) image that will not be activated: the
+        controller abandoned it, e.g. a pre-staged node of a rollout that halted."""
+        self.check_lease(lease, "stage")
+        task, current = self._fetch_task, self.fetching
+        if task is not None and current is not None and current.digest == digest:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.info("fetch_cancelled", digest=digest)
+            return {"discarded": True, "digest": digest}
+        self._check_not_busy()
+        staged = self.state.staged
+        image = self.state.slot(staged) if staged is not None else None
+        if staged is None or image is None or image.digest != digest:
+            return {"discarded": False, "digest": digest}
+        self._save(sm.begin_stage(self.state, staged))
+        await asyncio.to_thread(self.backend.clear_slot, staged)
+        log.info("discard", slot=str(staged), digest=digest)
+        return {"discarded": True, "digest": digest}
 
     def prepare_activate(
         self, mode: ActivationMode, *, lease: str | None = None

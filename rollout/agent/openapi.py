@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rollout import __version__
+from rollout.agent.fetch import FetchRequest
 from rollout.agent.state import LEASE_HOLDER_RE, LEASE_TTL_MAX, LEASE_TTL_MIN
 from rollout.model import ActivationMode
 
@@ -45,6 +46,23 @@ def _json_body(schema: dict[str, Any], required: bool) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
+def _fetch_schema() -> dict[str, Any]:
+    """`POST /v1/fetch`'s body, from the pydantic model that validates it (one source)."""
+    schema = FetchRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items() if k != "title"}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return dict(inline(schema))
+
+
 def document() -> dict[str, Any]:
     mode = {"type": "string", "enum": [m.value for m in ActivationMode]}
     lease_header = {
@@ -72,6 +90,20 @@ def document() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}},
             "responses": _answers(200, 400, 409, 413, 422),
+        },
+            "delete": {
+            "summary": "Drop the staged (or still fetching) image with this digest",
+            "parameters": [lease_header],
+            "requestBody": _json_body({"type": "object", "required": ["digest"], "properties": {
+                "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}}}, True),
+            "responses": _answers(200, 400, 409, 413),
+        }},
+        "/v1/fetch": {"post": {
+            "summary": "Pull an image into the inactive slot in the background (202); "
+                       "progress in /v1/status under fetch",
+            "parameters": [lease_header],
+            "requestBody": _json_body(_fetch_schema(), True),
+            "responses": _answers(200, 400, 409, 413, 422) | _answers(202),
         }},
         "/v1/activate": {"post": {
             "summary": "Boot the staged slot (answers before the switch starts)",

@@ -32,9 +32,11 @@ from tenacity import (
     wait_exponential,
 )
 
+from rollout import clock
 from rollout.drivers.base import Refused, TransportError
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
+from rollout.pull import PullAccess
 from rollout.tls import certificate_problem, client_context
 
 _CHUNK = 256 * 1024
@@ -73,7 +75,11 @@ class AgentDriver:
         wait_max: float = 5.0,
         on_retry: RetryHook | None = None,
         lease_holder: str | None = None,
+        pull: PullAccess | None = None,
+        fetch_poll: float = 0.5,
     ) -> None:
+        self.pull = pull or PullAccess()  # how nodes reach the image store (pull mode)
+        self.fetch_poll = fetch_poll
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, str] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
@@ -172,6 +178,8 @@ class AgentDriver:
     async def stage(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
     ) -> bool:
+        if image.pulled:
+            return await self._fetch(node, image, on_bytes)
         async for attempt in self._retrying(node, "stage"):
             with attempt:
                 return await self._stage_once(node, image, on_bytes)
@@ -206,6 +214,55 @@ class AgentDriver:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
         return bool(answer.get("written", True))
+
+    async def _fetch(
+        self, node: Node, image: Image, on_bytes: Callable[[int], None] | None
+    ) -> bool:
+        """Pull mode: tell the agent what to fetch, then follow its progress in /v1/status
+        until the image is staged (True), or the fetch failed (Refused with its code).
+
+        Posting again is safe (the agent joins a fetch of the same digest), so an agent
+        that restarted mid-fetch and forgot it is simply asked again, a bounded number of
+        times."""
+        body = self.pull.fetch_request(node, image)  # holds credentials: never logged
+        seen = 0
+        asks = 0
+        while True:
+            asks += 1
+            async for attempt in self._retrying(node, "fetch"):
+                with attempt:
+                    answer = await self._call(node, "POST", "/v1/fetch", json=body)
+            if answer.get("written") is False:
+                return False  # already staged
+            while True:
+                await clock.sleep(self.fetch_poll)
+                async for attempt in self._retrying(node, "status"):
+                    with attempt:
+                        raw = await self._call(node, "GET", "/v1/status")
+                fetch = raw.get("fetch") or {}
+                mine = fetch.get("digest") == image.digest
+                done = int(fetch.get("bytes") or 0) if mine else seen
+                if on_bytes is not None and done > seen:
+                    on_bytes(done - seen)
+                seen = max(seen, done)
+                staged = (raw.get("staged") or {}).get("digest") == image.digest
+                if mine and fetch.get("state") == "failed":
+                    error = fetch.get("error") or {}
+                    raise Refused(
+                        str(error.get("code", "fetch_failed")), str(error.get("message", ""))
+                    )
+                if staged and (not mine or fetch.get("state") == "staged"):
+                    return True
+                if not mine or (fetch.get("state") != "fetching" and raw.get("busy") is None):
+                    break  # the agent forgot the fetch (it restarted): ask again
+            if asks >= self.attempts:
+                raise TransportError(f"{node.id}: the agent lost the fetch {asks} times")
+
+    async def discard(self, node: Node, digest: str) -> bool:
+        """Drop an image staged (or being fetched) for a rollout that will not activate
+        it; True if the agent had it."""
+        answer = await self._call(node, "DELETE", "/v1/image", json={"digest": digest})
+        return bool(answer.get("discarded"))
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:
         await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)})

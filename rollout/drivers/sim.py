@@ -63,8 +63,17 @@ class SimNode:
 class SimFleet:
     """In-memory nodes booted on `image`, reached by `SimDriver`."""
 
-    def __init__(self, nodes: Sequence[Node], image: Image, boot_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        image: Image,
+        boot_seconds: float = 10.0,
+        stage_seconds: float = 0.0,
+    ) -> None:
         self.boot_seconds = boot_seconds
+        self.stage_seconds = stage_seconds  # how long writing an image takes
+        self.stages: list[tuple[str, float]] = []  # (node, clock time a stage began)
+        self.discards: list[str] = []
         self.nodes = {
             n.id: SimNode(
                 n.id, {"A": image.digest, "B": None}, versions={image.digest: image.version}
@@ -101,11 +110,26 @@ class SimDriver:
             raise Refused("already_booted", "that image is booted", 409)
         if sim.staged and sim.slots[sim.staged] == image.digest:
             return False
+        self.fleet.stages.append((node.id, clock.now()))
+        if self.fleet.stage_seconds:
+            sim.busy = "staging"
+            try:
+                await clock.sleep(self.fleet.stage_seconds)
+            finally:
+                sim.busy = None
         sim.slots[sim.inactive] = image.digest
         sim.versions[image.digest] = image.version
         sim.staged = sim.inactive
         if on_bytes is not None:
             on_bytes(image.size)
+        return True
+
+    async def discard(self, node: Node, digest: str) -> bool:
+        sim = self._node(node)
+        if sim.staged is None or sim.slots[sim.staged] != digest:
+            return False
+        sim.slots[sim.staged], sim.staged = None, None
+        self.fleet.discards.append(node.id)
         return True
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:

@@ -34,6 +34,7 @@ STATUS_KEYS = {
     "fell_back",
     "busy",
     "lease",
+    "fetch",
 }
 
 

@@ -35,13 +35,16 @@ async def test_schemathesis_finds_nothing_against_the_agent(
 ) -> None:
     agent = await start_agent()
     url = agent.url("/v1/openapi.json")
-    every = await fuzz(url, agent.token, "--exclude-path", "/v1/image", cwd=tmp_path)
+    every = await fuzz(url, agent.token, "--exclude-path", "/v1/image",
+                       "--exclude-path", "/v1/fetch", cwd=tmp_path)  # fmt: skip
     assert every.returncode == 0, every.stdout[-4000:]
-    # A well-formed upload can still be refused (its bytes do not hash to its digest):
-    # everything but "schema-valid data is accepted" holds for it too.
-    image = await fuzz(url, agent.token, "--include-path", "/v1/image",
-                       "--exclude-checks", "positive_data_acceptance", cwd=tmp_path)  # fmt: skip
-    assert image.returncode == 0, image.stdout[-4000:]
+    # A well-formed upload can still be refused (its bytes do not hash to its digest), and
+    # a well-formed fetch too (its `ca` is not a certificate): everything but
+    # "schema-valid data is accepted" holds for them.
+    for path in ("/v1/image", "/v1/fetch"):
+        one = await fuzz(url, agent.token, "--include-path", path,
+                         "--exclude-checks", "positive_data_acceptance", cwd=tmp_path)  # fmt: skip
+        assert one.returncode == 0, one.stdout[-4000:]
     assert (await agent.status())["staged"] is None  # nothing random was ever staged
 
 
