@@ -7,7 +7,8 @@ dir. Options: `auth="none"`, `auth="token"` (distribution's token auth, with a s
 service here that checks the same user and password and signs ES256 JWTs), `tls=False`,
 `upstream=other` (a pull-through cache of another registry, with its credentials; the
 upstream must use token auth or none: distribution's proxy only logs in to a token realm) and
-`extra_hosts` (more IP SANs, e.g. for a proxy in front of it).
+`extra_hosts` (more IP SANs, e.g. for a proxy in front of it), `host`/`port` (e.g.
+127.0.0.1, the address QEMU's user network shows guests as 10.0.2.2).
 
 Readiness is the registry's own "listening on" log line, awaited with a deadline; its
 output (access log included: one combined-format line per request, status and all) is
@@ -82,10 +83,12 @@ class Registry:
         tls: bool,
         upstream: Registry | None,
         extra_hosts: tuple[str, ...],
+        host: str | None = None,
+        port: int = PORT,
     ) -> None:
         self.directory = directory
-        self.host = next_host()
-        self.address = f"{self.host}:{PORT}"
+        self.host = host or next_host()
+        self.address = f"{self.host}:{port}"
         self.tls = tls
         self.auth = auth
         self.ca_pem = ca_pem
@@ -275,6 +278,8 @@ class RegistryFactory:
         tls: bool = True,
         upstream: Registry | None = None,
         extra_hosts: tuple[str, ...] = (),
+        host: str | None = None,
+        port: int = PORT,
     ) -> Registry:
         directory = self.directory / f"registry-{len(self.started)}"
         directory.mkdir()
@@ -286,6 +291,8 @@ class RegistryFactory:
             tls=tls,
             upstream=upstream,
             extra_hosts=extra_hosts,
+            host=host,
+            port=port,
         )
         self.started.append(registry)
         return registry

@@ -326,3 +326,83 @@ def test_power_cut_mid_stage_boots_the_good_slot_and_claims_nothing(vms: VMFleet
     code, body = vms.stage(node, image)
     assert code == 200 and body["written"] is True and body["slot"] == inactive, body
     assert vms.status(node)["staged"]["digest"] == digest(image)
+
+
+async def test_both_vms_pull_from_a_registry_one_through_a_cut_and_resume(
+    vms: VMFleet, tmp_path: Path
+) -> None:
+    """Pull mode on real nodes: a docker-registry on the host (TLS, basic auth), reached by
+    the guests at QEMU's host address 10.0.2.2 through the inventory's per-site mirrors;
+    vm-01's path goes through a proxy that cuts the blob transfer once mid-way."""
+    import asyncio
+
+    from tests.registry import CuttingProxy, registries
+
+    image = vms.images["v1"]
+    want = digest(image)
+    # vm-01 still has v1 staged from the test before: drop it (DELETE /v1/image), so both
+    # nodes really fetch.
+    code, body = vms.call("vm-01", "DELETE", "/v1/image", json.dumps({"digest": want}).encode())
+    assert code == 200, body
+    assert vms.status("vm-01")["staged"] is None
+    before = {n: vms.status(n) for n in vms.hosts}
+    assert all(st["booted"]["digest"] != want for st in before.values())
+    (tmp_path / "regs").mkdir()
+    with registries(tmp_path / "regs") as factory:
+        registry = factory.start(host="127.0.0.1", port=5443, extra_hosts=("10.0.2.2",))
+        ref = f"oci://{registry.address}/fleet/sample-os:1.0.0"
+        pushed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rollout", "image", "push", str(image), ref,
+            "--authfile", str(registry.authfile), "--registry-ca", str(registry.ca_pem),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await pushed.communicate()
+        assert pushed.returncode == 0, err.decode()
+        size = image.stat().st_size
+        async with CuttingProxy(registry.address, cut_after=size // 3, host="127.0.0.1") as proxy:
+            proxy_port = proxy.address.rsplit(":", 1)[1]
+            inv = yaml.safe_load(vms.inventory.read_text())
+            for node in inv["nodes"]:
+                node["labels"] = {"path": "cut" if node["id"] == "vm-01" else "direct"}
+            inv["registry_mirrors"] = [
+                {"match": {"path": "cut"}, "registry": f"10.0.2.2:{proxy_port}"},
+                {"match": {"path": "direct"}, "registry": "10.0.2.2:5443"},
+            ]
+            inventory = vms.inventory.with_name("inventory-pull.yaml")
+            inventory.write_text(yaml.safe_dump(inv))
+            auths = json.loads(registry.authfile.read_text())["auths"]
+            secret = auths[registry.address]
+            authfile = tmp_path / "auth.json"
+            authfile.write_text(json.dumps({"auths": auths | {
+                "10.0.2.2:5443": secret, f"10.0.2.2:{proxy_port}": secret}}))  # fmt: skip
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(yaml.safe_dump({
+                "activation": "soft-reboot",
+                "batches": {"canary": 1, "size": "100%", "max_unavailable": "100%"},
+                "health": {"checks": [{"type": "http", "port": guest.WORKLOAD_PORT, "path": "/"},
+                                      {"type": "agent"}],
+                           "interval": "1s", "min_healthy_time": "3s", "deadline": "3m",
+                           "boot_timeout": "7m"},
+                "failure": {"max_failed": 0, "action": "rollback"},
+                "prestage": "all",
+            }))  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "rollout", "run", "--inventory", str(inventory),
+                "--policy", str(policy), "--image", ref, "--state", str(tmp_path / "state.db"),
+                "--authfile", str(authfile), "--registry-ca", str(registry.ca_pem),
+                "--output", "json", "--log-format", "json",
+                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 1500)
+            assert proc.returncode == 0, out.decode()[-3000:] + err.decode()[-3000:]
+            assert proxy.cuts == 1
+        ranged = [line for line in registry.access_log() if '" 206 ' in line]
+        assert ranged, registry.access_log()
+        assert registry.password not in err.decode()
+    for node, old in before.items():
+        st = vms.status(node)
+        assert st["booted"]["digest"] == want and st["committed"]
+        assert st["boot_count"] == old["boot_count"] + 1
+        assert st["fetch"]["state"] == "staged" and st["fetch"]["bytes"] == size
+    assert vms.status("vm-01")["fetch"]["resumes"] >= 1
+    assert vms.status("vm-01")["fetch"]["url"].startswith(f"https://10.0.2.2:{proxy_port}/")
