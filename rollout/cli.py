@@ -16,6 +16,7 @@ import ssl
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from aiohttp import web
 from rich.console import Console
 
 from rollout import __version__, fleet
+from rollout.cliopts import registry_options
 from rollout.console import EventLog, LiveProgress, configure_logging, make_console, node_table
 from rollout.controller import Controller, rebuild
 from rollout.drivers.agent import AgentDriver
@@ -629,19 +631,14 @@ def run_rollout(
     console: Console | None = None,
     trusted_keys: tuple[str, ...] = (),
     signature: str | None = None,
-    authfile: str | None = None,
-    registry_ca: str | None = None,
-    registry_plain_http: bool = False,
+    pull: PullAccess | None = None,
 ) -> RolloutResult:
-    """Load inputs, run (or resume) the rollout in the foreground, return its result."""
+    """Load inputs, run (or resume) the rollout in the foreground, return its result.
+
+    `pull`: how to reach the registry when IMAGE is an oci:// reference (pull mode)."""
     inv = load_inventory(inventory_path)
     pol = load_policy(policy_path)
-    pull = PullAccess(
-        authfile=os.path.abspath(authfile) if authfile else None,
-        ca_file=os.path.abspath(registry_ca) if registry_ca else None,
-        plain_http=registry_plain_http,
-        mirrors=inv.mirrors,
-    )
+    pull = replace(pull or PullAccess(), mirrors=inv.mirrors)
     img = load_any_image(image_path, pull, trusted_keys, signature)
     batches = plan_batches(inv.nodes, pol)
     stop_batch = _stop_batch(stop_after, batches)
@@ -811,22 +808,7 @@ def print_result(result: RolloutResult, console: Console) -> None:
     help="An image file (pushed to each node), oci://HOST[:PORT]/REPO:TAG|@sha256:... or an "
     "https:// URL (each node pulls it).",
 )
-@click.option(
-    "--authfile",
-    type=click.Path(dir_okay=False),
-    help="Registry credentials (containers auth.json / docker config.json format) "
-    "[default: $REGISTRY_AUTH_FILE, then the usual places].",
-)
-@click.option(
-    "--registry-ca",
-    type=click.Path(dir_okay=False),
-    help="PEM CA the registry's (and its mirrors') certificates are verified against.",
-)
-@click.option(
-    "--registry-plain-http",
-    is_flag=True,
-    help="Reach the registry over plain HTTP (a lab registry without TLS).",
-)
+@registry_options
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option(
@@ -903,9 +885,7 @@ def run(
     junit: str | None,
     trusted_keys: tuple[str, ...],
     signature: str | None,
-    authfile: str | None,
-    registry_ca: str | None,
-    registry_plain_http: bool,
+    pull: PullAccess,
 ) -> None:
     """Roll IMAGE out to the inventory's nodes, batch by batch, as the policy says."""
     console = make_console()
@@ -926,9 +906,7 @@ def run(
         junit=junit,
         trusted_keys=trusted_keys,
         signature=signature,
-        authfile=authfile,
-        registry_ca=registry_ca,
-        registry_plain_http=registry_plain_http,
+        pull=pull,
     )
     if output == "json":
         click.echo(json.dumps(_result_json(result), indent=2))

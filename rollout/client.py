@@ -25,8 +25,10 @@ from typing import Any
 import aiohttp
 import click
 
+from rollout.cliopts import registry_options
 from rollout.console import make_console, node_table
 from rollout.errors import InputError
+from rollout.pull import PullAccess, is_remote
 from rollout.tls import certificate_problem, client_context, optional_server_context
 
 DEFAULT_SERVER = "http://127.0.0.1:7400"
@@ -299,6 +301,7 @@ def register(main: click.Group) -> None:
         help="ed25519 public key (PEM): every rollout's image must be signed by one "
         "(400 otherwise); repeat for several.",
     )
+    @registry_options
     def serve(
         state_path: str,
         listen: str,
@@ -307,8 +310,12 @@ def register(main: click.Group) -> None:
         tls_cert: str | None,
         tls_key: str | None,
         trusted_keys: tuple[str, ...],
+        pull: PullAccess,
     ) -> None:
-        """Run the controller service: rollouts over HTTP(S), resumed after restarts."""
+        """Run the controller service: rollouts over HTTP(S), resumed after restarts.
+
+        Rollouts whose image is an oci:// reference reach the registry as the registry
+        options say."""
         from aiohttp import web
 
         from rollout.console import configure_logging
@@ -333,7 +340,9 @@ def register(main: click.Group) -> None:
         try:
             controller.signal_key.key()  # <state>.signal-key: unusable -> exit 2 now
             web.run_app(
-                make_app(controller, token, MetricsRecorder(), trusted_keys=trusted_keys),
+                make_app(
+                    controller, token, MetricsRecorder(), trusted_keys=trusted_keys, pull=pull
+                ),
                 host=host,
                 port=port,
                 ssl_context=ssl_context,
@@ -348,7 +357,12 @@ def register(main: click.Group) -> None:
     @server_options
     @click.option("--inventory", required=True, type=click.Path(dir_okay=False))
     @click.option("--policy", required=True, type=click.Path(dir_okay=False))
-    @click.option("--image", required=True, type=click.Path(dir_okay=False))
+    @click.option(
+        "--image",
+        required=True,
+        help="An image file on the controller, or oci://REGISTRY/REPO:TAG|@sha256:... or "
+        "an https:// URL the nodes pull.",
+    )
     @click.option("--node", "nodes", multiple=True, help="Only this node id (repeatable).")
     @click.option("--label", "labels", multiple=True, help="Only nodes with KEY=VALUE.")
     def start(
@@ -372,7 +386,7 @@ def register(main: click.Group) -> None:
         body: dict[str, Any] = {
             "inventory": str(Path(inventory).resolve()),
             "policy": str(Path(policy).resolve()),
-            "image": str(Path(image).resolve()),
+            "image": image if is_remote(image) else str(Path(image).resolve()),
         }
         if nodes:
             body["nodes"] = list(nodes)
