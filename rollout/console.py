@@ -24,6 +24,8 @@ from rich.text import Text
 from rollout.events import (
     BatchFinished,
     BatchStarted,
+    BytesFetched,
+    BytesSent,
     Event,
     NodeChanged,
     Retried,
@@ -193,6 +195,9 @@ class LiveProgress:
         self.phases: dict[str, NodePhase] = {}
         self.details: dict[str, str] = {}
         self.gate = ""
+        self.staged_bytes: dict[str, int] = {}  # pushed or pulled so far, while staging
+        self.image_size = 0
+        self.verb = "sent"
 
     def __enter__(self) -> LiveProgress:
         self.live.__enter__()
@@ -208,6 +213,10 @@ class LiveProgress:
                 f"to {event.fleet_size} nodes in {len(event.batches)} batches"
             )
             self.phases = {n.id: NodePhase.PENDING for b in event.batches for n in b.nodes}
+            self.image_size = event.image.size
+            self.verb = "fetched" if event.image.pulled else "sent"
+        elif isinstance(event, (BytesSent, BytesFetched)):
+            self.staged_bytes[event.node_id] = self.staged_bytes.get(event.node_id, 0) + event.count
         elif isinstance(event, BatchStarted):
             kind = "canary " if event.batch.canary else ""
             self.batch = (
@@ -216,6 +225,8 @@ class LiveProgress:
             )
         elif isinstance(event, NodeChanged):
             self.phases[event.node_id] = event.phase
+            if event.phase is NodePhase.STAGING:
+                self.staged_bytes[event.node_id] = 0
             if event.detail:
                 self.details[event.node_id] = event.detail
         elif isinstance(event, GateWaiting):
@@ -242,7 +253,16 @@ class LiveProgress:
         table = Table(box=None, show_header=False, pad_edge=False)
         for node_id in flight[:16]:
             phase = self.phases[node_id]
-            table.add_row(node_id, Text(str(phase), style=_STYLE.get(phase, "cyan")))
+            progress = ""
+            if phase is NodePhase.STAGING and self.image_size:
+                done = self.staged_bytes.get(node_id, 0)
+                progress = (
+                    f"{done / 2**20:.1f}/{self.image_size / 2**20:.1f} MiB {self.verb} "
+                    f"({100 * done / self.image_size:.0f}%)"
+                )
+            table.add_row(
+                node_id, Text(str(phase), style=_STYLE.get(phase, "cyan")), Text(progress)
+            )
         gate = Text(self.gate, style="magenta") if self.gate else Text("")
         return Group(Text(self.title, style="bold"), Text(self.batch), gate, line, table)
 
