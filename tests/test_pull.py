@@ -245,3 +245,86 @@ async def test_a_fetch_cut_mid_blob_resumes_and_the_digest_holds(
     assert st["fetch"]["resumes"] >= 1 and st["fetch"]["bytes"] == images.v2.size
     ranged = [line for line in blob_gets(registry, images.v2.digest) if '" 206 ' in line]
     assert ranged, registry.access_log()
+
+
+async def test_an_https_image_is_read_once_by_the_controller_and_pulled_by_every_node(
+    make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+    from aiohttp import web
+
+    from tests.conftest import next_host
+
+    ca = trustme.CA()
+    host = next_host()
+    ca_pem = tmp_path / "store-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    served: list[str] = []
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        served.append(request.headers.get("User-Agent", ""))
+        return web.FileResponse(images.v2.path)
+
+    app = web.Application()
+    app.router.add_get("/images/v2.img", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(host).configure_cert(server_ctx)
+    await web.TCPSite(runner, host, 8443, ssl_context=server_ctx).start()
+    try:
+        fl = make_fleet(2)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(yaml.safe_dump(POLICY))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rollout", "run", "--inventory", str(fl.inventory),
+            "--policy", str(policy), "--image", f"https://{host}:8443/images/v2.img",
+            "--registry-ca", str(ca_pem), "--state", str(tmp_path / "state.db"),
+            "--output", "json", cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 180)
+        assert proc.returncode == 0, err.decode()[-3000:]
+        assert json.loads(out)["phase"] == "succeeded"
+    finally:
+        await runner.cleanup()
+    assert len(served) == 3  # the controller once (digest, manifest), then each node
+    for node in fl.nodes:
+        st = agent_status(fl, node.id)
+        assert st["booted"]["digest"] == images.v2.digest and st["committed"]
+        assert st["fetch"]["url"] == f"https://{host}:8443/images/v2.img"
+    image = journal_image(tmp_path)
+    assert image["source"] == image["reference"] == f"https://{host}:8443/images/v2.img"
+    assert image["digest"] == images.v2.digest and image["version"] == "2.0.0"
+
+
+def test_a_bad_reference_or_a_refusing_registry_exits_2_before_anything_is_journaled(
+    registry: Registry, make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    push(registry, images.v2.path, f"oci://{registry.address}/fleet/web:2.0")
+    fl = make_fleet(1)
+    wrong = tmp_path / "wrong-auth.json"
+    wrong.write_text(json.dumps({"auths": {registry.address: {"username": "rollout",
+                                                              "password": "nope"}}}))  # fmt: skip
+    cases = [
+        ("no tag", f"oci://{registry.address}/fleet/web", registry.authfile, "no tag or digest"),
+        ("unknown tag", f"oci://{registry.address}/fleet/web:9.9", registry.authfile,
+         "not_found"),
+        ("refused", f"oci://{registry.address}/fleet/web:2.0", wrong, "unauthorized"),
+    ]  # fmt: skip
+    for name, ref, authfile, message in cases:
+        args = run_args(fl, tmp_path, ref, registry)
+        args[args.index("--authfile") + 1] = str(authfile)
+        proc = rollout(*args)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert message in proc.stderr, (name, proc.stderr[-2000:])
+        assert "nope" not in proc.stderr and registry.password not in proc.stderr
+        assert not (tmp_path / "state.db").exists() or journal_rows(tmp_path) == [], name
+    assert agent_status(fl, fl.nodes[0].id)["boot_count"] == 1
+
+
+def journal_rows(tmp: Path) -> list[Any]:
+    with sqlite3.connect(tmp / "state.db") as db:
+        return db.execute("SELECT kind FROM entries").fetchall()
