@@ -328,3 +328,39 @@ def test_a_bad_reference_or_a_refusing_registry_exits_2_before_anything_is_journ
 def journal_rows(tmp: Path) -> list[Any]:
     with sqlite3.connect(tmp / "state.db") as db:
         return db.execute("SELECT kind FROM entries").fetchall()
+
+
+async def test_the_service_starts_a_pull_rollout_and_names_a_bad_reference(
+    registry: Registry, make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
+) -> None:
+    from tests.conftest import next_host
+    from tests.test_server import TERMINAL, Service
+
+    push(registry, images.v2.path, f"oci://{registry.address}/fleet/web:2.0")
+    (tmp_path / "token").write_text("service-secret-token\n")
+    svc = Service(tmp_path, next_host(), "service-secret-token",
+                  args=("--authfile", str(registry.authfile),
+                        "--registry-ca", str(registry.ca_pem)))  # fmt: skip
+    svc.start()
+    try:
+        fl = make_fleet(2)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(yaml.safe_dump(POLICY))
+        start = {"inventory": str(fl.inventory), "policy": str(policy)}
+        status, answer = await svc.call(
+            "POST", "/v1/rollouts", start | {"image": f"oci://{registry.address}/fleet/web:7"}
+        )
+        assert status == 400 and answer["field"] == "image" and "not_found" in answer["message"]
+        status, created = await svc.call(
+            "POST", "/v1/rollouts", start | {"image": f"oci://{registry.address}/fleet/web:2.0"}
+        )
+        assert status == 201, created
+        done = await svc.wait_phase(created["id"], TERMINAL)
+        assert done["phase"] == "succeeded", done
+    finally:
+        svc.kill()
+    for node in fl.nodes:
+        st = agent_status(fl, node.id)
+        assert st["booted"]["digest"] == images.v2.digest and st["fetch"]["state"] == "staged"
+    logs = "".join(log.read_text() for log in svc.logs)
+    assert registry.password not in logs
