@@ -390,6 +390,10 @@ class Engine:
             except (TransportError, Refused, OSError, ValueError, aiohttp.ClientError) as exc:
                 # Not a failure of the node: its batch stages it again, and decides then.
                 self._set(rec, NodePhase.PENDING, detail=f"pre-staging failed: {exc}"[:300])
+            except asyncio.CancelledError:
+                if rec.phase is NodePhase.STAGING:  # the rollout stopped meanwhile
+                    self._set(rec, NodePhase.PENDING, detail="pre-staging stopped")
+                raise
 
     def _stop_prestage(self) -> None:
         for task in self._prestaging.values():

@@ -15,7 +15,7 @@ import pytest
 
 from rollout import clock
 from rollout.drivers.sim import Healthy, SimDriver, SimFleet, SimProber
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Engine, NodeRecord, RolloutResult
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
@@ -109,3 +109,26 @@ async def test_without_prestage_nothing_is_staged_ahead_or_discarded() -> None:
     assert result.phase is RolloutPhase.HALTED
     assert [node for node, _ in fleet.stages] == ["n1"]
     assert fleet.discards == []
+
+
+async def test_stopping_after_the_canary_keeps_what_was_staged_and_the_next_run_uses_it() -> None:
+    pol = policy("all")
+    fleet = SimFleet(NODES, V1, boot_seconds=BOOT, stage_seconds=STAGE)
+    driver = SimDriver(fleet)
+
+    def engine(records: dict[str, NodeRecord] | None = None) -> Engine:
+        return Engine(driver, pol, V2, lambda e: None, records=records,
+                      prober_for=lambda _: SimProber(fleet, always))  # fmt: skip
+
+    batches = plan_batches(NODES, pol)
+    first = await engine().run(batches, stop_after=1)
+    assert first.phase is RolloutPhase.PAUSED and first.stopped_as_asked
+    assert fleet.discards == []
+    staged = [n for n, r in first.nodes.items() if r.phase is NodePhase.STAGED]
+    # The canary took 60.2 s: with the cap of 10 every later node staged in its first 30 s.
+    assert sorted(staged) == ["n2", "n3", "n4", "n5", "n6"]
+    stages_before = len(fleet.stages)
+    second = await engine(first.nodes).run(batches)
+    assert second.phase is RolloutPhase.SUCCEEDED
+    assert len(fleet.stages) == stages_before  # nothing staged twice
+    assert activation_order(fleet) == ["n1", "n2", "n3", "n4", "n5", "n6"]
