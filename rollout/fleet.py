@@ -7,10 +7,10 @@ given image, and writes WORKDIR/inventory.yaml, WORKDIR/token (0600) and WORKDIR
 if one does not. `down` stops the agents (each stops its own workload) and then makes sure
 no process with its working directory inside WORKDIR is left.
 
-With `tls`, `up` first makes a private CA with the `openssl` command line (no Python
-dependency): WORKDIR/ca.pem and ca-key.pem (0600), and for each node
-WORKDIR/nodes/<id>/tls.pem and tls-key.pem (0600), a certificate signed by that CA whose
-IP subjectAltName is the node's address. The agents serve HTTPS with them and the
+With `tls`, `up` first makes a private CA in-process (rollout.certs, with the
+`cryptography` package; no openssl command): WORKDIR/ca.pem and ca-key.pem (0600), and for
+each node WORKDIR/nodes/<id>/tls.pem and tls-key.pem (0600), a certificate signed by that
+CA whose IP subjectAltName is the node's address. The agents serve HTTPS with them and the
 inventory says `ca_file: ca.pem`. Every `up` makes a new CA, as it makes a new token.
 """
 
@@ -21,13 +21,11 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rollout import certs
 from rollout.errors import InputError
 from rollout.image import load_image
 from rollout.inventory import dump_inventory
@@ -106,7 +105,6 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
                     f"{host}:{port} is already in use (another fleet still running?); stop it "
                     "with `rollout fleet down --workdir DIR` or pick --base-address"
                 )
-    openssl = _openssl() if opts.tls else None
     wd.mkdir(parents=True, exist_ok=True)
     token = wd / TOKEN
     token.write_text(secrets.token_urlsafe(32) + "\n")
@@ -116,10 +114,12 @@ def up(workdir: str | os.PathLike[str], image_path: str, opts: FleetOptions) -> 
     for node_id in ids:
         (wd / "nodes" / node_id).mkdir(parents=True, exist_ok=True)
     tls: dict[str, list[str]] = {}  # node id -> agent flags; all made before any agent starts
-    if openssl is not None:
-        _make_ca(openssl, wd)
+    if opts.tls:
+        authority = certs.make_ca()
+        certs.write(authority, wd / CA_CERT, wd / CA_KEY)
         for node_id, host in zip(ids, hosts, strict=True):
-            cert, key = _issue(openssl, wd, wd / "nodes" / node_id, host)
+            cert, key = wd / "nodes" / node_id / NODE_CERT, wd / "nodes" / node_id / NODE_KEY
+            certs.write(certs.issue(authority, host), cert, key)
             tls[node_id] = ["--tls-cert", str(cert), "--tls-key", str(key)]
     nodes: list[Node] = []
     procs: dict[str, int] = {}
@@ -209,96 +209,6 @@ def wait_healthz(
                 f"{what} did not answer within {timeout:g}s: {', '.join(sorted(pending))} ({hint})"
             )
         time.sleep(interval)  # polling interval, not a wait for an event
-
-
-def _openssl() -> str:
-    found = shutil.which("openssl")
-    if found is None:
-        raise InputError(
-            "--tls: the openssl command is needed to make the fleet's CA and certificates "
-            "and was not found on PATH; install it (Debian: apt-get install openssl)"
-        )
-    return found
-
-
-_CA_EXTENSIONS = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = rollout local fleet CA
-[ext]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid:always
-"""
-
-_NODE_EXTENSIONS = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = {host}
-[ext]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:{host}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid, issuer
-"""
-
-_EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-
-def _private_file(path: Path) -> Path:
-    """Create `path` empty with mode 0600 before openssl writes a key into it."""
-    path.unlink(missing_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    return path
-
-
-def _run_openssl(args: list[str]) -> None:
-    done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise InputError(f"--tls: {' '.join(args[:3])} failed ({done.returncode}): {last}")
-
-
-def _make_ca(openssl: str, wd: Path) -> None:
-    """WORKDIR/ca.pem (self-signed, 10 years) and its key ca-key.pem (0600)."""
-    key = _private_file(wd / CA_KEY)
-    with tempfile.NamedTemporaryFile("w", suffix=".cnf", dir=wd, delete=False) as cnf:
-        cnf.write(_CA_EXTENSIONS)
-    try:
-        _run_openssl([
-            openssl, "req", "-x509", *_EC_KEY, "-keyout", str(key), "-out", str(wd / CA_CERT),
-            "-days", "3650", "-config", cnf.name, "-extensions", "ext",
-        ])  # fmt: skip
-    finally:
-        os.unlink(cnf.name)
-
-
-def _issue(openssl: str, wd: Path, state: Path, host: str) -> tuple[Path, Path]:
-    """A certificate for `host` (IP subjectAltName) signed by the fleet's CA, in `state`."""
-    cert, key = state / NODE_CERT, _private_file(state / NODE_KEY)
-    csr, cnf = state / "tls.csr", state / "tls.cnf"
-    cnf.write_text(_NODE_EXTENSIONS.format(host=host))
-    try:
-        _run_openssl([
-            openssl, "req", "-new", *_EC_KEY, "-keyout", str(key), "-out", str(csr),
-            "-config", str(cnf),
-        ])  # fmt: skip
-        _run_openssl([
-            openssl, "x509", "-req", "-in", str(csr), "-CA", str(wd / CA_CERT),
-            "-CAkey", str(wd / CA_KEY), "-set_serial", str(secrets.randbits(63)),
-            "-days", "825", "-out", str(cert), "-extfile", str(cnf), "-extensions", "ext",
-        ])  # fmt: skip
-    finally:
-        csr.unlink(missing_ok=True)
-        cnf.unlink(missing_ok=True)
-    return cert, key
 
 
 def _read_pids(wd: Path) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """TLS on every API: real agent, `rollout run --listen` and `rollout serve` processes on
-loopback, certificates from trustme (test CAs) or from `rollout fleet up --tls` (openssl).
+loopback, certificates from trustme (test CAs) or from `rollout fleet up --tls`
+(rollout.certs, in-process; tests/test_certs.py tests those certificates themselves).
 
 Verified when enabled, never skippable: the right CA works, plain HTTP to a TLS agent
 fails, another CA is refused as a transport fault (the node is unreachable, the engine
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import trustme
 import yaml
+from cryptography import x509
 
 from rollout import fleet
 from rollout.drivers.agent import AgentDriver
@@ -360,11 +362,32 @@ def test_serve_over_https_with_client_ca_file(images: SampleImages, tmp_path: Pa
         fleet.down(workdir)
 
 
-def test_fleet_tls_without_openssl_is_a_clear_input_error(
+def test_fleet_tls_makes_its_certificates_without_the_openssl_command(
     images: SampleImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no openssl on this PATH
-    opts = fleet.FleetOptions(nodes=1, base_address=next_block(1), tls=True)
-    with pytest.raises(InputError, match="openssl command is needed"):
-        fleet.up(tmp_path / "fleet", images.v1.path, opts)
-    assert not (tmp_path / "fleet" / fleet.FLEET_FILE).exists()
+    # An `openssl` first on PATH that leaves a mark and fails: `up` must never run it.
+    bin_dir, mark = tmp_path / "bin", tmp_path / "openssl-ran"
+    bin_dir.mkdir()
+    (bin_dir / "openssl").write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    (bin_dir / "openssl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    workdir = tmp_path / "fleet"
+    host = next_block(1)
+    opts = fleet.FleetOptions(nodes=1, base_address=host, tls=True)
+    try:
+        inventory = fleet.up(workdir, images.v1.path, opts)  # its agent answered over HTTPS
+        assert not mark.exists()
+        assert yaml.safe_load(inventory.read_text())["ca_file"] == "ca.pem"
+        node = workdir / "nodes" / "node-01"
+        for key in (workdir / "ca-key.pem", node / "tls-key.pem"):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+        ca = x509.load_pem_x509_certificate((workdir / "ca.pem").read_bytes())
+        leaf = x509.load_pem_x509_certificate((node / "tls.pem").read_bytes())
+        assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        leaf.verify_directly_issued_by(ca)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [host]
+        assert list(workdir.rglob(".*.tmp")) == []  # no temporary file of the writes left
+    finally:
+        if (workdir / fleet.FLEET_FILE).exists():
+            fleet.down(workdir)
