@@ -379,7 +379,7 @@ def fleet_group() -> None:
     "--tls",
     is_flag=True,
     help="Agents serve HTTPS: make a private CA (WORKDIR/ca.pem) and one certificate per "
-    "node with the openssl command, and write ca_file into the inventory.",
+    "node (in-process, with the cryptography package), and write ca_file into the inventory.",
 )
 @click.option(
     "--trusted-key",

@@ -391,7 +391,8 @@ class Engine:
                 # Not a failure of the node: its batch stages it again, and decides then.
                 self._set(rec, NodePhase.PENDING, detail=f"pre-staging failed: {exc}"[:300])
             except asyncio.CancelledError:
-                if rec.phase is NodePhase.STAGING:  # the rollout stopped meanwhile
+                phase: NodePhase = rec.phase  # set by _set above, which mypy does not see
+                if phase is NodePhase.STAGING:  # the rollout stopped meanwhile
                     self._set(rec, NodePhase.PENDING, detail="pre-staging stopped")
                 raise
 
