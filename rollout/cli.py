@@ -1002,6 +1002,28 @@ def demo(
     sys.exit(result.exit_code)
 
 
+@main.command("schema")
+@click.argument("kind", type=click.Choice(["policy", "inventory"]))
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="Write the schema to FILE, not stdout."
+)
+def schema_command(kind: str, output: str | None) -> None:
+    """Print the JSON Schema of a policy or an inventory file (for editors).
+
+    The same schema ships as schemas/KIND.schema.json; see docs/policies.md#editors.
+    """
+    from rollout.schema import schema_text
+
+    text = schema_text("policy" if kind == "policy" else "inventory")
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"--output {output}: cannot write: {exc.strerror or exc}") from exc
+
+
 def _register() -> None:
     from rollout import client
     from rollout.agent.cli import agent

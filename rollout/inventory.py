@@ -99,26 +99,40 @@ class _NodeEntry(BaseModel):
     model_config = _CONFIG
 
     id: Annotated[str, Field(min_length=1), AfterValidator(_check_id)] = Field(
-        description='Unique node name: letters, digits, ".", "_" and "-".'
+        description=(
+            "Unique node name; it appears in logs, metrics labels, reports and file names."
+        )
     )
     address: Annotated[str, AfterValidator(_check_address)] = Field(
-        description="The node agent's host:port (IPv6 as [addr]:port)."
+        description=(
+            "Where the node's agent listens. Host is a name or IPv4 address, or an IPv6 "
+            "address in brackets (`[::1]:7000`); port 1-65535. Unique across the fleet (host "
+            "compared case-insensitively)."
+        )
     )
     labels: Annotated[
         dict[Annotated[str, Field(min_length=1)], str], BeforeValidator(_labels_as_strings)
     ] = Field(
         default_factory=dict,
-        description="Free-form string labels, e.g. {rack: r1}; policies spread batches by one.",
+        description=(
+            "Free-form labels, e.g. `{rack: r1, zone: a}`. A policy's `batches.spread_by` "
+            'names one of them. Integer values are read as text (`rack: 3` is `"3"`); other '
+            "non-strings must be quoted."
+        ),
     )
     token_file: _Path | None = Field(
         default=None,
-        description="File holding this agent's bearer token; overrides the top-level default.",
+        description=(
+            "This node's token file, overriding the top-level `token_file`; relative to the "
+            "inventory file's directory."
+        ),
     )
     ca_file: _Path | None = Field(
         default=None,
         description=(
-            "PEM CA certificate(s) this agent's TLS certificate is verified against; "
-            "overrides the top-level default. Set: HTTPS; unset: plain HTTP."
+            "This node's CA file, overriding the top-level `ca_file`; relative to the "
+            "inventory file's directory. A node with a CA file is reached over HTTPS, one "
+            "without over plain HTTP."
         ),
     )
 
@@ -128,9 +142,12 @@ class _MirrorEntry(BaseModel):
 
     match: Annotated[
         dict[Annotated[str, Field(min_length=1)], str], BeforeValidator(_labels_as_strings)
-    ] = Field(min_length=1, description="Labels a node must all have, e.g. {site: eu}.")
+    ] = Field(
+        min_length=1,
+        description="Labels a node must all have for this entry to apply, e.g. `{site: eu}`.",
+    )
     registry: Annotated[str, AfterValidator(_check_address)] = Field(
-        description="The mirror's host:port; those nodes pull images from it."
+        description="The mirror's `host:port`; those nodes pull images from it, by digest."
     )
 
 
@@ -140,24 +157,31 @@ class _InventoryFile(BaseModel):
     token_file: _Path | None = Field(
         default=None,
         description=(
-            "Default token file for every node, relative to the inventory file's directory."
+            "Default file holding the agents' bearer token, for every node without its own. "
+            "A relative path is relative to the inventory file's directory; `~` is expanded. "
+            "`null`: nodes without their own are reached without a token."
         ),
     )
     ca_file: _Path | None = Field(
         default=None,
         description=(
-            "Default CA file for every node (agents then speak HTTPS), relative to the "
-            "inventory file's directory."
+            "Default PEM CA certificate(s) for every node without its own: those nodes' "
+            "agents are reached over HTTPS and their certificates verified against it. "
+            "Resolved like `token_file`."
         ),
     )
     nodes: list[_NodeEntry] = Field(
-        min_length=1, description="The fleet, in order (the planner keeps this order)."
+        min_length=1,
+        description="The fleet, in order. Without `spread_by` the planner keeps this order.",
     )
     registry_mirrors: list[_MirrorEntry] = Field(
         default_factory=list,
         description=(
-            "Per-site registry mirrors for pull mode: the first entry whose labels match a "
-            "node is the registry that node pulls from (by digest, so it gets the same bytes)."
+            "Pull mode: per-site registry mirrors. A node pulls from the `registry` of the "
+            "first entry whose `match` labels it all has, instead of the registry the image "
+            "reference names; the same repository, by digest, so it gets the same bytes or "
+            "fails the digest check. The controller itself resolves tags at the registry the "
+            "reference names."
         ),
     )
 

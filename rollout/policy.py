@@ -339,14 +339,17 @@ class HttpCheck(BaseModel):
         default=8080, description="TCP port of the workload's HTTP endpoint on the node's host."
     )
     path: Annotated[str, AfterValidator(_abs_path)] = Field(
-        default="/healthz", description='Request path; must start with "/".'
+        default="/healthz", description="Request path; it starts with `/`."
     )
     expect_status: Int = Field(
-        default=200, ge=100, le=599, description="The HTTP status a healthy node answers."
+        default=200,
+        ge=100,
+        le=599,
+        description="The HTTP status a healthy node answers (redirects are not followed).",
     )
     timeout: ProbeTimeout = Field(
         default=2.0,
-        description="Duration one probe may take (connect and answer); longer counts as failed.",
+        description="Time one probe may take (connect and answer); longer counts as failed.",
     )
 
 
@@ -356,9 +359,9 @@ class TcpCheck(BaseModel):
     model_config = _CONFIG
 
     type: Literal["tcp"] = Field(default="tcp", description="Selects this check: `tcp`.")
-    port: Port = Field(description="TCP port to connect to on the node's host (required).")
+    port: Port = Field(description="TCP port to connect to on the node's host.")
     timeout: ProbeTimeout = Field(
-        default=2.0, description="Duration the connection may take to open."
+        default=2.0, description="Time the connection may take to open; longer counts as failed."
     )
 
 
@@ -385,33 +388,33 @@ class Batches(BaseModel):
     canary: Amount = Field(
         default=Amount(1.0),
         description=(
-            "Size of the first batch, run alone before any other: a count or a percentage "
-            "of the fleet (rounded up). 0 = no canary batch. Capped at the fleet size and at "
-            "max_unavailable."
+            "Size of the first batch, run alone before any other. A percentage is rounded up. "
+            "Capped at the fleet size and at `max_unavailable`. `0` = no canary batch."
         ),
     )
     size: PositiveAmount = Field(
         default=Amount(25.0, True),
         description=(
-            "Size of each later batch: a count or a percentage of the fleet (rounded up, at "
-            "least 1). Must be greater than 0. Capped at max_unavailable."
+            "Size of each later batch. A percentage is rounded up; at least 1. Capped at "
+            "`max_unavailable`."
         ),
     )
     max_unavailable: PositiveAmount = Field(
         default=Amount(25.0, True),
         description=(
-            "Most nodes out of service at once, fleet-wide: a count or a percentage of the "
-            "fleet (rounded down, but at least 1). Every batch, canary included, is capped "
-            "at it, because all nodes of a batch are out of service together."
+            "Most nodes out of service at once, fleet-wide. A percentage is rounded down, but "
+            "at least 1. Every batch, the canary included, is capped at it, because all nodes "
+            "of a batch are out of service together."
         ),
     )
     spread_by: str | None = Field(
         default=None,
         min_length=1,
         description=(
-            "A node label (e.g. `rack`). When set, nodes are interleaved across the label's "
-            "values so every batch draws evenly from each failure domain. Nodes without the "
-            "label form their own group. null = inventory order."
+            "A node label (for example `rack`). When set, each batch is filled round-robin "
+            "across the label's values, so every batch draws evenly from each failure domain; "
+            "nodes without the label form one more group. `null` = batches follow the "
+            "inventory order."
         ),
     )
 
@@ -425,41 +428,41 @@ class Health(BaseModel):
         default=(AgentCheck(),),
         min_length=1,
         description=(
-            "Probes that must all pass for the node to count as healthy at one instant. "
-            "Each is {type: http|tcp|agent, ...}. Default: one agent check."
+            "Probes that must all pass in a round, each a mapping with a `type`: `http`, "
+            "`tcp` or `agent`."
         ),
     )
     interval: Annotated[Duration, Field(gt=0)] = Field(
-        default=1.0, description="Duration between two rounds of checks on one node."
+        default=1.0, description="Time between two rounds of checks on one node."
     )
     min_healthy_time: Annotated[Duration, Field(ge=0)] = Field(
         default=10.0,
         description=(
-            "How long every check must keep passing, without a single failed round, before "
-            "the node is committed. A failed round restarts this clock."
+            "How long rounds must keep passing, without one failure, before the node is "
+            "committed; a failed round restarts this clock."
         ),
     )
     deadline: Annotated[Duration, Field(gt=0)] = Field(
         default=300.0,
         description=(
-            "Duration, counted from when the node is back on the new image, within which it "
-            "must have been healthy for min_healthy_time; otherwise it fails "
-            "(health_deadline). Must be greater than min_healthy_time."
+            "Time, counted from when the node is back on the new image, to have been healthy "
+            "for `min_healthy_time`; past it the node fails (`health_deadline`). Must be "
+            "greater than `min_healthy_time`."
         ),
     )
     boot_timeout: Annotated[Duration, Field(gt=0)] = Field(
         default=120.0,
         description=(
-            "Duration, counted from activation, for the node to come back running the new "
-            "image; otherwise it fails (boot_timeout)."
+            "Time, counted from activation, for the node to come back running the new image; "
+            "past it the node fails (`boot_timeout`)."
         ),
     )
     failure_threshold: Int = Field(
         default=0,
         ge=0,
         description=(
-            "Consecutive failed rounds of checks, after the node is back, that fail it "
-            "early (unhealthy) without waiting for the deadline. 0 = only the deadline fails it."
+            "Consecutive failed rounds, after the node is back, that fail it early "
+            "(`unhealthy`). `0` = only the deadline fails a node."
         ),
     )
 
@@ -485,15 +488,15 @@ class Failure(BaseModel):
     max_failed: Amount = Field(
         default=Amount(0.0),
         description=(
-            "Failed nodes tolerated over the whole rollout: a count or a percentage of the "
-            "fleet (rounded down). While failed nodes <= max_failed the rollout goes on; one "
-            "more triggers `action`. 0 = the first failure triggers it."
+            "Failed nodes tolerated over the whole rollout. A percentage is of the fleet size, "
+            "rounded **down**. While failed nodes <= `max_failed` the rollout goes on; one "
+            "more triggers `action`. `0` = the first failure triggers it."
         ),
     )
     action: FailureAction = Field(
         default="rollback",
         description=(
-            "What happens once failed nodes exceed max_failed: `halt` (stop starting "
+            "What happens once failed nodes exceed `max_failed`: `halt` (stop starting "
             "batches), `rollback` (return the failed batch to its previous image, then halt), "
             "`rollback-all` (return every node updated in this rollout), `continue` (carry "
             "on with the next batches; exit 1 at the end). Failed nodes themselves are always "
@@ -539,19 +542,23 @@ class Prestage(BaseModel):
         default="none",
         description=(
             "`none`: a node's image is staged when its batch starts. `next-batch`: while a "
-            "batch runs, its gates included, the next batch's nodes stage. `all`: every later "
-            "batch stages from the start. Activation stays in batch order; gates still decide."
+            "batch runs (its gates included) the next batch's nodes stage. `all`: every later "
+            "batch stages from the first batch on, earlier batches first. Activation stays in "
+            "batch order; gates still decide."
         ),
     )
     max_concurrent: Annotated[Int, Field(ge=1)] = Field(
         default=10,
-        description="Fleet-wide cap on pre-stage transfers in flight at once.",
+        description=(
+            "Fleet-wide cap on pre-stage transfers in flight at once, so the registry is not "
+            "hit by the whole fleet together."
+        ),
     )
     bandwidth: Annotated[int, BeforeValidator(parse_rate), Field(gt=0)] | None = Field(
         default=None,
         description=(
-            "Per-node cap on a pulled image's transfer rate (pull mode), e.g. `50MiB/s`; "
-            "unset: as fast as the store serves."
+            "Pull mode: each node's fetch of the image is paced to this rate (the agent paces "
+            "its reads). `null` = as fast as the store serves."
         ),
     )
 
@@ -627,16 +634,21 @@ Condition = Annotated[str | None, AfterValidator(_condition)]
 GateBefore = Literal["every", "after-canary"]
 
 _NAME_DESCRIPTION = (
-    'Unique name of the gate: lowercase letters, digits and "-"; it appears in the signal '
-    "URL, in `rollout approve`, in events and in metric labels."
+    "Unique among the gates: lowercase letters, digits and `-` (not at either end), at most "
+    "63 characters. Used in the signal URL, `rollout approve`, events and metric labels."
+)
+_KIND_DESCRIPTION = (
+    "Selects the gate: `bake`, `wait`, `approval`, `analysis` (they run after batches), "
+    "`alerts`, `window` (they hold batches back before they start)."
 )
 _AFTER_DESCRIPTION = (
-    "When the gate runs: after the `canary` batch, after batch number N (1 = the first), "
-    "or after `every` batch (the last one included)."
+    "When the gate runs: after the `canary` batch (needs `batches.canary` > 0), after batch "
+    "number N (the first batch is 1), or after `every` batch, the last one included."
 )
 _BEFORE_DESCRIPTION = (
     "Which batches wait for this condition before they start: `every` batch (the first "
-    "included) or every batch `after-canary` (the canary starts without it)."
+    "included), or every batch `after-canary` (the canary starts without it; needs "
+    "`batches.canary` > 0)."
 )
 
 
@@ -646,12 +658,13 @@ class BakeGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["bake"] = Field(description="Selects this gate: `bake`.")
+    kind: Literal["bake"] = Field(description=_KIND_DESCRIPTION)
     after: GateAfter = Field(description=_AFTER_DESCRIPTION)
     duration: Annotated[Duration, Field(gt=0)] = Field(
         description=(
-            "How long to bake. Meanwhile every updated node is checked every health.interval; "
-            "a node that turns unhealthy after it was counted healthy fails the gate."
+            "How long to bake. Meanwhile every updated node is checked every "
+            "`health.interval`; a node that turns unhealthy after it was counted healthy fails "
+            "the gate."
         )
     )
 
@@ -662,7 +675,7 @@ class WaitGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["wait"] = Field(description="Selects this gate: `wait`.")
+    kind: Literal["wait"] = Field(description=_KIND_DESCRIPTION)
     after: GateAfter = Field(description=_AFTER_DESCRIPTION)
     count: Int = Field(
         default=1,
@@ -672,8 +685,8 @@ class WaitGate(BaseModel):
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default=3600.0,
         description=(
-            "How long to wait for them; past it the gate fails (timeout). Any FAILURE signal "
-            "fails it at once."
+            "How long to wait for them; past it the gate fails (`timeout`). Any FAILURE "
+            "signal fails it at once."
         ),
     )
 
@@ -684,13 +697,13 @@ class ApprovalGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["approval"] = Field(description="Selects this gate: `approval`.")
+    kind: Literal["approval"] = Field(description=_KIND_DESCRIPTION)
     after: GateAfter = Field(description=_AFTER_DESCRIPTION)
     timeout: Annotated[Duration, Field(gt=0)] | None = Field(
         default=None,
         description=(
-            "How long to wait for a decision; past it the gate fails (timeout). null = wait "
-            "as long as it takes."
+            "How long to wait for a decision; past it the gate fails (`timeout`). `null` = as "
+            "long as it takes."
         ),
     )
 
@@ -701,10 +714,10 @@ class AnalysisGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["analysis"] = Field(description="Selects this gate: `analysis`.")
+    kind: Literal["analysis"] = Field(description=_KIND_DESCRIPTION)
     after: GateAfter = Field(description=_AFTER_DESCRIPTION)
     prometheus: HttpUrl = Field(
-        description="Base URL of the Prometheus server, e.g. http://prometheus:9090."
+        description="Base URL of the Prometheus server, e.g. `http://prometheus:9090`."
     )
     query: str = Field(
         min_length=1, description="PromQL instant query; each sample's value is `result`."
@@ -713,7 +726,7 @@ class AnalysisGate(BaseModel):
         default=60.0, description="Time between two measurements."
     )
     initial_delay: Annotated[Duration, Field(ge=0)] = Field(
-        default=0.0, description="Time to wait before the first measurement."
+        default=0.0, description="Time before the first measurement."
     )
     count: Int = Field(
         default=1, ge=1, description="Measurements to take (query errors do not count)."
@@ -721,19 +734,24 @@ class AnalysisGate(BaseModel):
     success: Condition = Field(
         default=None,
         description=(
-            "Condition a measurement must meet to be successful, e.g. `result < 0.01`; for a "
-            "vector, every sample must meet it."
+            "A measurement is successful when this condition holds (for a vector: for every "
+            "sample), e.g. `result < 0.01`."
         ),
     )
     failure: Condition = Field(
         default=None,
         description=(
-            "Condition that makes a measurement failed, e.g. `result > 0.05`; for a vector, "
-            "one sample meeting it is enough."
+            "A measurement is failed when this condition holds (for a vector: for any "
+            "sample), e.g. `result > 0.05`. At least one of `success` and `failure` is "
+            "required."
         ),
     )
     failure_limit: Int = Field(
-        default=0, ge=0, description="Failed measurements tolerated; one more fails the gate."
+        default=0,
+        ge=0,
+        description=(
+            "Failed measurements tolerated; one more fails the gate. Must be less than `count`."
+        ),
     )
     inconclusive_limit: Int = Field(
         default=0,
@@ -748,8 +766,8 @@ class AnalysisGate(BaseModel):
     on_inconclusive: Literal["pause"] = Field(
         default="pause",
         description=(
-            "What an inconclusive analysis does: `pause` the rollout until a human approves "
-            "(go on) or rejects (the failure action)."
+            "What an inconclusive analysis does: `pause` the rollout until the gate is "
+            "approved (go on) or rejected (the failure action)."
         ),
     )
 
@@ -776,16 +794,16 @@ class AlertsGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["alerts"] = Field(description="Selects this gate: `alerts`.")
+    kind: Literal["alerts"] = Field(description=_KIND_DESCRIPTION)
     before: GateBefore = Field(default="every", description=_BEFORE_DESCRIPTION)
     prometheus: HttpUrl = Field(
-        description="Base URL of the Prometheus server, e.g. http://prometheus:9090."
+        description="Base URL of the Prometheus server, e.g. `http://prometheus:9090`."
     )
     match: dict[str, str] = Field(
         default_factory=dict,
         description=(
             "Labels a firing alert must all have, exactly, to block, e.g. "
-            "{severity: critical}. {} = every firing alert blocks."
+            "`{severity: critical}`. `{}` = every firing alert blocks."
         ),
     )
     interval: Annotated[Duration, Field(gt=0)] = Field(
@@ -794,8 +812,8 @@ class AlertsGate(BaseModel):
     timeout: Annotated[Duration, Field(gt=0)] | None = Field(
         default=None,
         description=(
-            "How long alerts may hold back one batch; past it the gate fails (timeout). "
-            "null = wait until they clear."
+            "How long alerts may hold back one batch; past it the gate fails (`timeout`). "
+            "`null` = until they clear."
         ),
     )
 
@@ -806,22 +824,28 @@ class WindowGate(BaseModel):
     model_config = _CONFIG
 
     name: GateName = Field(description=_NAME_DESCRIPTION)
-    kind: Literal["window"] = Field(description="Selects this gate: `window`.")
+    kind: Literal["window"] = Field(description=_KIND_DESCRIPTION)
     before: GateBefore = Field(default="every", description=_BEFORE_DESCRIPTION)
     timezone: Annotated[str, AfterValidator(_timezone_value)] = Field(
-        default="UTC", description="IANA time zone of start and end, e.g. Europe/Berlin."
+        default="UTC", description="Zone of `start` and `end`, e.g. `Europe/Berlin`."
     )
     days: Annotated[tuple[str, ...], BeforeValidator(_days_value)] = Field(
         default=("mon", "tue", "wed", "thu", "fri", "sat", "sun"),
-        description="Days a window opens on: mon ... sun, and ranges like mon-fri.",
+        description=(
+            "Days a window opens on; a range may wrap over the weekend (`fri-mon`). Also a "
+            'comma-separated string: `"mon-fri,sun"`.'
+        ),
     )
     start: Annotated[str, BeforeValidator(_clock_value)] = Field(
-        description='Local time the window opens, "HH:MM" (quote it in YAML).'
+        description=(
+            "Local time the window opens, 24-hour clock. Quote it: YAML reads an unquoted "
+            "22:00 as the number 1320."
+        )
     )
     end: Annotated[str, BeforeValidator(_clock_end_value)] = Field(
         description=(
-            'Local time it closes, "HH:MM" or "24:00"; at or before start means the next day '
-            "(crossing midnight)."
+            "Local time it closes; at or before `start` means the next day (crossing "
+            "midnight). Must differ from `start`."
         )
     )
 
@@ -858,18 +882,18 @@ class Notify(BaseModel):
 
     model_config = _CONFIG
 
-    url: HttpUrl = Field(description="Where to POST: an http:// or https:// URL.")
+    url: HttpUrl = Field(description="Where to POST.")
     events: tuple[NotifyEvent, ...] = Field(
         default=NOTIFY_EVENTS,
         min_length=1,
-        description=(
-            "Events to send: started, batch_done, gate_waiting, halted, rolled_back, "
-            "succeeded. Default: all."
-        ),
+        description="Events to send.",
     )
     headers: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra HTTP headers sent with each POST, e.g. {Authorization: Bearer ...}.",
+        description=(
+            "Extra HTTP headers sent with each POST, e.g. for authentication: "
+            '`{Authorization: "Bearer ..."}`.'
+        ),
     )
     timeout: Annotated[Duration, Field(gt=0)] = Field(
         default=10.0, description="Time one delivery attempt may take."
@@ -884,26 +908,43 @@ class Policy(BaseModel):
     activation: ActivationMode = Field(
         default=ActivationMode.REBOOT,
         description=(
-            "How agents boot the staged image: `reboot` (full restart), `kexec` (skip "
-            "firmware), `soft-reboot` (restart userspace / pivot-root)."
+            "How an agent boots the staged image: `reboot` restarts the machine fully; "
+            "`kexec` boots the new kernel directly, skipping the firmware (faster); "
+            "`soft-reboot` restarts userspace only (pivot-root into the new image)."
         ),
     )
-    batches: Batches = Field(default_factory=Batches, description="How batches are cut.")
-    health: Health = Field(default_factory=Health, description="When a node is healthy.")
-    failure: Failure = Field(default_factory=Failure, description="What failure does.")
+    batches: Batches = Field(
+        default_factory=Batches, description="How the fleet is cut into batches."
+    )
+    health: Health = Field(
+        default_factory=Health,
+        description="When an updated node counts as healthy, and when as failed.",
+    )
+    failure: Failure = Field(
+        default_factory=Failure,
+        description="How many failed nodes the rollout tolerates, and what it does past that.",
+    )
     gates: tuple[Gate, ...] = Field(
         default=(),
         description=(
-            "What the rollout waits for after batches (bake, wait, approval, analysis) and "
-            "before them (alerts, window). See docs/gates.md."
+            "What the rollout waits for between batches: gates after batches (`bake`, `wait`, "
+            "`approval`, `analysis`) and conditions before them (`alerts`, `window`). "
+            "`[]` = batches follow one another at once."
         ),
     )
     notify: tuple[Notify, ...] = Field(
-        default=(), description="Webhooks that receive rollout events as JSON POSTs."
+        default=(),
+        description=(
+            "Webhooks: a JSON POST on each chosen rollout event, sent in the background; a "
+            "failed delivery never stops the rollout."
+        ),
     )
     prestage: Annotated[Prestage, BeforeValidator(_prestage_shorthand)] = Field(
         default_factory=Prestage,
-        description="Stage later batches early (a mode name, or a mapping with the cap).",
+        description=(
+            "Stage later batches' images early, while earlier batches boot, verify and bake: "
+            "a mode (short for `{mode: ...}`) or a mapping."
+        ),
     )
 
     @model_validator(mode="after")
