@@ -33,7 +33,10 @@ Design:
   ``gt``/``ge``/``lt``/``le`` keys; they become ``exclusiveMinimum`` etc., and a
   positive duration's or rate's string form gets a pattern that needs a non-zero digit.
 - Patterns use only syntax common to ECMA-262 (what editors run) and Python's ``re``
-  (what the tests run), and start with ``^`` (JSON Schema patterns search).
+  (what the tests run), and start with ``^`` (JSON Schema patterns search). Each carries
+  an ``errorMessage`` or ``patternErrorMessage`` in the loader's words: VS Code and
+  yaml-language-server show it instead of "Incorrect type" or the raw pattern; other
+  validators ignore these annotations.
 - The schema checks every rule a JSON Schema can state: field names (extra fields are
   forbidden, as in the models), types, enums, bounds, formats of durations, amounts, rates,
   clock times, days, names, URLs, addresses. It cannot check rules across fields or
@@ -147,35 +150,45 @@ _DAY = "(?:" + "|".join(_any_case(d) for d in DAYS) + ")"
 _DAY_ITEM = rf"\s*{_DAY}\s*(?:-\s*{_DAY}\s*)?"
 
 
-def _duration(_: JsonSchemaValue) -> JsonSchemaValue:
+# Editors (VS Code, yaml-language-server) show ``errorMessage`` / ``patternErrorMessage``
+# instead of "Incorrect type" or the raw pattern; validators ignore them. A value of a form
+# with a number and a string branch gets the same message whichever branch the editor picks.
+_DURATION_MESSAGE = 'expected a duration: seconds (30, 1.5) or "500ms", "5s", "2m", "1h30m"'
+_POSITIVE_DURATION_MESSAGE = _DURATION_MESSAGE.replace("a duration", "a duration > 0")
+_AMOUNT_MESSAGE = 'expected a count (3) or a percentage of the fleet ("25%", at most 100%)'
+_POSITIVE_AMOUNT_MESSAGE = _AMOUNT_MESSAGE.replace("a count (3)", "a count >= 1")
+_RATE_MESSAGE = "expected bytes per second (4096) or a rate such as 50MiB/s, 10MB/s, 512KiB/s"
+
+
+def _either(number: JsonSchemaValue, pattern: str, message: str) -> JsonSchemaValue:
+    """A number or a string of ``pattern``, with one error message for both."""
     return {
         "anyOf": [
-            {"type": "number", "minimum": 0},
-            {"type": "string", "pattern": _DURATION},
+            {**number, "errorMessage": message},
+            {"type": "string", "pattern": pattern, "errorMessage": message},
         ]
     }
+
+
+def _string(pattern: str, message: str) -> JsonSchemaValue:
+    return {"type": "string", "pattern": pattern, "patternErrorMessage": message}
+
+
+def _duration(_: JsonSchemaValue) -> JsonSchemaValue:
+    return _either({"type": "number", "minimum": 0}, _DURATION, _DURATION_MESSAGE)
 
 
 def _amount(_: JsonSchemaValue) -> JsonSchemaValue:
-    return {
-        "anyOf": [
-            {"type": "integer", "minimum": 0},
-            {"type": "string", "pattern": _AMOUNT},
-        ]
-    }
+    return _either({"type": "integer", "minimum": 0}, _AMOUNT, _AMOUNT_MESSAGE)
 
 
 def _positive_amount(_: JsonSchemaValue) -> JsonSchemaValue:
-    return {
-        "anyOf": [
-            {"type": "integer", "minimum": 1},
-            {"type": "string", "pattern": _POSITIVE_AMOUNT},
-        ]
-    }
+    number = {"type": "integer", "minimum": 1}
+    return _either(number, _POSITIVE_AMOUNT, _POSITIVE_AMOUNT_MESSAGE)
 
 
 def _rate(inner: JsonSchemaValue) -> JsonSchemaValue:
-    return {"anyOf": [inner, {"type": "string", "pattern": _RATE}]}
+    return _either(inner, _RATE, _RATE_MESSAGE)
 
 
 def _prestage(inner: JsonSchemaValue) -> JsonSchemaValue:
@@ -192,23 +205,27 @@ def _gate_after(_: JsonSchemaValue) -> JsonSchemaValue:
     }
 
 
+_CLOCK_MESSAGE = 'expected a time "HH:MM" (24-hour clock), in quotes'
+
+
 def _clock(_: JsonSchemaValue) -> JsonSchemaValue:
-    return {"type": "string", "pattern": rf"^\s*{_CLOCK}\s*$"}
+    return _string(rf"^\s*{_CLOCK}\s*$", _CLOCK_MESSAGE)
 
 
 def _clock_end(_: JsonSchemaValue) -> JsonSchemaValue:
-    return {"type": "string", "pattern": rf"^\s*(?:{_CLOCK}|24:00)\s*$"}
+    return _string(
+        rf"^\s*(?:{_CLOCK}|24:00)\s*$", _CLOCK_MESSAGE.replace('"HH:MM"', '"HH:MM" or "24:00"')
+    )
+
+
+_DAYS_MESSAGE = "expected a day name like mon or a range like mon-fri"
 
 
 def _days(_: JsonSchemaValue) -> JsonSchemaValue:
     return {
         "anyOf": [
-            {
-                "type": "array",
-                "minItems": 1,
-                "items": {"type": "string", "pattern": f"^{_DAY_ITEM}$"},
-            },
-            {"type": "string", "pattern": f"^{_DAY_ITEM}(?:,{_DAY_ITEM})*$"},
+            {"type": "array", "minItems": 1, "items": _string(f"^{_DAY_ITEM}$", _DAYS_MESSAGE)},
+            _string(f"^{_DAY_ITEM}(?:,{_DAY_ITEM})*$", _DAYS_MESSAGE),
         ]
     }
 
@@ -217,11 +234,11 @@ def _labels(inner: JsonSchemaValue) -> JsonSchemaValue:
     return {**inner, "additionalProperties": {"type": ["string", "integer"]}}
 
 
-def _pattern(regex: str) -> Callable[[JsonSchemaValue], JsonSchemaValue]:
+def _pattern(regex: str, message: str) -> Callable[[JsonSchemaValue], JsonSchemaValue]:
     def narrow(inner: JsonSchemaValue) -> JsonSchemaValue:
         if inner.get("type") != "string" or "pattern" in inner:
             raise TypeError(f"cannot add a pattern to {inner}")
-        return {**inner, "pattern": regex}
+        return {**inner, **_string(regex, message)}
 
     return narrow
 
@@ -274,23 +291,37 @@ _BEFORE: dict[Callable[..., Any], _Form] = {
 # AfterValidators narrow it; one missing here leaves the schema looser, never wrong.
 _AFTER: dict[Callable[..., Any], _Form] = {
     policy._positive: _Form(_positive_amount, constraint="> 0"),
-    policy._abs_path: _Form(_pattern("^/"), "string starting with `/`"),
-    policy._gate_name: _Form(_pattern(f"^{policy._GATE_NAME_RE.pattern}$"), "string"),
+    policy._abs_path: _Form(_pattern("^/", 'must start with "/"'), "string starting with `/`"),
+    policy._gate_name: _Form(
+        _pattern(
+            f"^{policy._GATE_NAME_RE.pattern}$",
+            'lowercase letters, digits and "-" (not at either end), at most 63 characters',
+        ),
+        "string",
+    ),
     policy._http_url: _Form(
-        _pattern(f"^{policy._URL_RE.pattern}$"), "URL (`http://` or `https://`)"
+        _pattern(f"^{policy._URL_RE.pattern}$", "expected an http:// or https:// URL"),
+        "URL (`http://` or `https://`)",
     ),
     policy._condition: _Form(name="condition"),
     policy._timezone_value: _Form(name="IANA time zone"),
     inventory._check_id: _Form(
-        _pattern(f"^{inventory._ID_RE.pattern}$"), "string of `A-Z a-z 0-9 . _ -`"
+        _pattern(
+            f"^{inventory._ID_RE.pattern}$", 'may only contain letters, digits, ".", "_" and "-"'
+        ),
+        "string of `A-Z a-z 0-9 . _ -`",
     ),
-    inventory._check_address: _Form(_pattern(f"{_HOST_PORT}$"), "`host:port`"),
+    inventory._check_address: _Form(
+        _pattern(f"{_HOST_PORT}$", 'expected host:port like "127.0.0.2:7000", port 1-65535'),
+        "`host:port`",
+    ),
 }
 # Plain validators replace pydantic's validation (and Amount its JSON Schema) entirely.
 _PLAIN: dict[Callable[..., Any], _Form] = {Amount.parse: _Form(_amount, "Amount")}
 
 _BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
 _STRICTER_PATTERN = {_DURATION: _POSITIVE_DURATION, _RATE: _POSITIVE_RATE}
+_STRICTER_MESSAGE = {_DURATION_MESSAGE: _POSITIVE_DURATION_MESSAGE}
 
 
 def _function(schema: Mapping[str, Any]) -> Any:
@@ -302,6 +333,8 @@ def _apply_bounds(js: JsonSchemaValue, bounds: Mapping[str, Any]) -> JsonSchemaV
     branches = js["anyOf"] if "anyOf" in js else [js]
     for branch in branches:
         kind = branch.get("type")
+        if bounds == {"gt": 0} and branch.get("errorMessage") in _STRICTER_MESSAGE:
+            branch["errorMessage"] = _STRICTER_MESSAGE[branch["errorMessage"]]
         if kind in ("number", "integer"):
             for key, value in bounds.items():
                 branch[_BOUNDS[key]] = value

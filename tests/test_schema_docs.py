@@ -152,6 +152,17 @@ def test_schema_patterns_are_ecma_and_python_compatible() -> None:
             re.compile(regex)
 
 
+def test_file_forms_carry_editor_messages() -> None:
+    """A number-or-string form has one message for both branches, in the loader's words."""
+    health = json_schema("policy")["$defs"]["Health"]["properties"]
+    messages = {branch["errorMessage"] for branch in health["interval"]["anyOf"]}
+    assert messages == {schema._POSITIVE_DURATION_MESSAGE}
+    messages = {branch["errorMessage"] for branch in health["min_healthy_time"]["anyOf"]}
+    assert messages == {schema._DURATION_MESSAGE}
+    node = json_schema("inventory")["$defs"]["NodeEntry"]["properties"]
+    assert "host:port" in node["address"]["patternErrorMessage"]
+
+
 def test_unknown_before_validator_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new BeforeValidator without a file form must not yield a silently wrong schema."""
     monkeypatch.delitem(schema._BEFORE, schema.policy.parse_rate)
