@@ -92,6 +92,26 @@ class FetchProgress:
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
+    @classmethod
+    def restore(cls, raw: dict[str, Any]) -> FetchProgress | None:
+        """From `describe()`'s output saved by a previous process; None if it is not one."""
+        try:
+            state: FetchState = "staged" if raw["state"] == "staged" else "failed"
+            error = raw.get("error")
+            return cls(
+                digest=str(raw["digest"]),
+                size=int(raw["size"]),
+                url=str(raw["url"]),
+                state=state,
+                bytes=int(raw["bytes"]),
+                resumes=int(raw["resumes"]),
+                error=dict(error) if isinstance(error, dict) else None,
+                started=0.0,
+                finished=float(raw["seconds"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "digest": self.digest,
@@ -101,7 +121,9 @@ class FetchProgress:
             "bytes": self.bytes,
             "resumes": self.resumes,
             "error": self.error,
-            "seconds": round((self.finished or time.time()) - self.started, 3),
+            "seconds": round(
+                (self.finished if self.finished is not None else time.time()) - self.started, 3
+            ),
         }
 
 

@@ -157,6 +157,7 @@ class Agent:
         if loaded is None:
             loaded = await asyncio.to_thread(self._factory_install)
         self._state = loaded
+        self.fetching = await asyncio.to_thread(self._last_fetch)
         await asyncio.to_thread(self.backend.recover, loaded)
         log.info(
             "agent_start", pid=os.getpid(), node_id=self.config.node_id, backend=self.backend.kind
@@ -175,6 +176,11 @@ class Agent:
             self._arm_deadline()
             return
         await self._boot(soft=False, identity=identity)
+
+    def _last_fetch(self) -> FetchProgress | None:
+        """The last pull, as saved when it ended (None: none, or unreadable)."""
+        raw = self.store.load_fetch()
+        return FetchProgress.restore(raw) if raw is not None else None
 
     def _factory_install(self) -> AgentState:
         state = self.backend.factory_state()
@@ -571,6 +577,9 @@ class Agent:
             progress.finished = time.time()
             self.busy = None
             self._fetch_task = None
+            # Kept across boots: the node reboots into what it fetched right after.
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.store.save_fetch, progress.describe())
 
     async def discard(self, digest: str, *, lease: str | None = None) -> dict[str, Any]:
         """Drop a staged (or still fetching) image that will not be activated: the

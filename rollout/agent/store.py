@@ -27,7 +27,7 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from rollout.agent.state import AgentError, AgentState, Slot, SlotImage, from_json, to_json
 from rollout.errors import ImageError, InputError
@@ -77,6 +77,23 @@ class Store:
             os.fsync(fh.fileno())
         os.replace(tmp, self.state_path)
         _fsync_dir(self.dir)
+
+    @property
+    def fetch_path(self) -> Path:
+        return self.dir / "fetch.json"
+
+    def save_fetch(self, body: dict[str, Any]) -> None:
+        """The last pull's outcome (GET /v1/status `fetch`), replaced atomically."""
+        tmp = self.fetch_path.with_name(self.fetch_path.name + ".tmp")
+        tmp.write_text(json.dumps(body, sort_keys=True) + "\n")
+        os.replace(tmp, self.fetch_path)
+
+    def load_fetch(self) -> dict[str, Any] | None:
+        try:
+            raw = json.loads(self.fetch_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return raw if isinstance(raw, dict) else None
 
     # --- slots -------------------------------------------------------------------------
 

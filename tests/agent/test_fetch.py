@@ -130,12 +130,16 @@ async def test_fetch_stages_the_image_in_one_pass(
     assert len(store.requests) == seen
     # Credentials never reach the agent's log.
     assert PASSWORD not in agent.log_path.read_text()
-    # And the staged image activates like a pushed one.
-    code, body, _ = await agent.request("POST", "/v1/activate", json_body={"mode": "soft-reboot"})
+    # And the staged image activates like a pushed one; the last fetch is still reported
+    # by the agent process that boots (a reboot re-executes it).
+    code, body, _ = await agent.request("POST", "/v1/activate", json_body={"mode": "reboot"})
     assert code == 202, body
-    await agent.wait_status(
+    st = await agent.wait_status(
         lambda s: s["booted"]["digest"] == images.v2.digest, what="the pulled image to boot"
     )
+    assert st["boot_count"] == 2
+    assert st["fetch"]["state"] == "staged" and st["fetch"]["bytes"] == images.v2.size
+    assert st["fetch"]["digest"] == images.v2.digest
 
 
 async def test_a_broken_connection_resumes_with_a_range_request(
