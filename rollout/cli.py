@@ -56,6 +56,7 @@ from rollout.rootfs import (
 from rollout.sample import build_sample_image, write_sample_tree
 from rollout.server import make_app
 from rollout.tls import optional_server_context
+from rollout.tokens import read_token
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -709,12 +710,7 @@ def _listen_token(listen: str | None, token_file: str | None) -> str | None:
         return None
     if token_file is None:
         raise InputError("--listen: needs --token-file F; the API always authenticates")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as exc:
-        raise InputError(f"--token-file: cannot read {token_file}: {exc.strerror}") from exc
-    if not token:
-        raise InputError(f"--token-file: {token_file} is empty")
+    token = read_token(token_file, "--token-file")
     try:
         split_address(listen)  # bad input is reported before anything starts
     except ValueError as exc:

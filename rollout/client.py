@@ -30,6 +30,7 @@ from rollout.console import make_console, node_table
 from rollout.errors import InputError
 from rollout.pull import PullAccess, is_remote
 from rollout.tls import certificate_problem, client_context, optional_server_context
+from rollout.tokens import read_token
 
 DEFAULT_SERVER = "http://127.0.0.1:7400"
 FINAL = {"succeeded", "halted", "rolled_back", "aborted", "failed"}
@@ -104,10 +105,7 @@ class Client:
 def _token(token_file: str | None) -> str:
     path = token_file or os.environ.get("ROLLOUT_TOKEN_FILE")
     if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise InputError(f"--token-file: cannot read {path}: {exc.strerror}") from exc
+        return read_token(path, "--token-file")
     token = os.environ.get("ROLLOUT_TOKEN", "").strip()
     if not token:
         raise InputError("no token: pass --token-file F, or set ROLLOUT_TOKEN_FILE / ROLLOUT_TOKEN")

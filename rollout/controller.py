@@ -28,7 +28,6 @@ import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,6 +46,7 @@ from rollout.plan import plan_batches
 from rollout.policy import Gate, Policy, parse_policy
 from rollout.pull import PullAccess
 from rollout.tls import client_context
+from rollout.tokens import read_token
 from rollout.webhooks import WebhookObserver
 
 LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
@@ -127,14 +127,7 @@ def check_tokens(nodes: Sequence[Node]) -> None:
                 f"node {node.id}: no token_file; set token_file in the inventory (top level "
                 "or on the node)"
             )
-        try:
-            token = Path(node.token_file).read_text().strip()
-        except OSError as exc:
-            raise InputError(
-                f"node {node.id}: cannot read token file {node.token_file}: {exc.strerror}"
-            ) from exc
-        if not token:
-            raise InputError(f"node {node.id}: token file {node.token_file} is empty")
+        read_token(node.token_file, f"node {node.id}: token file")
         if node.ca_file is not None:
             client_context(node.ca_file, option=f"node {node.id}: ca_file")
 

@@ -331,7 +331,7 @@ def test_unreadable_token_is_exit_2_and_nothing_is_journaled(
         "--image", images.v2.path, "--state", str(state),
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "node a: cannot read token file" in proc.stderr and "missing-token" in proc.stderr
+    assert "node a: token file: cannot read" in proc.stderr and "missing-token" in proc.stderr
     assert rollout("ls", "--state", str(state)).stdout.strip() == "no rollouts"
 
 

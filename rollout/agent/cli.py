@@ -31,6 +31,7 @@ from rollout.agent.app import make_app
 from rollout.agent.node import Agent, AgentConfig, ExitAction
 from rollout.errors import InputError
 from rollout.tls import optional_server_context
+from rollout.tokens import read_token
 
 log = structlog.get_logger("rollout.agent")
 
@@ -61,16 +62,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InputError(f"--listen: expected HOST:PORT, got {value!r}")
     return host, int(port)
-
-
-def read_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise InputError(f"--token-file {path}: cannot read: {exc.strerror}") from exc
-    if not token:
-        raise InputError(f"--token-file {path}: the file is empty; put the bearer token in it")
-    return token
 
 
 async def serve(config: AgentConfig, ssl_context: ssl.SSLContext | None = None) -> ExitAction:
@@ -245,7 +236,7 @@ def agent(
             host=host,
             port=port,
             state_dir=state_dir.absolute(),
-            token=read_token(token_file),
+            token=read_token(token_file, "--token-file"),
             node_id=node_id or host,
             image=image.absolute() if image is not None else None,
             workload_port=workload_port,
@@ -279,7 +270,7 @@ def _disk_config(path: Path, node_id: str | None) -> tuple[AgentConfig, ssl.SSLC
         host=host,
         port=port,
         state_dir=Path(disk.state_dir),
-        token=read_token(Path(disk.token_file)),
+        token=read_token(disk.token_file, "token_file"),
         node_id=node_id or disk.node_id,
         workload_port=disk.workload_port,
         commit_deadline=disk.commit_deadline,

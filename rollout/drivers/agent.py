@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,6 +37,7 @@ from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
 from rollout.tls import certificate_problem, client_context
+from rollout.tokens import read_token
 
 _CHUNK = 256 * 1024
 _SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
@@ -101,12 +101,8 @@ class AgentDriver:
         if node.token_file is None:
             raise InputError(f"node {node.id}: no token_file in the inventory")
         if node.token_file not in self._tokens:
-            try:
-                self._tokens[node.token_file] = Path(node.token_file).read_text().strip()
-            except OSError as exc:
-                raise InputError(
-                    f"node {node.id}: cannot read token file {node.token_file}: {exc.strerror}"
-                ) from exc
+            what = f"node {node.id}: token file"
+            self._tokens[node.token_file] = read_token(node.token_file, what)
         return self._tokens[node.token_file]
 
     def _headers(self, node: Node) -> dict[str, str]:
