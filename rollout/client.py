@@ -28,12 +28,13 @@ import click
 from rollout.cliopts import registry_options
 from rollout.console import make_console, node_table
 from rollout.errors import InputError
+from rollout.model import FINISHED
 from rollout.pull import PullAccess, is_remote
 from rollout.tls import certificate_problem, client_context, optional_server_context
 from rollout.tokens import read_token
 
 DEFAULT_SERVER = "http://127.0.0.1:7400"
-FINAL = {"succeeded", "halted", "rolled_back", "aborted", "failed"}
+FINAL = frozenset(str(p) for p in FINISHED)
 
 
 class ServerError(Exception):

@@ -38,18 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollout.errors import InputError
+from rollout.model import FINISHED as FINISHED
 from rollout.model import RolloutPhase
-
-# Phases after which a rollout holds no locks and will not move on its own.
-FINISHED = frozenset(
-    {
-        RolloutPhase.SUCCEEDED,
-        RolloutPhase.HALTED,
-        RolloutPhase.ROLLED_BACK,
-        RolloutPhase.ABORTED,
-        RolloutPhase.FAILED,
-    }
-)
 
 
 @dataclass(frozen=True)

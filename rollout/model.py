@@ -77,6 +77,24 @@ class RolloutPhase(enum.StrEnum):
     ABORTED = "aborted"
     FAILED = "failed"
 
+    @property
+    def finished(self) -> bool:
+        """True for the phases after which a rollout holds no locks and will not move on
+        its own (a command may still start it again: retry, rollback)."""
+        return self in FINISHED
+
+
+# The one definition of "finished" (journal, controller, clients and webhooks use it).
+FINISHED = frozenset(
+    {
+        RolloutPhase.SUCCEEDED,
+        RolloutPhase.HALTED,
+        RolloutPhase.ROLLED_BACK,
+        RolloutPhase.ABORTED,
+        RolloutPhase.FAILED,
+    }
+)
+
 
 class Step(enum.StrEnum):
     """The timed steps of one node update (a bounded metric label)."""

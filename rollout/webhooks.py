@@ -14,6 +14,7 @@ from rollout.gates.events import GateWaiting
 from rollout.gates.notify import Notifier
 from rollout.model import RolloutPhase
 
+# Every finished phase, named as a notify event (an abort or a failure counts as halted).
 _FINAL = {
     RolloutPhase.SUCCEEDED: "succeeded",
     RolloutPhase.ROLLED_BACK: "rolled_back",
