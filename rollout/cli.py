@@ -39,12 +39,12 @@ from rollout.image import build_image, load_image
 from rollout.imagefile import KIND_ROOTFS
 from rollout.inventory import Inventory, load_inventory, split_address
 from rollout.journal import SQLiteStore, load_state, unfinished
+from rollout.junit import JUnitReport
 from rollout.metrics import MetricsRecorder
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.pull import PullAccess
-from rollout.report import JUnitReport
 from rollout.rootfs import (
     DEFAULT_INITRD,
     DEFAULT_KERNEL,

@@ -38,7 +38,6 @@ from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutRe
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
 from rollout.gates.handles import SignalKey, signal_path
-from rollout.gates.notify import Notifier
 from rollout.gates.signals import GateBoxes, Signal, parse_signal
 from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
@@ -47,7 +46,7 @@ from rollout.policy import Gate, Policy, parse_policy
 from rollout.pull import PullAccess
 from rollout.tls import client_context
 from rollout.tokens import read_token
-from rollout.webhooks import WebhookObserver
+from rollout.webhooks import Notifier, WebhookObserver
 
 LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
 

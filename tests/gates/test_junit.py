@@ -6,12 +6,12 @@ import doctest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import rollout.gates.junit
-from rollout.gates.junit import JUnitCase, write_junit
+import rollout.junit
+from rollout.junit import JUnitCase, write_junit
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(rollout.gates.junit)
+    result = doctest.testmod(rollout.junit)
     assert result.attempted > 0 and result.failed == 0
 
 

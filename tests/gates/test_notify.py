@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from rollout.gates.notify import Notifier
 from rollout.policy import Notify
+from rollout.webhooks import Notifier
 from tests.gates.conftest import free_port
 
 
