@@ -648,21 +648,24 @@ def run_rollout(
     console = console or make_console(stderr=True)
     store = SQLiteStore(state_path)
     try:
-        controller = Controller(store)
-        rollout_id = _pick_rollout(
-            controller, inv, pol, img, Path(policy_path).stem, console, pull
-        )
-        if stop_batch is not None:
-            controller.stop_after[rollout_id] = stop_batch
-        report = JUnitReport(rollout_id)
+        reports: dict[str, JUnitReport] = {}
         with _observers(log_format, console, metrics_port, metrics_host) as (observer, rec):
-            controller.observer_for = lambda _: Fanout([observer, report])
+
+            def observer_for(rid: str) -> Observer:
+                return Fanout([observer, reports.setdefault(rid, JUnitReport(rid))])
+
+            controller = Controller(store, observer_for=observer_for)
+            rollout_id = _pick_rollout(
+                controller, inv, pol, img, Path(policy_path).stem, console, pull
+            )
+            if stop_batch is not None:
+                controller.stop_after[rollout_id] = stop_batch
             api = (listen, token, rec, ssl_context) if listen and token else None
             result = asyncio.run(_run_controller(controller, rollout_id, console, api))
             if metrics_port is not None and metrics_linger > 0:
                 rec.wait_for_scrape(metrics_linger, count=2)  # Prometheus sees the final state
         if junit:
-            report.write(junit, result)
+            reports.setdefault(rollout_id, JUnitReport(rollout_id)).write(junit, result)
         return result
     finally:
         store.close()

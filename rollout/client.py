@@ -322,7 +322,7 @@ def register(main: click.Group) -> None:
         from rollout.inventory import split_address
         from rollout.journal import SQLiteStore
         from rollout.metrics import MetricsRecorder
-        from rollout.server import make_app
+        from rollout.server import make_app, service_observers
 
         try:
             host, port = split_address(listen)
@@ -335,13 +335,12 @@ def register(main: click.Group) -> None:
         load_keys(trusted_keys)  # unreadable or not ed25519: exit 2 now
         configure_logging(log_format)
         store = SQLiteStore(state_path)
-        controller = Controller(store)
+        recorder = MetricsRecorder()
+        controller = Controller(store, observer_for=service_observers(recorder))
         try:
             controller.signal_key.key()  # <state>.signal-key: unusable -> exit 2 now
             web.run_app(
-                make_app(
-                    controller, token, MetricsRecorder(), trusted_keys=trusted_keys, pull=pull
-                ),
+                make_app(controller, token, recorder, trusted_keys=trusted_keys, pull=pull),
                 host=host,
                 port=port,
                 ssl_context=ssl_context,

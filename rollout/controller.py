@@ -28,12 +28,12 @@ import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from rollout.drivers.agent import AgentDriver
-from rollout.drivers.base import Refused, TransportError
+from rollout.drivers.base import Driver, Refused, TransportError
 from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
@@ -49,6 +49,24 @@ from rollout.tokens import read_token
 from rollout.webhooks import Notifier, WebhookObserver
 
 LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
+
+
+class LeasingDriver(Driver, Protocol):
+    """A driver that also takes and releases agent leases (one rollout per node)."""
+
+    async def lease(self, node: Node, ttl: float) -> bool: ...
+
+    async def release(self, node: Node) -> None: ...
+
+
+RetryHook = Callable[[Node, str, int, BaseException], None]
+# (rollout id = lease holder, how nodes reach the image store, retry hook) -> driver
+DriverFactory = Callable[[str, PullAccess, RetryHook | None], LeasingDriver]
+
+
+def agent_driver(holder: str, pull: PullAccess, on_retry: RetryHook | None) -> LeasingDriver:
+    """The default driver: the nodes' agents over their HTTP API."""
+    return AgentDriver(lease_holder=holder, on_retry=on_retry, pull=pull)
 
 
 class IllegalCommand(Exception):
@@ -143,8 +161,12 @@ class Controller:
         lock_ttl: float = LOCK_TTL,
         reach_timeout: float = REACH_TIMEOUT,
         signal_key: SignalKey | None = None,
+        driver_for: DriverFactory | None = None,
     ) -> None:
         self.store = store
+        # Each rollout's driver, made for it (lease holder, registry access, retry hook):
+        # the agents' HTTP API by default; tests inject the simulated fleet.
+        self.driver_for: DriverFactory = driver_for or agent_driver
         # The key of the wait gates' signal URLs: beside the state file by default.
         path = getattr(store, "path", ":memory:")
         self.signal_key = signal_key or SignalKey.beside(str(path))
@@ -228,7 +250,7 @@ class Controller:
         check_tokens(nodes)  # the lease requests need the tokens
         plan_batches(nodes, policy)
         rollout_id = new_rollout_id()
-        driver = AgentDriver(lease_holder=rollout_id)
+        driver = self.driver_for(rollout_id, PullAccess(), None)
         try:
             try:
                 await self._lease_all(driver, list(nodes), rollout_id)
@@ -317,9 +339,7 @@ class Controller:
             PullAccess.from_json(state.created.get("pull")),
             rate_limit=loaded.policy.prestage.bandwidth,
         )
-        driver = AgentDriver(
-            lease_holder=rollout_id, on_retry=self._retry_hook(observer), pull=pull
-        )
+        driver = self.driver_for(rollout_id, pull, self._retry_hook(observer))
         engine = Engine(
             driver,
             loaded.policy,
@@ -467,13 +487,13 @@ class Controller:
         (box.approve if approved else box.reject)(by, reason)
         return f"gate {gate} {'approved' if approved else 'rejected'} by {by}"
 
-    def _retry_hook(self, observer: Observer) -> Callable[[Node, str, int, BaseException], None]:
+    def _retry_hook(self, observer: Observer) -> RetryHook:
         def hook(node: Node, op: str, attempt: int, exc: BaseException) -> None:
             observer(Retried(node.id, op, attempt, str(exc)))
 
         return hook
 
-    async def _lease_all(self, driver: AgentDriver, nodes: list[Node], holder: str) -> None:
+    async def _lease_all(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> None:
         """Take every node's agent lease; refuse the whole rollout if one is held."""
 
         async def one(node: Node) -> None:
@@ -500,7 +520,7 @@ class Controller:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _release_all(self, driver: AgentDriver, nodes: list[Node], holder: str) -> None:
+    async def _release_all(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> None:
         async def one(node: Node) -> None:
             with contextlib.suppress(Refused, TransportError):
                 await driver.release(node)
@@ -508,7 +528,7 @@ class Controller:
         await asyncio.gather(*(one(n) for n in nodes))
 
     @contextlib.asynccontextmanager
-    async def _renewing(self, driver: AgentDriver, nodes: list[Node], holder: str) -> Any:
+    async def _renewing(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> Any:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self.lock_ttl / 3)

@@ -48,7 +48,7 @@ from rollout.controller import (
     UnknownSignalURL,
 )
 from rollout.errors import InputError
-from rollout.events import Fanout
+from rollout.events import Fanout, Observer
 from rollout.httpauth import bearer_ok
 from rollout.inventory import load_inventory, parse_inventory
 from rollout.journal import LockConflict, RolloutState, unfinished
@@ -578,6 +578,17 @@ _REASONS = {
 }
 
 
+def service_observers(recorder: MetricsRecorder) -> Callable[[str], Observer]:
+    """What each rollout of the service reports to: its metrics and the event log. Give
+    it to the Controller the service runs (`Controller(store, observer_for=...)`)."""
+    log_events = EventLog()
+
+    def observer_for(rollout_id: str) -> Observer:
+        return Fanout([recorder.bound(rollout_id), log_events.bound(rollout_id)])
+
+    return observer_for
+
+
 def make_app(
     controller: Controller,
     token: str,
@@ -594,13 +605,6 @@ def make_app(
     app[RECORDER] = recorder
     app[TRUSTED] = trusted_keys
     app[PULL] = pull or PullAccess()
-    if service:
-        log_events = EventLog()
-
-        def observer_for(rollout_id: str) -> Fanout:
-            return Fanout([recorder.bound(rollout_id), log_events.bound(rollout_id)])
-
-        controller.observer_for = observer_for
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/openapi.json", openapi)

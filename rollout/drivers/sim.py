@@ -167,6 +167,14 @@ class SimDriver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def lease(self, node: Node, ttl: float) -> bool:
+        """Simulated nodes take part in no other rollout: a lease is always granted."""
+        self._node(node)
+        return True
+
+    async def release(self, node: Node) -> None:
+        return None
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
