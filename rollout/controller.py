@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from rollout.decide import refusal
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import Driver, Refused, TransportError
 from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
@@ -548,30 +549,29 @@ class Controller:
 
     # -- commands -------------------------------------------------------------------------
     def command(self, rollout_id: str, command: str, by: str = "api") -> str:
-        """Apply an operator command; return a message. IllegalCommand changes nothing."""
+        """Apply an operator command; return a message. IllegalCommand (what
+        `decide.refusal` says) changes nothing."""
         state = self.state(rollout_id)
         observer = self.observer_for(rollout_id)
         phase = state.phase
         running = rollout_id in self.tasks and not self.tasks[rollout_id].done()
         busy = running and not state.finished  # its engine still works (not winding down)
         control = self.controls.setdefault(rollout_id, Control())
+        committed = any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values())
+        why = refusal(command, phase, busy=busy, any_committed=committed)
+        if why is not None:
+            raise IllegalCommand(why)
         if command == "pause":
-            if phase not in (RolloutPhase.RUNNING, RolloutPhase.WAITING, RolloutPhase.PENDING):
-                raise IllegalCommand(f"cannot pause a rollout that is {phase}")
             self.journal_command(rollout_id, command, by, RolloutPhase.PAUSED, observer)
             control.pause()
             return "paused: no new batch, stage or activation starts until resumed"
         if command == "resume":
-            if phase is not RolloutPhase.PAUSED:
-                raise IllegalCommand(f"cannot resume a rollout that is {phase}, not paused")
             self.journal_command(rollout_id, command, by, RolloutPhase.RUNNING, observer)
             control.resume()
             if not busy:
                 self.start(rollout_id)
             return "resumed"
         if command == "abort":
-            if state.finished:
-                raise IllegalCommand(f"cannot abort a rollout that is already {phase}")
             self.journal_command(rollout_id, command, by, None)
             control.abort()
             if not running:
@@ -581,33 +581,11 @@ class Controller:
                 self.store.unlock(rollout_id)
             return "aborting: nothing new starts; nodes in flight settle"
         if command == "retry":
-            retryable = (
-                RolloutPhase.PAUSED,  # e.g. stopped after the canary (--stop-after)
-                RolloutPhase.HALTED,
-                RolloutPhase.ABORTED,
-                RolloutPhase.FAILED,
-                RolloutPhase.ROLLED_BACK,
-            )
-            if phase not in retryable:
-                raise IllegalCommand(
-                    f"cannot retry a rollout that is {phase}; retry applies to halted, "
-                    "aborted, failed, rolled back or stopped (paused) rollouts"
-                )
-            if busy:
-                raise IllegalCommand(
-                    "the rollout is still running (paused rollouts resume with resume)"
-                )
             again = self.journal_retry(state, by)
             self.controls[rollout_id] = Control()
             self.start(rollout_id)
             return f"retrying; {len(again)} failed or rolled back node(s) will be tried again"
         if command == "rollback":
-            if phase in (RolloutPhase.ROLLED_BACK, RolloutPhase.ROLLING_BACK):
-                raise IllegalCommand(f"the rollout is already {phase}")
-            if busy:
-                raise IllegalCommand("the rollout is running; abort it first")
-            if not any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values()):
-                raise IllegalCommand("no node of this rollout is on the new image")
             self._lock_again(state)
             self.journal_command(rollout_id, command, by, None)
             self.controls[rollout_id] = Control()

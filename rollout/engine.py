@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from rollout import clock
-from rollout.decide import Decision, after_batch
+from rollout.decide import Decision, Ending, after_batch, after_gate, ending, final
 from rollout.drivers.base import Driver, Refused, TransportError
 from rollout.events import (
     BatchFinished,
@@ -69,6 +69,7 @@ from rollout.model import (
     RolloutPhase,
     Step,
 )
+from rollout.plan import limits
 from rollout.policy import Policy
 
 T = TypeVar("T")
@@ -353,16 +354,16 @@ class Engine:
     ) -> RolloutResult:
         """A gate failed or timed out: the failure action follows (continue halts)."""
         why = f"gate {outcome.gate} ({outcome.kind}) {outcome.result}: {outcome.message}"
-        action = self.policy.failure.action
-        if action == "rollback":
+        return await self._end(ending(after_gate(self.policy.failure.action)), records, why)
+
+    async def _end(self, end: Ending, batch: list[NodeRecord], why: str) -> RolloutResult:
+        """Carry out a decided ending: return its nodes to their previous image, finish."""
+        if end.rollback != "none":
             self._phase(RolloutPhase.ROLLING_BACK, why)
-            await self._rollback_many(records)
-            return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
-        if action == "rollback-all":
-            self._phase(RolloutPhase.ROLLING_BACK, why)
-            await self._rollback_many(list(self.records.values()))
-            return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
-        return await self._finish(RolloutPhase.HALTED, f"{why}; halted")
+            await self._rollback_many(
+                batch if end.rollback == "batch" else list(self.records.values())
+            )
+        return await self._finish(end.phase, f"{why}; {end.suffix}")
 
     # -- pre-staging ----------------------------------------------------------------------
     def _prestage(self, batches: Sequence[Batch]) -> None:
@@ -443,7 +444,7 @@ class Engine:
         )
         if not self.control.paused:
             self._phase(RolloutPhase.RUNNING)
-        tolerated = self.policy.failure.max_failed.resolve(len(fleet), round_up=False)
+        tolerated = limits(self.policy, len(fleet)).max_failed
         async with aiohttp.ClientSession() as session:
             prober = self.prober_for(session)
             env = GateEnv(
@@ -503,24 +504,14 @@ class Engine:
                     f"batch {batch.index}: {len(failed)} node(s) failed ({names}); "
                     f"{failed_total} failed in all, {tolerated} tolerated"
                 )
-                if decision is Decision.HALT:
-                    return await self._finish(RolloutPhase.HALTED, f"{why}; halted")
-                self._phase(RolloutPhase.ROLLING_BACK, why)
-                if decision is Decision.ROLLBACK_BATCH:
-                    await self._rollback_many(records)
-                    return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; batch rolled back")
-                await self._rollback_many(list(self.records.values()))
-                return await self._finish(RolloutPhase.ROLLED_BACK, f"{why}; all rolled back")
-        failed_total = sum(r.failed for r in self.records.values())
-        if not all(r.settled for r in self.records.values()):
-            return await self._finish(RolloutPhase.ABORTED, "stopped by the operator")
-        if failed_total:
-            return await self._finish(
-                RolloutPhase.FAILED, f"{failed_total} node(s) failed; the rest were updated"
-            )
-        return await self._finish(
-            RolloutPhase.SUCCEEDED, f"{len(fleet)} node(s) on {self.image.version}"
+                return await self._end(ending(decision), records, why)
+        phase, message = final(
+            all_settled=all(r.settled for r in self.records.values()),
+            failed=sum(r.failed for r in self.records.values()),
+            fleet=len(fleet),
+            version=self.image.version,
         )
+        return await self._finish(phase, message)
 
     async def rollback_all(self) -> RolloutResult:
         """Return every node this rollout updated to its previous image (operator command)."""
@@ -777,9 +768,7 @@ class Engine:
         ]
         if not todo:
             return
-        fleet = len(self.records)
-        limit = max(1, self.policy.batches.max_unavailable.resolve(fleet, round_up=False))
-        gate = asyncio.Semaphore(limit)
+        gate = asyncio.Semaphore(limits(self.policy, len(self.records)).max_unavailable)
 
         async def one(rec: NodeRecord) -> None:
             async with gate:
