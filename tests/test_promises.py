@@ -448,9 +448,7 @@ def fell_back(world: World) -> None:
     past the journaled count."""
     sim = world.sim["n1"]
     assert sim.boot_count == 2 and sim.slots[sim.booted] == V2.digest
-    sim.booted = sim.last_good
-    sim.committed = True
-    sim.boot_count += 1
+    sim.fall_back()  # the agent's own transition: boot the last good slot, committed
 
 
 DOUBLE_ACTIVATION = [

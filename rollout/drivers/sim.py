@@ -1,11 +1,15 @@
-"""The simulated driver: nodes kept in memory, with the agent's real state machine.
+"""The simulated driver: nodes kept in memory, on the agent's own state machine.
 
-For tests of engine logic on virtual time (and for trying policies without machines):
-each `SimNode` keeps A/B slots, a staged image, the booted slot, the committed flag and a
-persisted-style boot count; activation takes `boot_seconds` on the one clock
+For tests of engine and controller logic on virtual time (and for trying policies
+without machines). Each `SimNode` holds an `AgentState` and changes it only through the
+pure transitions of `rollout.agent.state`, the ones a real agent applies: staging
+(`stage_target`, `begin_stage`, `finish_stage`), activation and rollback (`plan_activate`,
+`plan_rollback`), boots (`plan_boot`, `begin_boot`, `finish_boot`), commit, and the
+agent's own fallback (`fall_back`). So there is one slot/boot/commit logic, and the
+simulation cannot drift from it. A boot takes `boot_seconds` on the one clock
 (rollout.clock), so a test on a virtual-time loop sees exact, repeatable durations. What
 is *not* simulated is left to the real agent and its tests: bytes, digests on disk,
-process restarts, the commit deadline.
+process restarts, the commit deadline timer.
 
 Health is decided by `healthy(node_id, digest, since_boot)`, a function the test gives:
 e.g. "image X is never healthy", or "node-2 turns unhealthy 30 s after boot". `SimProber`
@@ -16,48 +20,92 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rollout import clock
+from rollout.agent import state as sm
+from rollout.agent.state import AgentError, AgentState, FallbackReason, Slot, SlotImage
 from rollout.drivers.base import Refused, TransportError
 from rollout.health import CheckResult
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.policy import Check
 
 Healthy = Callable[[str, str, float], bool]
+_NO_DEADLINE = 1e12  # the commit deadline timer is not simulated
+
+
+def _boot(state: AgentState, now: float) -> AgentState:
+    """One boot, as the agent does it on start: plan, consume a try, finish."""
+    plan = sm.plan_boot(state)
+    return sm.finish_boot(sm.begin_boot(state, plan), plan, now=now, commit_deadline=_NO_DEADLINE)
 
 
 @dataclass
 class SimNode:
     node_id: str
-    slots: dict[str, str | None]  # slot -> digest
-    booted: str = "A"
-    committed: bool = True
-    last_good: str = "A"
-    staged: str | None = None
-    boot_count: int = 1
+    state: AgentState
     booted_at: float = 0.0
     busy: str | None = None
     reachable: bool = True
-    versions: dict[str, str] = field(default_factory=dict)  # digest -> version
 
-    def status(self) -> NodeStatus:
-        digest = self.slots[self.booted]
-        return NodeStatus(
-            node_id=self.node_id,
-            booted_slot=self.booted,
-            booted_version=self.versions.get(digest or "", None),
-            booted_digest=digest,
-            staged_digest=self.slots[self.staged] if self.staged else None,
-            committed=self.committed,
-            boot_count=self.boot_count,
-            workload="running",
-            busy=self.busy,
-        )
+    @classmethod
+    def factory(cls, node_id: str, image: Image) -> SimNode:
+        """A node factory-installed with `image` and booted once, as a fresh agent."""
+        slot = SlotImage(image.digest, image.name, image.version)
+        return cls(node_id, _boot(sm.factory_state(slot), 0.0))
+
+    # What tests read, in the simulation's plain terms.
+    @property
+    def slots(self) -> dict[str, str | None]:
+        return {str(s): (i.digest if (i := self.state.slot(s)) else None) for s in Slot}
+
+    @property
+    def booted(self) -> str:
+        return str(self.state.booted)
+
+    @property
+    def staged(self) -> str | None:
+        return str(self.state.staged) if self.state.staged is not None else None
+
+    @property
+    def committed(self) -> bool:
+        return self.state.committed
+
+    @property
+    def last_good(self) -> str:
+        return str(self.state.last_good)
+
+    @property
+    def boot_count(self) -> int:
+        return self.state.boot_count
 
     @property
     def inactive(self) -> str:
-        return "B" if self.booted == "A" else "A"
+        return str(self.state.booted.other)
+
+    def status(self) -> NodeStatus:
+        s = self.state
+        booted, staged = s.booted_image, s.slot(s.staged) if s.staged else None
+        good = s.slot(s.last_good)
+        return NodeStatus(
+            node_id=self.node_id,
+            booted_slot=str(s.booted),
+            booted_version=booted.version,
+            booted_digest=booted.digest,
+            staged_digest=staged.digest if staged else None,
+            committed=s.committed,
+            boot_count=s.boot_count,
+            workload="running",
+            busy=self.busy,
+            last_good_digest=good.digest if good else None,
+            last_good_version=good.version if good else None,
+        )
+
+    def fall_back(self, reason: FallbackReason = FallbackReason.COMMIT_DEADLINE) -> None:
+        """What the agent does on its own when its uncommitted slot is not committed in
+        time: boot the last good slot, committed (at once; no controller involved)."""
+        self.state = _boot(sm.plan_fallback(self.state, reason), clock.now())
+        self.booted_at = clock.now()
 
 
 class SimFleet:
@@ -74,16 +122,15 @@ class SimFleet:
         self.stage_seconds = stage_seconds  # how long writing an image takes
         self.stages: list[tuple[str, float]] = []  # (node, clock time a stage began)
         self.discards: list[str] = []
-        self.nodes = {
-            n.id: SimNode(
-                n.id, {"A": image.digest, "B": None}, versions={image.digest: image.version}
-            )
-            for n in nodes
-        }
+        self.nodes = {n.id: SimNode.factory(n.id, image) for n in nodes}
         self.activations: list[tuple[str, float]] = []  # (node, clock time): for assertions
 
     def __getitem__(self, node_id: str) -> SimNode:
         return self.nodes[node_id]
+
+
+def _refused(exc: AgentError) -> Refused:
+    return Refused(exc.code, exc.message, 409)
 
 
 class SimDriver:
@@ -106,61 +153,69 @@ class SimDriver:
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
     ) -> bool:
         sim = self._node(node)
-        if sim.slots[sim.booted] == image.digest:
-            raise Refused("already_booted", "that image is booted", 409)
-        if sim.staged and sim.slots[sim.staged] == image.digest:
+        if sim.busy is not None:
+            raise Refused("busy", f"the agent is busy {sim.busy}", 409)
+        try:
+            slot = sm.stage_target(sim.state, image.digest)
+        except AgentError as exc:
+            raise _refused(exc) from None
+        if slot is None:
             return False
         self.fleet.stages.append((node.id, clock.now()))
+        sim.state = sm.begin_stage(sim.state, slot)
         if self.fleet.stage_seconds:
             sim.busy = "staging"
             try:
                 await clock.sleep(self.fleet.stage_seconds)
             finally:
                 sim.busy = None
-        sim.slots[sim.inactive] = image.digest
-        sim.versions[image.digest] = image.version
-        sim.staged = sim.inactive
+        sim.state = sm.finish_stage(
+            sim.state, slot, SlotImage(image.digest, image.name, image.version)
+        )
         if on_bytes is not None:
             on_bytes(image.size)
         return True
 
     async def discard(self, node: Node, digest: str) -> bool:
         sim = self._node(node)
-        if sim.staged is None or sim.slots[sim.staged] != digest:
+        staged = sim.state.staged
+        image = sim.state.slot(staged) if staged is not None else None
+        if staged is None or image is None or image.digest != digest:
             return False
-        sim.slots[sim.staged], sim.staged = None, None
+        sim.state = sm.begin_stage(sim.state, staged)  # empties it, staged no more
         self.fleet.discards.append(node.id)
         return True
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:
         sim = self._node(node)
-        if sim.staged is None:
-            raise Refused("nothing_staged", "stage an image first", 409)
-        target, sim.staged = sim.staged, None
+        try:
+            new = sm.plan_activate(sim.state, mode)
+        except AgentError as exc:
+            raise _refused(exc) from None
         self.fleet.activations.append((node.id, clock.now()))
-        self._boot(sim, target, committed=False)
+        self._boot(sim, new)
 
     async def commit(self, node: Node) -> NodeStatus:
         sim = self._node(node)
-        sim.committed, sim.last_good = True, sim.booted
+        sim.state = sm.commit(sim.state)
         return sim.status()
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
         sim = self._node(node)
-        target = sim.last_good if not sim.committed else sim.inactive
-        if target == sim.booted or sim.slots[target] is None:
-            raise Refused("nothing_to_roll_back", "no other good slot", 409)
-        self._boot(sim, target, committed=True)
+        try:
+            new = sm.plan_rollback(sim.state, mode)
+        except AgentError as exc:
+            raise _refused(exc) from None
+        self._boot(sim, new)
 
-    def _boot(self, sim: SimNode, slot: str, committed: bool) -> None:
+    def _boot(self, sim: SimNode, planned: AgentState) -> None:
+        sim.state = planned
         sim.busy = "booting"
 
         async def boot() -> None:
             await clock.sleep(self.fleet.boot_seconds)
-            sim.booted, sim.committed, sim.busy = slot, committed, None
-            if committed:
-                sim.last_good = slot
-            sim.boot_count += 1
+            sim.state = _boot(sim.state, clock.now())
+            sim.busy = None
             sim.booted_at = clock.now()
 
         task = asyncio.create_task(boot())
