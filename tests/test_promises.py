@@ -19,10 +19,10 @@ The promises, one table each:
   moved past the journaled one) is not activated again; one whose activation never left
   is activated exactly once.
 
-The controller builds its own driver (`rollout.controller.AgentDriver`); here that name
-is swapped for a factory of `Agents`, a SimDriver over one shared simulated fleet, so a
-"controller crash" (its task cancelled) leaves the nodes running, and a fresh Controller
-over the same state file resumes against them, as after a real crash.
+Each Controller gets `driver_for`, a factory of `Agents`: a SimDriver over one shared
+simulated fleet, so a "controller crash" (its task cancelled) leaves the nodes running,
+and a fresh Controller over the same state file resumes against them, as after a real
+crash.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from typing import Any
 
 import pytest
 
-import rollout.controller as controller_mod
-from rollout.controller import Controller, IllegalCommand
+from rollout.controller import Controller, IllegalCommand, RetryHook
 from rollout.drivers.sim import SimDriver, SimFleet
 from rollout.engine import NodeRecord, RolloutResult
 from rollout.journal import FINISHED, RolloutState, SQLiteStore, load_state
 from rollout.model import ActivationMode, Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
+from rollout.pull import PullAccess
 
 pytestmark = pytest.mark.looptime
 
@@ -55,22 +55,16 @@ DEADLINE = 4 * 3600.0  # virtual seconds: far more than any case here needs
 class Agents(SimDriver):
     """The simulated fleet as a controller reaches it.
 
-    On top of SimDriver: the agent lease calls the controller makes (always granted);
-    nodes that outlive the controller (`close` leaves their boots running); a workload
-    that fails on the new image for the nodes in `world.sick`; a controller crash at a
-    node's activation (`world.crash_at`: "before" the request leaves, or "after" it
-    arrived); and every rollback request, with how many nodes were rebooting then.
+    On top of SimDriver: nodes that outlive the controller (`close` leaves their boots
+    running); a workload that fails on the new image for the nodes in `world.sick`; a
+    controller crash at a node's activation (`world.crash_at`: "before" the request
+    leaves, or "after" it arrived); and every rollback request, with how many nodes were
+    rebooting then.
     """
 
     def __init__(self, world: World) -> None:
         super().__init__(world.sim)
         self.world = world
-
-    async def lease(self, node: Node, ttl: float) -> None:
-        return None
-
-    async def release(self, node: Node) -> None:
-        return None
 
     async def status(self, node: Node) -> NodeStatus:
         st = await super().status(node)
@@ -112,15 +106,15 @@ class World:
         self.drivers: list[Agents] = []
         self.running: asyncio.Task[RolloutResult] | None = None
 
-    def driver(self, **_: Any) -> Agents:
-        """Stands in for AgentDriver(lease_holder=..., on_retry=..., pull=...)."""
+    def driver(self, holder: str, pull: PullAccess, on_retry: RetryHook | None) -> Agents:
+        """The controller's `driver_for`: every rollout reaches the one simulated fleet."""
         agents = Agents(self)
         self.drivers.append(agents)
         return agents
 
     def controller(self) -> Controller:
         """A fresh controller process over the state file: nothing in memory."""
-        return Controller(self.store)
+        return Controller(self.store, driver_for=self.driver)
 
     def create(self, controller: Controller, pol: Policy) -> str:
         return controller.create(self.nodes, pol, V2, "promises").rollout_id
@@ -163,9 +157,8 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+async def world(tmp_path: Path) -> AsyncIterator[World]:
     w = World(tmp_path, 6)
-    monkeypatch.setattr(controller_mod, "AgentDriver", w.driver)
     yield w
     if w.running is not None and not w.running.done():
         w.running.cancel()
