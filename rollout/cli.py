@@ -38,7 +38,7 @@ from rollout.gates.schedule import unreachable
 from rollout.image import build_image, load_image
 from rollout.imagefile import KIND_ROOTFS
 from rollout.inventory import Inventory, load_inventory, split_address
-from rollout.journal import SQLiteStore, load_state, unfinished
+from rollout.journal import SQLiteStore
 from rollout.junit import JUnitReport
 from rollout.metrics import MetricsRecorder
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
@@ -568,49 +568,27 @@ DEFAULT_STATE = ".rollout/state.db"
 def _pick_rollout(controller: Controller, inv: Inventory, pol: Policy, img: Image,
                   policy_name: str, console: Console,
                   pull: PullAccess | None = None) -> str:  # fmt: skip
-    """Resume the unfinished rollout of these nodes and this image, or create a new one."""
-    wanted = set(inv.ids)
-    for state in unfinished(controller.store):
-        overlap = wanted & set(state.node_ids)
-        if not overlap:
-            continue
-        image = state.created.get("image", {})
-        same_tag = img.reference is not None and image.get("reference") == img.reference
-        if (image.get("digest") == img.digest or same_tag) and set(state.node_ids) == wanted:
+    """Resume the unfinished rollout of these nodes and this image, or create a new one
+    (`Controller.resume_or_create`), saying which."""
+    rollout_id, chosen, again = controller.resume_or_create(
+        inv.nodes, pol, img, policy_name=policy_name, by="run", pull=pull
+    )
+    if chosen.kind == "resume":
+        console.print(
+            f"resuming rollout {rollout_id} ({chosen.phase}) from the journal", soft_wrap=True
+        )
+        if chosen.tag_moved_from is not None:
             console.print(
-                f"resuming rollout {state.rollout_id} ({state.phase}) from the journal",
+                f"[yellow]{img.reference} now names {img.digest[:19]}; this rollout stays "
+                f"on the digest it resolved when it started, {chosen.tag_moved_from}[/]",
                 soft_wrap=True,
             )
-            if image.get("digest") != img.digest:
-                console.print(
-                    f"[yellow]{img.reference} now names {img.digest[:19]}; this rollout stays "
-                    f"on the digest it resolved when it started, {image.get('source')}[/]",
-                    soft_wrap=True,
-                )
-            if state.phase is RolloutPhase.PAUSED:  # e.g. stopped after the canary
-                controller.journal_command(state.rollout_id, "resume", "run", RolloutPhase.RUNNING)
-            return state.rollout_id
-        raise InputError(
-            f"rollout {state.rollout_id} (image {image.get('version')}) over "
-            f"{', '.join(sorted(overlap)[:5])} is not finished in this state file; resume it "
-            "by running it again with its inventory and image, or use another --state"
-        )
-    halted = [
-        s for s in (load_state(controller.store, r) for r in controller.store.rollout_ids())
-        if s.phase is RolloutPhase.HALTED and set(s.node_ids) == wanted
-        and s.created.get("image", {}).get("digest") == img.digest
-    ]  # fmt: skip
-    if halted:  # the same command again after a halt: retry its failed nodes
-        state = halted[-1]
-        again = controller.journal_retry(state, "run")
+    elif chosen.kind == "retry":
         console.print(
-            f"retrying halted rollout {state.rollout_id}: {len(again)} failed node(s) again",
+            f"retrying halted rollout {rollout_id}: {len(again)} failed node(s) again",
             soft_wrap=True,
         )
-        return state.rollout_id
-    return controller.create(
-        inv.nodes, pol, img, policy_name=policy_name, by="run", pull=pull
-    ).rollout_id
+    return rollout_id
 
 
 def run_rollout(
@@ -729,7 +707,7 @@ async def _run_controller(
 ) -> RolloutResult:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    control = controller.controls.setdefault(rollout_id, Control())
+    controller.controls.setdefault(rollout_id, Control())  # commands and signals find it
     presses = 0
 
     def on_sigint() -> None:
@@ -740,8 +718,7 @@ async def _run_controller(
                 "[yellow]stopping: no new batch or node will start; in-flight nodes settle "
                 "per policy (Ctrl-C again to abandon them)[/]"
             )
-            controller.store.append(rollout_id, "command", {"command": "abort", "by": "signal"})
-            control.abort()
+            controller.request_abort(rollout_id, "signal")
         elif task is not None:
             task.cancel()
 

@@ -28,7 +28,7 @@ import contextlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
@@ -68,6 +68,45 @@ DriverFactory = Callable[[str, PullAccess, RetryHook | None], LeasingDriver]
 def agent_driver(holder: str, pull: PullAccess, on_retry: RetryHook | None) -> LeasingDriver:
     """The default driver: the nodes' agents over their HTTP API."""
     return AgentDriver(lease_holder=holder, on_retry=on_retry, pull=pull)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What `rollout run` does with a journal: resume an unfinished rollout of the same
+    nodes and image, retry a halted one, or create a new one."""
+
+    kind: Literal["resume", "retry", "new"]
+    rollout_id: str | None = None
+    phase: RolloutPhase | None = None
+    tag_moved_from: str | None = None  # resume: the pinned source, when the tag moved since
+
+
+def pick(states: Sequence[RolloutState], wanted: frozenset[str], image: Image) -> Pick:
+    """Decide, from the journal's rollouts (oldest first), what a run of `image` over the
+    nodes `wanted` does. An unfinished rollout over some of those nodes with another
+    image or node set is an InputError: one rollout per node."""
+    for state in (s for s in states if not s.finished):
+        overlap = wanted & set(state.node_ids)
+        if not overlap:
+            continue
+        journaled = state.created.get("image", {})
+        same_tag = image.reference is not None and journaled.get("reference") == image.reference
+        if (journaled.get("digest") == image.digest or same_tag) and set(state.node_ids) == wanted:
+            moved = journaled.get("source") if journaled.get("digest") != image.digest else None
+            return Pick("resume", state.rollout_id, state.phase, moved)
+        raise InputError(
+            f"rollout {state.rollout_id} (image {journaled.get('version')}) over "
+            f"{', '.join(sorted(overlap)[:5])} is not finished in this state file; resume it "
+            "by running it again with its inventory and image, or use another --state"
+        )
+    halted = [
+        s for s in states
+        if s.phase is RolloutPhase.HALTED and set(s.node_ids) == wanted
+        and s.created.get("image", {}).get("digest") == image.digest
+    ]  # fmt: skip
+    if halted:  # the same command again after a halt: retry its failed nodes
+        return Pick("retry", halted[-1].rollout_id, halted[-1].phase)
+    return Pick("new")
 
 
 class IllegalCommand(Exception):
@@ -263,6 +302,34 @@ class Controller:
             raise InputError(f"an agent refused the new rollout's lease: {exc}") from None
         finally:
             await driver.close()
+
+    def resume_or_create(
+        self,
+        nodes: Sequence[Node],
+        policy: Policy,
+        image: Image,
+        policy_name: str = "",
+        by: str = "run",
+        pull: PullAccess | None = None,
+    ) -> tuple[str, Pick, list[str]]:
+        """Carry out `pick`: journal the resume (a paused rollout runs again) or the retry,
+        or create the rollout. Returns its id, the pick and the nodes tried again."""
+        states = [load_state(self.store, r) for r in self.store.rollout_ids()]
+        chosen = pick(states, frozenset(n.id for n in nodes), image)
+        if chosen.kind == "new":
+            state = self.create(nodes, policy, image, policy_name=policy_name, by=by, pull=pull)
+            return state.rollout_id, chosen, []
+        assert chosen.rollout_id is not None
+        if chosen.kind == "retry":
+            return chosen.rollout_id, chosen, self.journal_retry(self.state(chosen.rollout_id), by)
+        if chosen.phase is RolloutPhase.PAUSED:  # e.g. stopped after the canary
+            self.journal_command(chosen.rollout_id, "resume", by, RolloutPhase.RUNNING)
+        return chosen.rollout_id, chosen, []
+
+    def request_abort(self, rollout_id: str, by: str) -> None:
+        """Start nothing new in a rollout this process runs (a signal): journaled first."""
+        self.store.append(rollout_id, "command", {"command": "abort", "by": by})
+        self.controls.setdefault(rollout_id, Control()).abort()
 
     def state(self, rollout_id: str) -> RolloutState:
         try:
