@@ -13,12 +13,13 @@ refused (400, 401, 404, 409) and a server certificate that does not verify.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,28 @@ class Client:
             if r.status >= 400:
                 raise ServerError(r.status, data if isinstance(data, dict) else {})
             return data if isinstance(data, dict) else {}
+
+    # What the commands ask (LocalClient answers the same from a state file).
+    async def rollouts(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/rollouts")
+
+    async def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return await self.call("GET", f"/v1/rollouts/{rollout_id}")
+
+    async def events(self, rollout_id: str) -> dict[str, Any]:
+        return await self.call("GET", f"/v1/rollouts/{rollout_id}/events")
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.call("POST", "/v1/rollouts", body)
+
+    async def command(self, rollout_id: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.call("POST", f"/v1/rollouts/{rollout_id}/{name}", body)
+
+    async def gate(
+        self, rollout_id: str, gate: str, verb: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A gate's signal, approve or reject."""
+        return await self.call("POST", f"/v1/rollouts/{rollout_id}/gates/{gate}/{verb}", body)
 
     async def stream(self, rollout_id: str) -> AsyncIterator[dict[str, Any]]:
         """Follow the rollout's journal as Server-Sent Events."""
@@ -153,6 +176,9 @@ _server_opts = [
 ]
 
 
+_OFFLINE = "offline (--state) only ls, show, history and abort work; use --server for the rest"
+
+
 class LocalClient:
     """The client's view of a state file, without a server (for `rollout run` journals).
 
@@ -163,34 +189,53 @@ class LocalClient:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        from rollout.journal import SQLiteStore, load_state
-        from rollout.server import _state_json
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[Any]:
+        from rollout.journal import SQLiteStore
 
         store = SQLiteStore(self.path)
         try:
-            parts = path.strip("/").split("/")  # v1 rollouts [id [events|command]]
-            if method == "GET" and parts == ["v1", "rollouts"]:
-                states = [load_state(store, r) for r in store.rollout_ids()]
-                return {"rollouts": [s.summary() for s in states]}
-            if len(parts) < 3 or parts[2] not in store.rollout_ids():
-                raise ServerError(404, {"message": f"no rollout {parts[-1]!r} in {self.path}"})
-            rid = parts[2]
-            if method == "GET" and len(parts) == 3:
-                return _state_json(load_state(store, rid), detail=True)
-            if method == "GET" and parts[3:] == ["events"]:
-                return {"events": [e.to_json() for e in store.entries(rid)]}
-            if method == "POST" and parts[3:] == ["abort"]:
-                return self._abort(store, rid, str((body or {}).get("by", "cli")))
-            raise ServerError(
-                400,
-                {
-                    "message": "offline (--state) only ls, show, history and abort work; "
-                    "use --server for the rest"
-                },
-            )
+            yield store
         finally:
             store.close()
+
+    def _known(self, store: Any, rollout_id: str) -> None:
+        if rollout_id not in store.rollout_ids():
+            raise ServerError(404, {"message": f"no rollout {rollout_id!r} in {self.path}"})
+
+    async def rollouts(self) -> dict[str, Any]:
+        from rollout.journal import load_state
+
+        with self._store() as store:
+            states = [load_state(store, r) for r in store.rollout_ids()]
+            return {"rollouts": [s.summary() for s in states]}
+
+    async def rollout(self, rollout_id: str) -> dict[str, Any]:
+        from rollout.journal import load_state
+
+        with self._store() as store:
+            self._known(store, rollout_id)
+            return load_state(store, rollout_id).to_json(detail=True)
+
+    async def events(self, rollout_id: str) -> dict[str, Any]:
+        with self._store() as store:
+            self._known(store, rollout_id)
+            return {"events": [e.to_json() for e in store.entries(rollout_id)]}
+
+    async def command(self, rollout_id: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        with self._store() as store:
+            self._known(store, rollout_id)
+            if name != "abort":
+                raise ServerError(400, {"message": _OFFLINE})
+            return self._abort(store, rollout_id, str(body.get("by", "cli")))
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise ServerError(400, {"message": _OFFLINE})
+
+    async def gate(
+        self, rollout_id: str, gate: str, verb: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        raise ServerError(400, {"message": _OFFLINE})
 
     def _abort(self, store: Any, rollout_id: str, by: str) -> dict[str, Any]:
         import time
@@ -390,9 +435,7 @@ def register(main: click.Group) -> None:
             body["nodes"] = list(nodes)
         if selected:
             body["labels"] = selected
-        answer = _run(
-            _client(server, token_file, ca_file, state_file).call("POST", "/v1/rollouts", body)
-        )
+        answer = _run(_client(server, token_file, ca_file, state_file).create(body))
         click.echo(answer["id"])
 
     @main.command("ls")
@@ -406,7 +449,7 @@ def register(main: click.Group) -> None:
         output: str,
     ) -> None:
         """List the service's rollouts."""
-        answer = _run(_client(server, token_file, ca_file, state_file).call("GET", "/v1/rollouts"))
+        answer = _run(_client(server, token_file, ca_file, state_file).rollouts())
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -441,11 +484,7 @@ def register(main: click.Group) -> None:
     ) -> None:
         """Show one rollout: phase, batch, every node, commands, gates and each wait gate's
         signal URL."""
-        answer = _run(
-            _client(server, token_file, ca_file, state_file).call(
-                "GET", f"/v1/rollouts/{rollout_id}"
-            )
-        )
+        answer = _run(_client(server, token_file, ca_file, state_file).rollout(rollout_id))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -517,8 +556,7 @@ def register(main: click.Group) -> None:
         output: str,
     ) -> None:
         """Print the rollout's journal with timestamps: who did what, when."""
-        path = f"/v1/rollouts/{rollout_id}/events"
-        answer = _run(_client(server, token_file, ca_file, state_file).call("GET", path))
+        answer = _run(_client(server, token_file, ca_file, state_file).events(rollout_id))
         if output == "json":
             click.echo(json.dumps(answer, indent=2))
             return
@@ -550,8 +588,8 @@ def register(main: click.Group) -> None:
         body = {"status": status, "reason": reason, "data": data}
         if signal_id:
             body["id"] = signal_id
-        path = f"/v1/rollouts/{rollout_id}/gates/{gate}/signal"
-        answer = _run(_client(server, token_file, ca_file, state_file).call("POST", path, body))
+        client = _client(server, token_file, ca_file, state_file)
+        answer = _run(client.gate(rollout_id, gate, "signal", body))
         click.echo(f"signal {answer['signal']['id']} {answer['signal']['status']} on {gate}")
 
     def make_decision(verdict: str, doc: str) -> None:
@@ -571,9 +609,8 @@ def register(main: click.Group) -> None:
             by: str,
             reason: str,
         ) -> None:
-            path = f"/v1/rollouts/{rollout_id}/gates/{gate}/{verdict}"
             client = _client(server, token_file, ca_file, state_file)
-            answer = _run(client.call("POST", path, {"by": by, "reason": reason}))
+            answer = _run(client.gate(rollout_id, gate, verdict, {"by": by, "reason": reason}))
             click.echo(answer["message"])
 
     make_decision("approve", "Approve GATE (an approval gate or an inconclusive analysis).")
@@ -593,8 +630,7 @@ def register(main: click.Group) -> None:
             by: str,
         ) -> None:
             client = _client(server, token_file, ca_file, state_file)
-            path = f"/v1/rollouts/{rollout_id}/{name}"
-            answer = _run(client.call("POST", path, {"by": by}))
+            answer = _run(client.command(rollout_id, name, {"by": by}))
             click.echo(answer["message"])
 
     for name, doc in (

@@ -231,6 +231,22 @@ class RolloutState:
     def node_ids(self) -> list[str]:
         return [n["id"] for n in self.created.get("inventory", [])]
 
+    def to_json(
+        self, detail: bool = True, signal_urls: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """The rollout as the API answers it (`GET /v1/rollouts/{id}`; `detail=False`: the
+        summary of a listing), the same from the service and from a state file."""
+        out = self.summary()
+        if detail:
+            out["nodes"] = list(self.nodes.values())
+            out["decisions"] = {str(k): v for k, v in self.decisions.items()}
+            out["commands"] = self.commands
+            out["gates"] = self.gates
+            out["plan"] = self.created.get("batches", [])
+        if signal_urls is not None:
+            out["signal_urls"] = signal_urls
+        return out
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for node in self.nodes.values():

@@ -51,7 +51,7 @@ from rollout.errors import InputError
 from rollout.events import Fanout, Observer
 from rollout.httpauth import bearer_ok
 from rollout.inventory import load_inventory, parse_inventory
-from rollout.journal import LockConflict, RolloutState, unfinished
+from rollout.journal import LockConflict, unfinished
 from rollout.metrics import MetricsRecorder
 from rollout.policy import load_policy, parse_policy
 from rollout.pull import PullAccess, is_remote, resolve_image
@@ -187,21 +187,6 @@ async def _errors(
         raise
 
 
-def _state_json(
-    state: RolloutState, detail: bool, signal_urls: dict[str, str] | None = None
-) -> dict[str, Any]:
-    out = state.summary()
-    if detail:
-        out["nodes"] = list(state.nodes.values())
-        out["decisions"] = {str(k): v for k, v in state.decisions.items()}
-        out["commands"] = state.commands
-        out["gates"] = state.gates
-        out["plan"] = state.created.get("batches", [])
-    if signal_urls is not None:
-        out["signal_urls"] = signal_urls
-    return out
-
-
 def _signal_urls(request: web.Request, rollout_id: str) -> dict[str, str]:
     """Each wait gate's pre-signed URL, on the origin the caller reached this API by."""
     origin = str(request.url.origin())
@@ -292,7 +277,7 @@ async def create_rollout(request: web.Request) -> web.Response:
         return _error(400, "bad_request", str(exc), field="inventory")
     controller.start(state.rollout_id)
     log.info("rollout_created", rollout=state.rollout_id, nodes=len(nodes), image=image.version)
-    answer = _state_json(state, detail=False, signal_urls=_signal_urls(request, state.rollout_id))
+    answer = state.to_json(detail=False, signal_urls=_signal_urls(request, state.rollout_id))
     return web.json_response(answer, status=201)
 
 
@@ -304,7 +289,7 @@ async def list_rollouts(request: web.Request) -> web.Response:
 async def get_rollout(request: web.Request) -> web.Response:
     state = request.app[CONTROLLER].state(request.match_info["id"])
     urls = _signal_urls(request, state.rollout_id)
-    return web.json_response(_state_json(state, detail=True, signal_urls=urls))
+    return web.json_response(state.to_json(detail=True, signal_urls=urls))
 
 
 async def command(request: web.Request) -> web.Response:
