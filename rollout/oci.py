@@ -386,6 +386,16 @@ def _origin(url: URL) -> str:
 _Body = Callable[[], Any]  # makes a fresh request body for each try (a 401 replays it)
 
 
+def blob_url(ref: Reference, digest: str, *, plain_http: bool = False) -> str:
+    """The registry API v2 URL of a blob in `ref`'s repository.
+
+    >>> blob_url(Reference("r:5000", "fleet/web", "2.0"), "sha256:ab")
+    'https://r:5000/v2/fleet/web/blobs/sha256:ab'
+    """
+    scheme = "http" if plain_http else "https"
+    return f"{scheme}://{ref.registry}/v2/{ref.repository}/blobs/{digest}"
+
+
 class RegistryClient:
     """Resolve, push and fetch rollout images over one aiohttp session."""
 
@@ -421,7 +431,8 @@ class RegistryClient:
 
     def blob_url(self, ref: Reference, digest: str) -> str:
         """The URL of a blob of `ref`'s repository; `fetch` may send credentials there."""
-        return f"{self._base(ref)}/blobs/{digest}"
+        self._base(ref)  # registers the registry's origin
+        return blob_url(ref, digest, plain_http=self._scheme == "http")
 
     @contextlib.asynccontextmanager
     async def _request(

@@ -35,12 +35,13 @@ from typing import Any
 import aiohttp
 
 from rollout.errors import InputError
-from rollout.imagefile import KIND_ROOTFS, MANIFEST
+from rollout.imagefile import KIND_ROOTFS, MANIFEST, manifest_kind, manifest_object
 from rollout.model import Image, Mirror, Node
 from rollout.oci import (
     Credentials,
     FetchError,
     RegistryClient,
+    blob_url,
     is_reference,
     load_credentials,
     parse_reference,
@@ -101,10 +102,9 @@ class PullAccess:
         credentials: Credentials | None = None
         if is_reference(image.source):
             ref = parse_reference(image.source)
-            registry = self.registry_for(node, ref.registry)
-            scheme = "http" if self.plain_http else "https"
-            url = f"{scheme}://{registry}/v2/{ref.repository}/blobs/{image.digest}"
-            credentials = self.credentials(registry)
+            mirror = ref.on(self.registry_for(node, ref.registry))
+            url = blob_url(mirror, image.digest, plain_http=self.plain_http)
+            credentials = self.credentials(mirror.registry)
         else:
             url = image.source
         body: dict[str, Any] = {"url": url, "digest": image.digest, "size": image.size}
@@ -209,7 +209,6 @@ async def _describe_url(
 ) -> tuple[Image, Payload]:
     """Read an image at an https URL once: its digest, size and manifest."""
     import io
-    import json
     import tarfile
 
     digest = hashlib.sha256()
@@ -227,16 +226,17 @@ async def _describe_url(
                     head += chunk[: (1 << 20) - len(head)]
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise InputError(f"--image {url}: cannot fetch it: {exc}") from None
+    where = f"--image {url}"
     try:
         with tarfile.open(fileobj=io.BytesIO(bytes(head)), mode="r:") as tar:
             member = tar.next()
             fh = tar.extractfile(member) if member is not None else None
             if member is None or member.name != MANIFEST or fh is None:
-                raise InputError(f"--image {url}: not a rollout image ({MANIFEST} is not first)")
-            manifest = json.loads(fh.read())
-    except (tarfile.TarError, ValueError) as exc:
-        raise InputError(f"--image {url}: not a rollout image: {exc}") from None
-    kind = KIND_ROOTFS if manifest.get("kind") == KIND_ROOTFS else "tree"
+                raise InputError(f"{where}: not a rollout image ({MANIFEST} is not first)")
+            raw = fh.read()
+    except tarfile.TarError as exc:
+        raise InputError(f"{where}: not a rollout image: {exc}") from None
+    manifest, kind = manifest_object(raw, where), manifest_kind(raw, where)
     name, version = str(manifest.get("name", "")), str(manifest.get("version", ""))
     if not name or not version:
         raise InputError(f"--image {url}: {MANIFEST}: name and version are required")

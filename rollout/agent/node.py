@@ -437,17 +437,21 @@ class Agent:
         if slot is None:
             async for _ in body:
                 pass
-            staged = self.state.staged
-            image = self.state.slot(staged) if staged is not None else None
-            if staged is None or image is None:
-                raise RuntimeError("staged slot vanished")
-            log.info("stage_skipped", slot=str(staged), digest=digest)
-            return {**_stage_body(staged, image), "bytes": 0, "written": False}
+            return self._already_staged(digest)
         self._claim(Busy.STAGING)
         try:
             return await self._write_slot(slot, digest, body, payload)
         finally:
             self.busy = None
+
+    def _already_staged(self, digest: str) -> dict[str, Any]:
+        """The answer to staging the image that is already staged: nothing written."""
+        staged = self.state.staged
+        image = self.state.slot(staged) if staged is not None else None
+        if staged is None or image is None:
+            raise RuntimeError("staged slot vanished")
+        log.info("stage_skipped", slot=str(staged), digest=digest)
+        return {**_stage_body(staged, image), "bytes": 0, "written": False}
 
     async def _write_slot(
         self, slot: Slot, digest: str, body: AsyncIterable[bytes], payload: Payload | None
@@ -505,12 +509,7 @@ class Agent:
         self._check_not_busy()
         slot = sm.stage_target(self.state, digest)
         if slot is None:
-            staged = self.state.staged
-            image = self.state.slot(staged) if staged is not None else None
-            if staged is None or image is None:
-                raise RuntimeError("staged slot vanished")
-            log.info("stage_skipped", slot=str(staged), digest=digest)
-            return 200, {**_stage_body(staged, image), "bytes": 0, "written": False}
+            return 200, self._already_staged(digest)
         ssl_context = request.ssl_context()  # a bad CA is a 400 before the slot is claimed
         self._claim(Busy.STAGING)
         progress = FetchProgress(digest=digest, size=request.size, url=request.url)
