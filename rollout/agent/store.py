@@ -69,14 +69,8 @@ class Store:
     def save(self, state: AgentState) -> None:
         """Atomically replace state.json (tmp + fsync + rename + fsync dir)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         data = json.dumps(to_json(state), indent=2, sort_keys=True).encode() + b"\n"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_path)
-        _fsync_dir(self.dir)
+        _replace(self.state_path, data, durable=True)
 
     @property
     def fetch_path(self) -> Path:
@@ -84,9 +78,7 @@ class Store:
 
     def save_fetch(self, body: dict[str, Any]) -> None:
         """The last pull's outcome (GET /v1/status `fetch`), replaced atomically."""
-        tmp = self.fetch_path.with_name(self.fetch_path.name + ".tmp")
-        tmp.write_text(json.dumps(body, sort_keys=True) + "\n")
-        os.replace(tmp, self.fetch_path)
+        _replace(self.fetch_path, json.dumps(body, sort_keys=True).encode() + b"\n")
 
     def load_fetch(self) -> dict[str, Any] | None:
         try:
@@ -225,6 +217,20 @@ class ImageWriter:
 def _relative(message: str, path: Path) -> str:
     """Drop the agent-local file path from an image error message."""
     return message.replace(f"{path}: ", "")
+
+
+def _replace(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write `data` to a temp file beside `path` and rename it over: readers see the old
+    or the new content. `durable`: fsync the file and the directory too."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:
