@@ -28,10 +28,10 @@ from rich.console import Console
 from rollout import __version__, fleet
 from rollout.cliopts import registry_options
 from rollout.console import EventLog, LiveProgress, configure_logging, make_console, node_table
+from rollout.control import Control
 from rollout.controller import Controller, rebuild
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import DriverError
-from rollout.engine import Control, RolloutResult
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer
 from rollout.gates.schedule import unreachable
@@ -45,6 +45,7 @@ from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.pull import PullAccess
+from rollout.record import RolloutResult
 from rollout.rootfs import (
     DEFAULT_INITRD,
     DEFAULT_KERNEL,

@@ -32,10 +32,11 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
+from rollout.control import Control
 from rollout.decide import refusal
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import Driver, Refused, TransportError
-from rollout.engine import REACH_TIMEOUT, Control, Engine, NodeRecord, RolloutResult
+from rollout.engine import Engine
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
 from rollout.gates.handles import SignalKey, signal_path
@@ -45,6 +46,8 @@ from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Gate, Policy, parse_policy
 from rollout.pull import PullAccess
+from rollout.record import NodeRecord, RolloutResult
+from rollout.steps import REACH_TIMEOUT
 from rollout.tls import client_context
 from rollout.tokens import read_token
 from rollout.webhooks import Notifier, WebhookObserver

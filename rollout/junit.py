@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from rollout.engine import RolloutResult
 from rollout.events import Event, StepDone
 from rollout.gates.events import GateFinished, GateWaiting
 from rollout.model import NodePhase
+from rollout.record import RolloutResult
 
 __all__ = ["JUnitCase", "write_junit"]
 

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import Any
 
 from rollout.drivers.agent import AgentDriver
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Engine
 from rollout.events import BytesSent, Event, NodeChanged
 from rollout.metrics import MetricsRecorder
 from rollout.model import Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
+from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages
 
 

@@ -14,11 +14,12 @@ import pytest
 
 from rollout import clock
 from rollout.drivers.sim import Healthy, SimDriver, SimFleet, SimProber
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Engine
 from rollout.events import Event, StepDone
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
+from rollout.record import RolloutResult
 
 pytestmark = pytest.mark.looptime
 

@@ -18,13 +18,14 @@ import yaml
 from aiohttp import web
 
 from rollout.drivers.agent import AgentDriver
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Engine
 from rollout.events import Event
 from rollout.gates.signals import parse_signal
 from rollout.journal import SQLiteStore, fold
 from rollout.model import NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
+from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages, next_host
 from tests.gates.conftest import Prometheus, prometheus  # noqa: F401 - the fixture
 from tests.test_cli import FAST_POLICY, ROOT, status_json

@@ -15,10 +15,11 @@ import pytest
 
 from rollout import clock
 from rollout.drivers.sim import Healthy, SimDriver, SimFleet, SimProber
-from rollout.engine import Engine, NodeRecord, RolloutResult
+from rollout.engine import Engine
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
+from rollout.record import NodeRecord, RolloutResult
 
 pytestmark = pytest.mark.looptime
 

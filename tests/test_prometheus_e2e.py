@@ -36,11 +36,12 @@ import pytest
 import yaml
 
 from rollout.drivers.agent import AgentDriver
-from rollout.engine import Engine, RolloutResult
+from rollout.engine import Engine
 from rollout.metrics import MetricsRecorder
 from rollout.model import Image
 from rollout.plan import plan_batches
 from rollout.policy import parse_policy
+from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages
 from tests.test_cli import FAST_POLICY, ROOT, write_policy
 

@@ -38,12 +38,12 @@ import pytest
 
 from rollout.controller import Controller, IllegalCommand, RetryHook
 from rollout.drivers.sim import SimDriver, SimFleet
-from rollout.engine import NodeRecord, RolloutResult
 from rollout.journal import FINISHED, RolloutState, SQLiteStore, load_state
 from rollout.model import ActivationMode, Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
 from rollout.pull import PullAccess
+from rollout.record import NodeRecord, RolloutResult
 
 pytestmark = pytest.mark.looptime
 
