@@ -21,6 +21,7 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -40,6 +41,7 @@ def configure_logging() -> None:
     """One JSON line per event on stderr."""
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,  # a host's agents bind their node_id
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -65,17 +67,37 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 async def serve(config: AgentConfig, ssl_context: ssl.SSLContext | None = None) -> ExitAction:
-    """Boot, listen until stopped, shut down; return whether to exit or re-exec.
+    """Boot, listen until stopped (SIGTERM/SIGINT), shut down; return whether to exit or
+    re-exec.
 
     With `ssl_context` the API is served over HTTPS only."""
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_exit)
-    runner: web.AppRunner | None = None
     try:
-        boot = asyncio.create_task(agent.start(), name="boot")
-        stop = asyncio.create_task(agent.stopping.wait(), name="stop")
+        return await run_agent(agent, ssl_context)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def run_agent(
+    agent: Agent,
+    ssl_context: ssl.SSLContext | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> ExitAction:
+    """One life of `agent`: boot, serve its API on its own address until `agent.stopping`
+    is set, shut the server, background tasks and workload down; return the exit action.
+
+    No signal handling: `serve` adds it for a standalone agent; a host of many agents
+    (rollout.agent.host) stops each one with `agent.request_exit()`. `on_listening` is
+    called once the API accepts connections."""
+    config = agent.config
+    runner: web.AppRunner | None = None
+    boot = asyncio.create_task(agent.start(), name="boot")
+    stop = asyncio.create_task(agent.stopping.wait(), name="stop")
+    try:
         await asyncio.wait({boot, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not boot.done():  # asked to stop while booting
             boot.cancel()
@@ -93,14 +115,16 @@ async def serve(config: AgentConfig, ssl_context: ssl.SSLContext | None = None) 
             node_id=config.node_id,
             tls=ssl_context is not None,
         )
+        if on_listening is not None:
+            on_listening()
         await stop
         return agent.exit_action
     finally:
+        stop.cancel()
+        boot.cancel()  # a no-op once it finished; else this life was cancelled mid-boot
         if runner is not None:
             await runner.cleanup()
         await agent.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
 
 
 def reexec() -> None:
