@@ -27,7 +27,7 @@ Design and invariants of a loaded `Inventory`:
   one over plain HTTP.
 
 Errors are one `InputError` line ``<file>: <field.path>: <problem>``, built by the same
-machinery as policy errors (rollout/policy.py). `dump_inventory` writes the format back
+machinery as policy errors (rollout.problems, rollout.yamlfile). `dump_inventory` writes the format back
 (the local fleet uses it); ``load_inventory(dump_inventory(...))`` gives the same nodes.
 """
 
@@ -46,7 +46,9 @@ from pydantic import model_validator as _model_validator
 
 from rollout.errors import InputError
 from rollout.model import Mirror, Node
-from rollout.policy import FieldProblem, read_yaml, show, validation_message
+from rollout.problems import FieldProblem, validation_message
+from rollout.units import show
+from rollout.yamlfile import read_yaml
 
 __all__ = ["Inventory", "dump_inventory", "load_inventory", "parse_inventory", "split_address"]
 

@@ -15,59 +15,51 @@ Design:
 - The schema is a tree of frozen pydantic models with ``extra="forbid"``: a typo is an
   error, never a silently ignored setting. Every field carries its documentation in its
   ``Field(description=...)``; docs/policies.md is written from the same text.
-- Durations are plain ``float`` seconds once validated (`parse_duration` accepts ``5s``,
-  ``500ms``, ``1h30m`` ...), so the engine never sees a unit.
-- Counts that may be relative to the fleet are `Amount` values: a count (``3``) or a
-  percentage (``"25%"``). The policy keeps them unresolved; the planner and the decision
-  function resolve them against the fleet size, each with its documented rounding.
-- Every problem becomes one `InputError` with a single line
-  ``<file>: <field.path>: <problem>``, e.g.
-  ``policies/x.yaml: batches.size: expected a count or a percentage like "25%", got "lots"``.
-  `validation_message` turns pydantic's ValidationError into that line; inventory.py
-  reuses it, together with `read_yaml`, so both files report errors alike.
+- Durations are plain ``float`` seconds once validated (rollout.units), so the engine
+  never sees a unit. Counts that may be relative to the fleet are `units.Amount` values,
+  resolved against the fleet size by the planner and the decision functions.
+- Every problem becomes one `InputError` line ``<file>: <field.path>: <problem>``
+  (rollout.problems), the file is read by rollout.yamlfile; inventory.py shares both.
 
-Nothing here does I/O except `load_policy` / `read_yaml` reading the one file they are given.
+Nothing here does I/O except `load_policy` reading the one file it is given.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import timedelta
-from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
     ValidationError,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema
 
 from rollout.errors import InputError
 from rollout.model import ActivationMode
+from rollout.problems import FieldProblem, Tags, validation_message
+from rollout.units import (
+    Amount,
+    Duration,
+    PositiveAmount,
+    fmt_duration,
+    parse_rate,
+    show,
+)
+from rollout.yamlfile import read_yaml
 
 __all__ = [
     "GATE_KINDS",
     "NOTIFY_EVENTS",
     "AgentCheck",
     "AlertsGate",
-    "Amount",
     "AnalysisGate",
     "ApprovalGate",
     "BakeGate",
@@ -75,7 +67,6 @@ __all__ = [
     "Check",
     "Failure",
     "FailureAction",
-    "FieldProblem",
     "Gate",
     "Health",
     "HttpCheck",
@@ -86,236 +77,8 @@ __all__ = [
     "WaitGate",
     "WindowGate",
     "load_policy",
-    "parse_duration",
     "parse_policy",
-    "read_yaml",
-    "show",
-    "validation_message",
 ]
-
-# ---------------------------------------------------------------------------------------
-# Field problems with a precise location
-# ---------------------------------------------------------------------------------------
-
-
-class FieldProblem(ValueError):
-    """A ValueError raised by a model-level validator about one of the model's fields.
-
-    pydantic places model-level errors at the model itself; `validation_message` appends
-    ``field`` to the location so the message points at the field the user must change.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def show(value: object) -> str:
-    """How a user's value is quoted in messages: YAML-ish, short, one line.
-
-    >>> show("lots"), show(3), show(True), show(None), show([1, 2])
-    ('"lots"', '3', 'true', 'null', 'a list')
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return type(value).__name__
-
-
-# ---------------------------------------------------------------------------------------
-# Amount: a count or a percentage of the fleet
-# ---------------------------------------------------------------------------------------
-
-_COUNT_RE = re.compile(r"\d+")
-_PERCENT_RE = re.compile(r"(\d+(?:\.\d+)?)\s*%")
-_AMOUNT_HINT = 'expected a count or a percentage like "25%"'
-
-
-@dataclass(frozen=True)
-class Amount:
-    """A number of nodes, either absolute (``3``) or relative to the fleet (``"25%"``).
-
-    ``value`` is the count or the percentage; ``percent`` says which. Counts are whole
-    numbers >= 0; percentages lie in (0, 100]. Usable directly as a pydantic field type:
-    it validates from ``3``, ``"3"`` or ``"25%"`` and serialises back to ``3`` / ``"25%"``.
-
-    >>> quarter = Amount.parse("25%")
-    >>> quarter.resolve(10, round_up=True), quarter.resolve(10, round_up=False)
-    (3, 2)
-    >>> Amount.parse(3).resolve(10, round_up=True), str(Amount.parse("12.5%"))
-    (3, '12.5%')
-    """
-
-    value: float
-    percent: bool = False
-
-    @classmethod
-    def parse(cls, raw: object) -> Amount:
-        """Read ``3``, ``"3"`` or ``"25%"``; ValueError (with a user-facing message) otherwise."""
-        if isinstance(raw, Amount):
-            return raw
-        if isinstance(raw, bool):
-            raise ValueError(f"{_AMOUNT_HINT}, got {show(raw)}")
-        if isinstance(raw, float):
-            if not raw.is_integer():
-                raise ValueError(
-                    f'a count must be a whole number, got {show(raw)} (use a percentage like "25%")'
-                )
-            raw = int(raw)
-        if isinstance(raw, int):
-            if raw < 0:
-                raise ValueError(f"must not be negative, got {raw}")
-            return cls(float(raw), False)
-        if isinstance(raw, str):
-            text = raw.strip()
-            if _COUNT_RE.fullmatch(text):
-                return cls(float(int(text)), False)
-            m = _PERCENT_RE.fullmatch(text)
-            if m:
-                pct = float(m.group(1))
-                if not 0 < pct <= 100:
-                    raise ValueError(
-                        f"a percentage must be more than 0% and at most 100%, got {show(raw)}"
-                    )
-                return cls(pct, True)
-        raise ValueError(f"{_AMOUNT_HINT}, got {show(raw)}")
-
-    def resolve(self, total: int, *, round_up: bool) -> int:
-        """The number of nodes this amount means in a fleet of ``total``.
-
-        Percentages are taken of ``total`` and rounded up (ceil) or down (floor), computed
-        exactly (10% of 30 is 3, not 3.0000000004 rounded up to 4). Counts are returned
-        as they are: capping them at the fleet size is the caller's business.
-
-        >>> quarter = Amount(25, True)
-        >>> quarter.resolve(10, round_up=True), quarter.resolve(10, round_up=False)
-        (3, 2)
-        >>> Amount(5).resolve(2, round_up=False)
-        5
-        """
-        if not self.percent:
-            return int(self.value)
-        exact = Fraction(str(self.value)) * total / 100
-        return math.ceil(exact) if round_up else math.floor(exact)
-
-    @property
-    def is_zero(self) -> bool:
-        return self.value == 0
-
-    def to_yaml(self) -> int | str:
-        """The form a user writes: ``3`` or ``"25%"``."""
-        if not self.percent:
-            return int(self.value)
-        return f"{self.value:g}%"
-
-    def __str__(self) -> str:
-        return str(self.to_yaml())
-
-    @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            cls.parse,
-            serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda a: a.to_yaml(), return_schema=core_schema.any_schema()
-            ),
-        )
-
-    @classmethod
-    def __get_pydantic_json_schema__(
-        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return {
-            "anyOf": [
-                {"type": "integer", "minimum": 0},
-                {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
-            ]
-        }
-
-
-def _positive(amount: Amount) -> Amount:
-    if amount.is_zero:
-        raise ValueError("must be greater than 0 (a batch needs at least one node)")
-    return amount
-
-
-PositiveAmount = Annotated[Amount, AfterValidator(_positive)]
-
-# ---------------------------------------------------------------------------------------
-# Durations
-# ---------------------------------------------------------------------------------------
-
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_HINT = 'expected a duration like "500ms", "5s", "2m" or "1h30m"'
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number of seconds or a string with units ``h``, ``m``, ``s``, ``ms``.
-
-    Units may be combined (``1h30m``); a bare number (or numeric string) is seconds.
-    Negative, infinite and non-numeric values raise ValueError with a user-facing message.
-
-    >>> [parse_duration(v) for v in ("500ms", "1.5s", "2m", "1h30m")]
-    [0.5, 1.5, 120.0, 5400.0]
-    >>> parse_duration(3), parse_duration("10")
-    (3.0, 10.0)
-    """
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise ValueError(f"{_DURATION_HINT}, got {show(value)}")
-    elif isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
-        body = text.removeprefix("-").strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", body):
-            seconds = sign * float(body)
-        elif _DURATION_RE.fullmatch(body):
-            seconds = sign * sum(
-                float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(body)
-            )
-        else:
-            raise ValueError(f"{_DURATION_HINT}, got {show(value)}")
-    else:
-        raise ValueError(f"{_DURATION_HINT}, got {show(value)}")
-    if not math.isfinite(seconds):
-        raise ValueError(f"{_DURATION_HINT}, got {show(value)}")
-    if seconds < 0:
-        raise ValueError(f"must not be negative, got {show(value)}")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-def fmt_duration(seconds: float) -> str:
-    """Short human form for messages.
-
-    >>> fmt_duration(90), fmt_duration(0.5)
-    ('90s', '500ms')
-    """
-    if 0 < seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
-# ---------------------------------------------------------------------------------------
-# The schema
-# ---------------------------------------------------------------------------------------
 
 _CONFIG = ConfigDict(extra="forbid", frozen=True)
 Int = Annotated[int, Field(strict=True)]  # no bools, no "8080" strings: YAML gives real ints
@@ -503,27 +266,6 @@ class Failure(BaseModel):
             "returned to their previous image."
         ),
     )
-
-
-_RATE_RE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMG]i?B|B)/s")
-_RATE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}  # fmt: skip
-
-
-def parse_rate(value: object) -> object:
-    """A bandwidth like ``50MiB/s`` or ``10 MB/s`` to bytes per second (ints pass through).
-
-    >>> parse_rate("50MiB/s"), parse_rate("1.5 MB/s"), parse_rate(4096)
-    (52428800, 1500000, 4096)
-    """
-    if isinstance(value, str):
-        m = _RATE_RE.fullmatch(value.strip())
-        if not m:
-            raise ValueError(
-                f"expected a rate such as 50MiB/s, 10MB/s or 512KiB/s, got {show(value)}"
-            )
-        return int(float(m.group("n")) * _RATE_UNITS[m.group("unit")])
-    return value
 
 
 def _prestage_shorthand(value: object) -> object:
@@ -865,6 +607,8 @@ Gate = Annotated[
     Field(discriminator="kind"),
 ]
 GATE_KINDS = ("bake", "wait", "approval", "analysis", "alerts", "window")
+# How the problems of the two discriminated unions are worded.
+TAGS: Tags = {"kind": ("gate kind", GATE_KINDS), "type": ("check type", CHECK_TYPES)}
 
 NotifyEvent = Literal["started", "batch_done", "gate_waiting", "halted", "rolled_back", "succeeded"]
 NOTIFY_EVENTS: tuple[NotifyEvent, ...] = (
@@ -970,7 +714,7 @@ class Policy(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------
-# Loading and error messages
+# Loading
 # ---------------------------------------------------------------------------------------
 
 _POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
@@ -984,59 +728,6 @@ def _shipped_policies() -> str:
     if names:
         return f"copy one of the ready-made policies in {_POLICY_DIR}: {', '.join(names)}"
     return "copy one of the ready-made policies in policies/ (canary, cautious, fast .yaml)"
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable key: let the base class report it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {show(key)}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | os.PathLike[str], *, kind: str, hint: str = "") -> object:
-    """Read and parse one YAML file; every failure is a one-line InputError naming the file.
-
-    ``kind`` names the file in messages ("policy file"); ``hint`` is appended to the
-    "no such file" message.
-    """
-    source = os.fspath(path)
-    try:
-        text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        tail = f"; {hint}" if hint else ""
-        raise InputError(f"{source}: no such {kind}{tail}") from None
-    except IsADirectoryError:
-        raise InputError(f"{source}: is a directory, expected a {kind}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{source}: not a UTF-8 text file ({exc.reason})") from None
-    except OSError as exc:
-        raise InputError(f"{source}: cannot read {kind}: {exc.strerror or exc}") from None
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
-        if exc.context and exc.problem:
-            problem = f"{' '.join(exc.context.split())}: {problem}"
-        start = exc.context_mark
-        if start is not None and mark is not None and start.line != mark.line:
-            problem += f" (it began at line {start.line + 1}, column {start.column + 1})"
-        raise InputError(f"{source}: {where}invalid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -1069,137 +760,8 @@ def parse_policy(data: object, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise InputError(validation_message(exc, Policy, source)) from exc
+        raise InputError(validation_message(exc, Policy, source, TAGS)) from exc
 
 
-# ----- ValidationError -> one line ------------------------------------------------------
 
 
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated[...] and Optional[...] wrappers down to the interesting type."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) == 1:
-                tp = args[0]
-            else:
-                return tp
-        else:
-            return tp
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str, Any]:
-    """Human path for a pydantic ``loc`` and the type found at its parent.
-
-    Discriminator tags that pydantic inserts into the location (``checks.0.http.port``)
-    are dropped from the path (``checks[0].port``).
-    """
-    path = ""
-    tp: Any = root
-    parent: Any = None
-    for part in loc:
-        tp = _unwrap(tp)
-        parent = tp
-        if isinstance(part, int) and not _is_model(tp):
-            path += f"[{part}]"
-            args = typing.get_args(tp)
-            tp = args[0] if args else None
-            continue
-        if typing.get_origin(tp) in (Union, types.UnionType):
-            for member in typing.get_args(tp):
-                field = (
-                    (member.model_fields.get("type") or member.model_fields.get("kind"))
-                    if _is_model(member)
-                    else None
-                )
-                if field is not None and part in typing.get_args(field.annotation):
-                    tp = member
-                    break
-            else:
-                tp = None
-            continue  # a tag: not part of the user's path
-        if typing.get_origin(tp) in (dict, Mapping) or tp is dict:
-            path += f".{part}" if path else str(part)
-            args = typing.get_args(tp)
-            tp = args[1] if len(args) == 2 else None
-            continue
-        path += f".{part}" if path else str(part)
-        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
-            tp = tp.model_fields[part].annotation
-        else:
-            tp = None
-    return path, _unwrap(parent) if parent is not None else None
-
-
-def _problem(err: Mapping[str, Any], parent: Any) -> tuple[str, str]:
-    """(extra path, problem) for one pydantic error dict."""
-    kind: str = err["type"]
-    ctx: Mapping[str, Any] = err.get("ctx") or {}
-    got = err.get("input")
-    if kind == "value_error" and isinstance(ctx.get("error"), FieldProblem):
-        exc: FieldProblem = ctx["error"]
-        return exc.field, str(exc)
-    if kind in ("value_error", "assertion_error"):
-        return "", str(ctx.get("error", err["msg"]))
-    if kind == "extra_forbidden":
-        known = ", ".join(parent.model_fields) if _is_model(parent) else ""
-        return "", f"unknown field (known: {known})" if known else "unknown field"
-    if kind == "missing":
-        return "", "required field missing"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        gate = ctx.get("discriminator") == "'kind'"
-        what, key = ("gate kind", "kind") if gate else ("check type", "type")
-        tags = ", ".join(GATE_KINDS if gate else CHECK_TYPES)
-        if kind == "union_tag_not_found":
-            return "", f'missing "{key}" (allowed: {tags})'
-        return "", f"unknown {what} {show(ctx.get('tag'))} (allowed: {tags})"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return "", f"expected a mapping, got {show(got)}"
-    if kind in ("list_type", "tuple_type"):
-        return "", f"expected a list, got {show(got)}"
-    if kind == "too_short":
-        return "", "must not be empty"
-    if kind in ("string_type", "str_type"):
-        return "", f"expected a string, got {show(got)}"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return "", f"expected a whole number, got {show(got)}"
-    if kind in ("float_type", "float_parsing", "bool_type", "bool_parsing"):
-        return "", f"{err['msg'].lower()}, got {show(got)}"
-    if kind in ("literal_error", "enum"):
-        allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        return "", f"expected one of: {', '.join(allowed)}; got {show(got)}"
-    if kind == "invalid_key":
-        return "", f"keys must be strings, got {show(got)}"
-    if kind == "string_too_short":
-        return "", "must not be empty"
-    if kind == "string_pattern_mismatch":
-        return "", f"{show(got)} does not match {ctx.get('pattern')}"
-    comparisons = {
-        "greater_than": ("gt", "greater than"),
-        "greater_than_equal": ("ge", "at least"),
-        "less_than": ("lt", "less than"),
-        "less_than_equal": ("le", "at most"),
-    }
-    if kind in comparisons:
-        key, words = comparisons[kind]
-        return "", f"must be {words} {ctx.get(key)}, got {show(got)}"
-    return "", f"{err['msg']}, got {show(got)}"
-
-
-def validation_message(exc: ValidationError, root: type[BaseModel], source: str) -> str:
-    """The first error of ``exc`` as one line: ``<source>: <field.path>: <problem>``."""
-    err = exc.errors(include_url=False)[0]
-    loc: tuple[int | str, ...] = tuple(err["loc"])
-    path, parent = _walk(root, loc)
-    extra, problem = _problem(err, parent)
-    if extra:
-        path = f"{path}.{extra}" if path else extra
-    problem = " ".join(problem.split())  # never more than one line
-    return f"{source}: {path}: {problem}" if path else f"{source}: {problem}"

@@ -76,9 +76,9 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticUndefined, core_schema
 
-from rollout import inventory, policy
+from rollout import inventory, policy, units
 from rollout.gates.window import DAYS
-from rollout.policy import Amount
+from rollout.units import Amount
 
 __all__ = [
     "KINDS",
@@ -279,8 +279,8 @@ _MODES = " \\| ".join(f"`{m}`" for m in typing.get_args(policy.PrestageMode))
 
 # BeforeValidators widen what the file may say: each one must be listed here.
 _BEFORE: dict[Callable[..., Any], _Form] = {
-    policy.parse_duration: _Form(_duration, "Duration", default=_seconds),
-    policy.parse_rate: _Form(_rate, "rate (`50MiB/s`, `10MB/s`, `512KiB/s`, or bytes per second)"),
+    units.parse_duration: _Form(_duration, "Duration", default=_seconds),
+    units.parse_rate: _Form(_rate, "rate (`50MiB/s`, `10MB/s`, `512KiB/s`, or bytes per second)"),
     policy._prestage_shorthand: _Form(_prestage, f"{_MODES}, or a mapping"),
     policy._gate_after: _Form(_gate_after, "`canary` \\| batch number >= 1 \\| `every`"),
     policy._clock_value: _Form(_clock, '`"HH:MM"` (quoted)'),
@@ -290,7 +290,7 @@ _BEFORE: dict[Callable[..., Any], _Form] = {
 }
 # AfterValidators narrow it; one missing here leaves the schema looser, never wrong.
 _AFTER: dict[Callable[..., Any], _Form] = {
-    policy._positive: _Form(_positive_amount, constraint="> 0"),
+    units._positive: _Form(_positive_amount, constraint="> 0"),
     policy._abs_path: _Form(_pattern("^/", 'must start with "/"'), "string starting with `/`"),
     policy._gate_name: _Form(
         _pattern(

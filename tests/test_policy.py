@@ -13,14 +13,13 @@ from rollout.errors import InputError
 from rollout.model import ActivationMode
 from rollout.policy import (
     AgentCheck,
-    Amount,
     HttpCheck,
     Policy,
     TcpCheck,
     load_policy,
-    parse_duration,
     parse_policy,
 )
+from rollout.units import Amount, parse_duration
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
