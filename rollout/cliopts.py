@@ -51,3 +51,15 @@ def registry_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, pull=pull, **kwargs)
 
     return wrapper
+
+
+def trusted_key_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--trusted-key` (repeatable, passed on as `trusted_keys`); `help` says what it
+    guards in this command."""
+    return click.option(
+        "--trusted-key",
+        "trusted_keys",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help=f"ed25519 public key (PEM): {help}",
+    )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,11 +38,27 @@ from rollout.decide import refusal
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.base import Driver, Refused, TransportError
 from rollout.engine import Engine
+from rollout.entries import (
+    CommandEntry,
+    CreatedEntry,
+    GateEntry,
+    ImageData,
+    InventoryNode,
+    PhaseEntry,
+    PlannedBatch,
+)
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
 from rollout.gates.handles import SignalKey, signal_path
 from rollout.gates.signals import GateBoxes, Signal, parse_signal
-from rollout.journal import FINISHED, LockConflict, RolloutState, Store, load_state
+from rollout.journal import (
+    FINISHED,
+    LockConflict,
+    RolloutJournal,
+    RolloutState,
+    Store,
+    load_state,
+)
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Gate, Policy, parse_policy
@@ -92,20 +109,20 @@ def pick(states: Sequence[RolloutState], wanted: frozenset[str], image: Image) -
         overlap = wanted & set(state.node_ids)
         if not overlap:
             continue
-        journaled = state.created.get("image", {})
-        same_tag = image.reference is not None and journaled.get("reference") == image.reference
-        if (journaled.get("digest") == image.digest or same_tag) and set(state.node_ids) == wanted:
-            moved = journaled.get("source") if journaled.get("digest") != image.digest else None
+        journaled = state.created.image
+        same_tag = image.reference is not None and journaled.reference == image.reference
+        if (journaled.digest == image.digest or same_tag) and set(state.node_ids) == wanted:
+            moved = journaled.source if journaled.digest != image.digest else None
             return Pick("resume", state.rollout_id, state.phase, moved)
         raise InputError(
-            f"rollout {state.rollout_id} (image {journaled.get('version')}) over "
+            f"rollout {state.rollout_id} (image {journaled.version}) over "
             f"{', '.join(sorted(overlap)[:5])} is not finished in this state file; resume it "
             "by running it again with its inventory and image, or use another --state"
         )
     halted = [
         s for s in states
         if s.phase is RolloutPhase.HALTED and set(s.node_ids) == wanted
-        and s.created.get("image", {}).get("digest") == image.digest
+        and s.created.image.digest == image.digest
     ]  # fmt: skip
     if halted:  # the same command again after a halt: retry its failed nodes
         return Pick("retry", halted[-1].rollout_id, halted[-1].phase)
@@ -139,14 +156,8 @@ def _node_json(node: Node) -> dict[str, Any]:
     }
 
 
-def _node_from(data: dict[str, Any]) -> Node:
-    return Node(
-        data["id"],
-        data["address"],
-        dict(data.get("labels", {})),
-        data.get("token_file"),
-        data.get("ca_file"),
-    )
+def _node_from(data: InventoryNode) -> Node:
+    return Node(data.id, data.address, dict(data.labels), data.token_file, data.ca_file)
 
 
 @dataclass
@@ -163,17 +174,16 @@ class Loaded:
 
 def rebuild(state: RolloutState) -> Loaded:
     created = state.created
-    policy = parse_policy(created["policy"], f"journal of {state.rollout_id}")
-    image = Image(**created["image"])
-    nodes = {n["id"]: _node_from(n) for n in created["inventory"]}
+    policy = parse_policy(created.policy, f"journal of {state.rollout_id}")
+    image = Image(**created.image.model_dump())
+    nodes = {n.id: _node_from(n) for n in created.inventory}
     batches = tuple(
-        Batch(b["index"], tuple(nodes[i] for i in b["nodes"]), bool(b.get("canary")))
-        for b in created["batches"]
+        Batch(b.index, tuple(nodes[i] for i in b.nodes), b.canary) for b in created.batches
     )
     records = {
-        node_id: NodeRecord.from_json(nodes[node_id], snap)
+        node_id: NodeRecord.from_snapshot(nodes[node_id], snap)
         for node_id, snap in state.nodes.items()
-        if node_id in nodes and "batch" in snap
+        if node_id in nodes
     }
     return Loaded(state, policy, image, nodes, batches, records)
 
@@ -247,28 +257,19 @@ class Controller:
         self.store.lock(rollout_id, [n.id for n in nodes], self.lock_ttl)
         self.store.append(
             rollout_id,
-            "created",
-            {
-                "by": by,
-                "policy_name": policy_name,
-                "policy": policy.model_dump(mode="json"),
-                "image": {
-                    "path": image.path,
-                    "digest": image.digest,
-                    "name": image.name,
-                    "version": image.version,
-                    "size": image.size,
-                    "signature": image.signature,  # public: travels to every agent
-                    "source": image.source,  # pull mode: pinned, so a moved tag changes nothing
-                    "reference": image.reference,
-                },
-                "pull": (pull or PullAccess()).to_json(),
-                "inventory": [_node_json(n) for n in nodes],
-                "batches": [
-                    {"index": b.index, "canary": b.canary, "nodes": list(b.node_ids)}
-                    for b in batches
-                ],
-            },
+            CreatedEntry(
+                by=by,
+                policy_name=policy_name,
+                policy=policy.model_dump(mode="json"),
+                # The signature is public: it travels to every agent. Pull mode: `source`
+                # is pinned, so a moved tag changes nothing.
+                image=ImageData(**dataclasses.asdict(image)),
+                pull=(pull or PullAccess()).to_json(),
+                inventory=tuple(InventoryNode(**_node_json(n)) for n in nodes),
+                batches=tuple(
+                    PlannedBatch(index=b.index, canary=b.canary, nodes=b.node_ids) for b in batches
+                ),
+            ),
         )
         return load_state(self.store, rollout_id)
 
@@ -331,7 +332,7 @@ class Controller:
 
     def request_abort(self, rollout_id: str, by: str) -> None:
         """Start nothing new in a rollout this process runs (a signal): journaled first."""
-        self.store.append(rollout_id, "command", {"command": "abort", "by": by})
+        self.store.append(rollout_id, CommandEntry(command="abort", by=by))
         self.controls.setdefault(rollout_id, Control()).abort()
 
     def state(self, rollout_id: str) -> RolloutState:
@@ -379,9 +380,9 @@ class Controller:
             control.pause()
         boxes = self.boxes_of(rollout_id)
         passed = {
-            (str(g["gate"]), int(g["batch"]))
+            (g.gate, g.batch)
             for g in state.gates
-            if g.get("event") == "finished" and g.get("result") == "passed"
+            if g.event == "finished" and g.get("result") == "passed" and g.batch is not None
         }
         async with contextlib.AsyncExitStack() as stack:
             if loaded.policy.notify:
@@ -407,7 +408,7 @@ class Controller:
     ) -> RolloutResult:
         state = loaded.state
         pull = replace(
-            PullAccess.from_json(state.created.get("pull")),
+            PullAccess.from_json(state.created.pull),
             rate_limit=loaded.policy.prestage.bandwidth,
         )
         driver = self.driver_for(rollout_id, pull, self._retry_hook(observer))
@@ -416,9 +417,9 @@ class Controller:
             loaded.policy,
             loaded.image,
             observer,
-            policy_name=str(state.created.get("policy_name", "")),
+            policy_name=state.created.policy_name,
             rollout_id=rollout_id,
-            journal=lambda kind, data: self.store.append(rollout_id, kind, data),
+            journal=RolloutJournal(self.store, rollout_id),
             records=loaded.records,
             control=control,
             reach_timeout=self.reach_timeout,
@@ -453,7 +454,7 @@ class Controller:
         state = self.state(rollout_id)
         message = f"cannot take its nodes: {exc}; then retry"
         if not state.finished:
-            self.store.append(rollout_id, "phase", {"phase": "halted", "message": message})
+            self.store.append(rollout_id, PhaseEntry(phase=RolloutPhase.HALTED, message=message))
             self.store.unlock(rollout_id)
             self.observer_for(rollout_id)(
                 RolloutPhaseChanged(rollout_id, RolloutPhase.HALTED, message)
@@ -470,13 +471,13 @@ class Controller:
         last_done: dict[str, int] = {}
         for i, g in enumerate(entries):
             if g.get("event") == "finished":
-                last_done[str(g["gate"])] = i
+                last_done[g.gate] = i
         for i, g in enumerate(entries):
             gate = str(g.get("gate"))
             if i < last_done.get(gate, -1):
                 continue
             if g.get("event") == "received_signal":
-                boxes.signals(gate).add(parse_signal(g["signal"]))
+                boxes.signals(gate).add(parse_signal(g.get("signal")))
             elif g.get("event") == "received_decision":
                 box = boxes.approvals(gate)
                 decide = box.approve if g.get("approved") else box.reject
@@ -505,7 +506,10 @@ class Controller:
         sig = parse_signal(body)
         boxes = self.boxes_of(rollout_id)
         self.store.append(
-            rollout_id, "gate", {"event": "received_signal", "gate": gate, "signal": sig.to_json()}
+            rollout_id,
+            GateEntry.model_validate(
+                {"event": "received_signal", "gate": gate, "signal": sig.to_json()}
+            ),
         )
         return boxes.signals(gate).add(sig)
 
@@ -545,14 +549,15 @@ class Controller:
         boxes = self.boxes_of(rollout_id)
         self.store.append(
             rollout_id,
-            "gate",
-            {
-                "event": "received_decision",
-                "gate": gate,
-                "approved": approved,
-                "by": by,
-                "reason": reason,
-            },
+            GateEntry.model_validate(
+                {
+                    "event": "received_decision",
+                    "gate": gate,
+                    "approved": approved,
+                    "by": by,
+                    "reason": reason,
+                }
+            ),
         )
         box = boxes.approvals(gate)
         (box.approve if approved else box.reject)(by, reason)
@@ -627,7 +632,7 @@ class Controller:
         running = rollout_id in self.tasks and not self.tasks[rollout_id].done()
         busy = running and not state.finished  # its engine still works (not winding down)
         control = self.controls.setdefault(rollout_id, Control())
-        committed = any(n.get("phase") == str(NodePhase.COMMITTED) for n in state.nodes.values())
+        committed = any(n.phase is NodePhase.COMMITTED for n in state.nodes.values())
         why = refusal(command, phase, busy=busy, any_committed=committed)
         if why is not None:
             raise IllegalCommand(why)
@@ -646,7 +651,7 @@ class Controller:
             control.abort()
             if not running:
                 self.store.append(
-                    rollout_id, "phase", {"phase": "aborted", "message": f"aborted by {by}"}
+                    rollout_id, PhaseEntry(phase=RolloutPhase.ABORTED, message=f"aborted by {by}")
                 )
                 self.store.unlock(rollout_id)
             return "aborting: nothing new starts; nodes in flight settle"
@@ -670,7 +675,7 @@ class Controller:
         loaded = rebuild(state)
         again = Engine.retry_failed(loaded.records)
         for node_id in again:
-            self.store.append(state.rollout_id, "node", loaded.records[node_id].to_json())
+            self.store.append(state.rollout_id, loaded.records[node_id].snapshot())
         self.journal_command(state.rollout_id, "retry", by, RolloutPhase.RUNNING, nodes=again)
         return again
 
@@ -686,9 +691,9 @@ class Controller:
         observer: Observer | None = None,
         **extra: Any,
     ) -> None:
-        self.store.append(rollout_id, "command", {"command": command, "by": by, **extra})
+        self.store.append(rollout_id, CommandEntry(command=command, by=by, **extra))
         if phase is not None:
             message = f"{command} by {by}"
-            self.store.append(rollout_id, "phase", {"phase": str(phase), "message": message})
+            self.store.append(rollout_id, PhaseEntry(phase=phase, message=message))
             if observer is not None:
                 observer(RolloutPhaseChanged(rollout_id, phase, message))

@@ -26,6 +26,7 @@ import aiohttp
 from rollout.control import Control
 from rollout.decide import Decision, Ending, after_batch, after_gate, ending, final
 from rollout.drivers.base import Driver
+from rollout.entries import BatchFinishedEntry, BatchStartedEntry, GateEntry, PhaseEntry
 from rollout.events import (
     BatchFinished,
     BatchStarted,
@@ -52,7 +53,7 @@ from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import limits
 from rollout.policy import Policy
 from rollout.prestage import Prestager
-from rollout.record import Journal, NodeRecord, RolloutResult, no_journal
+from rollout.record import Journal, NodeRecord, NoJournal, RolloutResult
 from rollout.steps import REACH_TIMEOUT, NodeSteps
 
 # Final phases after which images staged ahead will not be activated by this rollout.
@@ -71,7 +72,7 @@ class Engine:
         policy_name: str = "",
         rollout_id: str | None = None,
         reach_timeout: float = REACH_TIMEOUT,
-        journal: Journal = no_journal,
+        journal: Journal | None = None,
         records: dict[str, NodeRecord] | None = None,
         control: Control | None = None,
         boxes: GateBoxes | None = None,
@@ -85,7 +86,7 @@ class Engine:
         self.policy_name = policy_name
         self.rollout_id = rollout_id or uuid.uuid4().hex[:12]
         self.reach_timeout = reach_timeout
-        self.journal = journal
+        self.journal = journal or NoJournal()
         self.records: dict[str, NodeRecord] = dict(records or {})
         self.control = control or Control()
         self.boxes = boxes or GateBoxes()  # shared with the API that receives signals
@@ -93,7 +94,7 @@ class Engine:
         self._gate_batch = 0
         self.prober_for = prober_for or (lambda session: Prober(self.driver, session))
         self.steps = NodeSteps(
-            driver, policy, image, self.control, journal, self._emit, reach_timeout
+            driver, policy, image, self.control, self.journal, self._emit, reach_timeout
         )
         self.prestage = Prestager(self.steps, self.records)
 
@@ -116,7 +117,7 @@ class Engine:
     def _phase(self, phase: RolloutPhase, message: str = "") -> None:
         if phase is RolloutPhase.ROLLING_BACK:
             self.prestage.stop()  # nothing more is activated: stop fetching for it
-        self.journal("phase", {"phase": str(phase), "message": message})
+        self.journal.write(PhaseEntry(phase=phase, message=message))
         self._emit(RolloutPhaseChanged(self.rollout_id, phase, message))
 
     async def _finish(
@@ -125,13 +126,15 @@ class Engine:
         self.prestage.stop()
         if phase in _ABANDONING:
             await self.prestage.discard()
-        self.journal("phase", {"phase": str(phase), "message": message})
+        self.journal.write(PhaseEntry(phase=phase, message=message))
+        await self.journal.flushed()  # the result reports what is on disk
         self._emit(RolloutFinished(phase, message))
         return RolloutResult(self.rollout_id, phase, message, dict(self.records), stopped_as_asked)
 
     # -- gates --------------------------------------------------------------------------
     def _on_gate_event(self, event: GateEvent) -> None:
-        self.journal("gate", gate_event_json(event) | {"batch": self._gate_batch})
+        data = gate_event_json(event) | {"batch": self._gate_batch}
+        self.journal.write(GateEntry.model_validate(data))
         self._emit(event)
 
     async def _recheck(self, prober: Probe) -> list[str]:
@@ -234,7 +237,7 @@ class Engine:
                         break  # aborted while waiting
                     if not ready.passed:
                         return await self._gate_failed(batch, [], ready)
-                    self.journal("batch_started", {"batch": batch.index})
+                    self.journal.write(BatchStartedEntry(batch=batch.index))
                     self._emit(BatchStarted(batch, len(batches)))
                     mode = self.policy.prestage.mode
                     if mode != "none":
@@ -249,9 +252,10 @@ class Engine:
                 failed = [r for r in records if r.failed]
                 decision = after_batch(failed_total, tolerated, self.policy.failure.action)
                 if failed or any(r.phase is not NodePhase.PENDING for r in records):
-                    self.journal(
-                        "batch_finished",
-                        {"batch": batch.index, "failed": len(failed), "decision": str(decision)},
+                    self.journal.write(
+                        BatchFinishedEntry(
+                            batch=batch.index, failed=len(failed), decision=str(decision)
+                        )
                     )
                     self._emit(BatchFinished(batch, len(failed), str(decision)))
                 if decision is Decision.CONTINUE:

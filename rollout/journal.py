@@ -4,23 +4,22 @@ A rollout's state is a pure fold over its journal entries (`fold`), so a control
 was killed at any instant rebuilds exactly what it knew, then reconciles that with what
 the agents report (engine.py) and carries on.
 
-Entries (kind -> data):
-
-    created          rollout id, policy (as data), policy name, image, inventory, plan
-    phase            rollout phase and message (running, paused, halted, ...)
-    batch_started    batch index
-    batch_finished   batch index, failed count, decision
-    node             a full snapshot of one node's record (phase, reason, previous image,
-                     boot count when it was activated, ...): the last snapshot wins
-    command          an operator's command (pause, resume, abort, retry, rollback) and who
-    gate             gate events (waiting, signal, finished), as data
+Entries are typed (rollout.entries: one frozen model per kind). A rollout's state is
+the frozen `RolloutState` the fold returns.
 
 Invariant: a `node` entry with phase `activating` (carrying the boot count before the
 activation) is durable before the activation request leaves; so after a crash the boot
 count tells whether the activation happened, and no node is ever activated twice.
 
 The `Store` protocol keeps the journal and the node locks. `SQLiteStore` is the default:
-one file in WAL mode with synchronous=FULL, so an appended entry survives kill -9.
+one file in WAL mode with synchronous=FULL, so a committed entry survives kill -9.
+
+Group commit: the engine `write`s entries (buffered) and awaits `flushed()` before any
+action that depends on them; every entry written in one event-loop turn goes to disk in
+one transaction (one fsync) at the start of the next turn, so ten thousand nodes moving
+at once cost one fsync, not ten thousand, and the activation entry is still on disk
+before the activation request leaves. `append` commits at once, after whatever is
+buffered, so the journal's order is the order things were written in.
 Node locks make one rollout per node: a rollout locks its nodes while it is not finished;
 an overlapping rollout is refused, naming the holder; a lock whose lease expired (its
 controller died) may be taken over, and the same rollout takes its own locks back at once.
@@ -28,18 +27,32 @@ controller died) may be taken over, and the same rollout takes its own locks bac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
+from rollout.entries import (
+    BatchFinishedEntry,
+    BatchStartedEntry,
+    Body,
+    CommandEntry,
+    CreatedEntry,
+    GateEntry,
+    NodeSnapshot,
+    PhaseEntry,
+    parse_body,
+    to_data,
+)
 from rollout.errors import InputError
 from rollout.model import FINISHED as FINISHED
-from rollout.model import RolloutPhase
+from rollout.model import NodePhase, RolloutPhase
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class Entry:
     ts: float  # wall clock, seconds since the epoch
     kind: str
     data: dict[str, Any]
+
+    @property
+    def body(self) -> Body:
+        """The typed body (ValueError when the stored data is not one)."""
+        return parse_body(self.kind, self.data)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,7 +103,17 @@ class LockConflict(InputError):
 
 
 class Store(Protocol):
-    def append(self, rollout_id: str, kind: str, data: dict[str, Any]) -> Entry: ...
+    def append(self, rollout_id: str, body: Body) -> Entry:
+        """Commit `body` now (after anything buffered); durable on return."""
+        ...
+
+    def write(self, rollout_id: str, body: Body) -> None:
+        """Buffer `body` for the next group commit (see `flushed`)."""
+        ...
+
+    async def flushed(self) -> None:
+        """Return once every entry written so far is on disk."""
+        ...
 
     def entries(self, rollout_id: str, after: int = 0) -> list[Entry]: ...
 
@@ -134,16 +162,58 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{self.path}: not a usable state file: {exc}") from exc
         self._mutex = threading.Lock()
+        self._buffer: list[tuple[str, float, str, str]] = []  # written, not yet committed
+        self._group: asyncio.Future[None] | None = None  # the next group commit
 
-    def append(self, rollout_id: str, kind: str, data: dict[str, Any]) -> Entry:
-        ts = time.time()
-        raw = json.dumps(data, sort_keys=True, default=str)
+    def append(self, rollout_id: str, body: Body) -> Entry:
+        row = (rollout_id, time.time(), str(body.kind), _dumps(body))
         with self._mutex:
-            cur = self._db.execute(
-                "INSERT INTO entries (rollout_id, ts, kind, data) VALUES (?, ?, ?, ?)",
-                (rollout_id, ts, kind, raw),
+            seq = self._commit_locked([row])
+        return Entry(seq, rollout_id, row[1], row[2], json.loads(row[3]))
+
+    def write(self, rollout_id: str, body: Body) -> None:
+        with self._mutex:
+            self._buffer.append((rollout_id, time.time(), str(body.kind), _dumps(body)))
+            if self._group is None:
+                loop = asyncio.get_running_loop()
+                self._group = loop.create_future()
+                loop.call_soon(self._commit_group)
+
+    async def flushed(self) -> None:
+        group = self._group
+        if group is not None:
+            await asyncio.shield(group)
+
+    def _commit_group(self) -> None:
+        with self._mutex:
+            group, self._group = self._group, None
+            try:
+                self._commit_locked([])
+            except BaseException as exc:
+                if group is not None and not group.done():
+                    group.set_exception(exc)
+                    group.exception()  # marked retrieved: whoever awaits it raises it
+                raise
+        if group is not None and not group.done():
+            group.set_result(None)
+
+    def _commit_locked(self, rows: list[tuple[str, float, str, str]]) -> int:
+        """Insert what is buffered, then `rows`, in one transaction (the mutex is held);
+        return the last row's seq."""
+        rows, self._buffer = self._buffer + rows, []
+        if not rows:
+            return 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT INTO entries (rollout_id, ts, kind, data) VALUES (?, ?, ?, ?)", rows
             )
-        return Entry(int(cur.lastrowid or 0), rollout_id, ts, kind, json.loads(raw))
+            last = self._db.execute("SELECT last_insert_rowid()").fetchone()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return int(last[0])
 
     def entries(self, rollout_id: str, after: int = 0) -> list[Entry]:
         with self._mutex:
@@ -202,23 +272,44 @@ class SQLiteStore:
 
     def close(self) -> None:
         with self._mutex:
+            self._commit_locked([])  # nothing written is lost by closing
             self._db.close()
 
 
+def _dumps(body: Body) -> str:
+    return json.dumps(to_data(body), sort_keys=True)
+
+
+class RolloutJournal:
+    """One rollout's view of a store, as the engine writes it (record.Journal)."""
+
+    def __init__(self, store: Store, rollout_id: str) -> None:
+        self.store = store
+        self.rollout_id = rollout_id
+
+    def write(self, body: Body) -> None:
+        self.store.write(self.rollout_id, body)
+
+    async def flushed(self) -> None:
+        await self.store.flushed()
+
+
 # -- the fold -------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class RolloutState:
-    """What the journal says about one rollout."""
+    """What the journal says about one rollout (frozen: a new fold for news)."""
 
     rollout_id: str
-    created: dict[str, Any]
+    created: CreatedEntry
     phase: RolloutPhase = RolloutPhase.PENDING
     message: str = ""
     batch: int = 0
-    decisions: dict[int, str] = field(default_factory=dict)
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    commands: list[dict[str, Any]] = field(default_factory=list)
-    gates: list[dict[str, Any]] = field(default_factory=list)
+    decisions: Mapping[int, str] = field(default_factory=dict)
+    nodes: Mapping[str, NodeSnapshot] = field(default_factory=dict)
+    commands: tuple[CommandEntry, ...] = ()
+    gates: tuple[GateEntry, ...] = ()
+    command_times: tuple[float, ...] = ()  # wall time of each command, as journaled
+    gate_times: tuple[float, ...] = ()
     started_at: float = 0.0
     updated_at: float = 0.0
     last_seq: int = 0
@@ -229,7 +320,7 @@ class RolloutState:
 
     @property
     def node_ids(self) -> list[str]:
-        return [n["id"] for n in self.created.get("inventory", [])]
+        return [n.id for n in self.created.inventory]
 
     def to_json(
         self, detail: bool = True, signal_urls: dict[str, str] | None = None
@@ -238,11 +329,13 @@ class RolloutState:
         summary of a listing), the same from the service and from a state file."""
         out = self.summary()
         if detail:
-            out["nodes"] = list(self.nodes.values())
+            out["nodes"] = [to_data(n) for n in self.nodes.values()]
             out["decisions"] = {str(k): v for k, v in self.decisions.items()}
-            out["commands"] = self.commands
-            out["gates"] = self.gates
-            out["plan"] = self.created.get("batches", [])
+            stamped = zip(self.commands, self.command_times, strict=True)
+            out["commands"] = [to_data(c) | {"ts": t} for c, t in stamped]
+            stamped_gates = zip(self.gates, self.gate_times, strict=True)
+            out["gates"] = [to_data(g) | {"ts": t} for g, t in stamped_gates]
+            out["plan"] = [b.model_dump(mode="json") for b in self.created.batches]
         if signal_urls is not None:
             out["signal_urls"] = signal_urls
         return out
@@ -250,19 +343,19 @@ class RolloutState:
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for node in self.nodes.values():
-            out[node["phase"]] = out.get(node["phase"], 0) + 1
+            out[str(node.phase)] = out.get(str(node.phase), 0) + 1
         return out
 
     def summary(self) -> dict[str, Any]:
-        image = self.created.get("image", {})
+        image = self.created.image
         return {
             "id": self.rollout_id,
             "phase": str(self.phase),
             "message": self.message,
             "batch": self.batch,
-            "batches": len(self.created.get("batches", [])),
-            "image": {k: image.get(k) for k in ("name", "version", "digest")},
-            "policy": self.created.get("policy_name", ""),
+            "batches": len(self.created.batches),
+            "image": {"name": image.name, "version": image.version, "digest": image.digest},
+            "policy": self.created.policy_name,
             "nodes": len(self.nodes),
             "counts": self.counts(),
             "started_at": self.started_at,
@@ -271,42 +364,71 @@ class RolloutState:
 
 
 def fold(entries: Iterable[Entry]) -> RolloutState:
-    """Rebuild a rollout's state from its entries (pure).
+    """Rebuild a rollout's state from its entries (pure). Nodes not journaled yet are
+    pending in their planned batch.
 
-    >>> e = [Entry(1, "r1", 0.0, "created", {"inventory": [{"id": "a"}]}),
-    ...      Entry(2, "r1", 1.0, "node", {"id": "a", "phase": "committed"}),
+    >>> created = {"policy": {}, "inventory": [{"id": "a", "address": "h:1"}],
+    ...            "image": {"path": "v2.img", "digest": "sha256:0", "name": "w",
+    ...                      "version": "2", "size": 1},
+    ...            "batches": [{"index": 1, "nodes": ["a"]}]}
+    >>> e = [Entry(1, "r1", 0.0, "created", created),
+    ...      Entry(2, "r1", 1.0, "node", {"id": "a", "batch": 1, "phase": "committed"}),
     ...      Entry(3, "r1", 2.0, "phase", {"phase": "succeeded", "message": "done"})]
     >>> s = fold(e)
-    >>> (s.phase, s.nodes["a"]["phase"], s.last_seq)
-    (<RolloutPhase.SUCCEEDED: 'succeeded'>, 'committed', 3)
+    >>> (s.phase, s.nodes["a"].phase, s.last_seq)
+    (<RolloutPhase.SUCCEEDED: 'succeeded'>, <NodePhase.COMMITTED: 'committed'>, 3)
     """
-    state: RolloutState | None = None
+    created: CreatedEntry | None = None
+    rollout_id = ""
+    phase, message, batch = RolloutPhase.PENDING, "", 0
+    decisions: dict[int, str] = {}
+    nodes: dict[str, NodeSnapshot] = {}
+    commands: list[tuple[CommandEntry, float]] = []
+    gates: list[tuple[GateEntry, float]] = []
+    started_at = updated_at = 0.0
+    last_seq = 0
     for entry in entries:
-        if entry.kind == "created":
-            state = RolloutState(entry.rollout_id, entry.data, started_at=entry.ts)
-            for node in entry.data.get("inventory", []):
-                state.nodes[node["id"]] = {"id": node["id"], "phase": "pending"}
-        if state is None:
+        body = entry.body
+        if isinstance(body, CreatedEntry):
+            created, rollout_id, started_at = body, entry.rollout_id, entry.ts
+            planned = {n: b.index for b in body.batches for n in b.nodes}
+            nodes = {
+                n.id: NodeSnapshot(id=n.id, batch=planned.get(n.id, 0), phase=NodePhase.PENDING)
+                for n in body.inventory
+            }
+        if created is None:
             raise ValueError(f"journal of {entry.rollout_id} does not start with 'created'")
-        state.last_seq = entry.seq
-        state.updated_at = entry.ts
-        data = entry.data
-        if entry.kind == "phase":
-            state.phase = RolloutPhase(data["phase"])
-            state.message = data.get("message", "")
-        elif entry.kind == "batch_started":
-            state.batch = int(data["batch"])
-        elif entry.kind == "batch_finished":
-            state.decisions[int(data["batch"])] = str(data["decision"])
-        elif entry.kind == "node":
-            state.nodes[data["id"]] = dict(data)
-        elif entry.kind == "command":
-            state.commands.append(dict(data, ts=entry.ts))
-        elif entry.kind == "gate":
-            state.gates.append(dict(data, ts=entry.ts))
-    if state is None:
+        last_seq, updated_at = entry.seq, entry.ts
+        if isinstance(body, PhaseEntry):
+            phase, message = body.phase, body.message
+        elif isinstance(body, BatchStartedEntry):
+            batch = body.batch
+        elif isinstance(body, BatchFinishedEntry):
+            decisions[body.batch] = body.decision
+        elif isinstance(body, NodeSnapshot):
+            nodes[body.id] = body
+        elif isinstance(body, CommandEntry):
+            commands.append((body, entry.ts))
+        elif isinstance(body, GateEntry):
+            gates.append((body, entry.ts))
+    if created is None:
         raise ValueError("empty journal")
-    return state
+    return RolloutState(
+        rollout_id,
+        created,
+        phase,
+        message,
+        batch,
+        MappingProxyType(decisions),
+        MappingProxyType(nodes),
+        tuple(c for c, _ in commands),
+        tuple(g for g, _ in gates),
+        tuple(t for _, t in commands),
+        tuple(t for _, t in gates),
+        started_at,
+        updated_at,
+        last_seq,
+    )
 
 
 def load_state(store: Store, rollout_id: str) -> RolloutState:

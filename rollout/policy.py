@@ -761,7 +761,3 @@ def parse_policy(data: object, source: str) -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         raise InputError(validation_message(exc, Policy, source, TAGS)) from exc
-
-
-
-

@@ -53,15 +53,15 @@ class Prestager:
                 if not st.committed or st.runs(image.digest) or st.busy is not None:
                     return  # its own update will look at it
                 if st.staged_digest != image.digest:
-                    steps.set(rec, NodePhase.STAGING, detail="pre-staging")
+                    await steps.set(rec, NodePhase.STAGING, detail="pre-staging")
                     await steps.driver.stage(rec.node, image, steps.progress(rec))
-                steps.set(rec, NodePhase.STAGED, detail="pre-staged")
+                await steps.set(rec, NodePhase.STAGED, detail="pre-staged")
             except (TransportError, Refused, OSError, ValueError, aiohttp.ClientError) as exc:
-                steps.set(rec, NodePhase.PENDING, detail=f"pre-staging failed: {exc}"[:300])
+                await steps.set(rec, NodePhase.PENDING, detail=f"pre-staging failed: {exc}"[:300])
             except asyncio.CancelledError:
                 phase: NodePhase = rec.phase  # set by steps.set above, which mypy does not see
                 if phase is NodePhase.STAGING:  # the rollout stopped meanwhile
-                    steps.set(rec, NodePhase.PENDING, detail="pre-staging stopped")
+                    await steps.set(rec, NodePhase.PENDING, detail="pre-staging stopped")
                 raise
 
     def stop(self) -> None:
@@ -82,8 +82,8 @@ class Prestager:
             try:
                 await steps.driver.discard(rec.node, steps.image.digest)
             except (TransportError, Refused, OSError, aiohttp.ClientError) as exc:
-                steps.set(rec, NodePhase.PENDING, detail=f"staged image not discarded: {exc}")
+                await steps.set(rec, NodePhase.PENDING, detail=f"staged image not discarded: {exc}")
                 return
-            steps.set(rec, NodePhase.PENDING, detail="staged image discarded")
+            await steps.set(rec, NodePhase.PENDING, detail="staged image discarded")
 
         await asyncio.gather(*(one(r) for r in left))

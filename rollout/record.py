@@ -2,25 +2,38 @@
 
 A NodeRecord is mutable on purpose: the engine and the node steps move it through the
 node phases (model.NodePhase) and journal a snapshot of it on every change, so that the
-journal's fold rebuilds the same record after a crash (`NodeRecord.from_json`). It holds
+journal's fold rebuilds the same record after a crash (`NodeRecord.from_snapshot`; the
+snapshot is entries.NodeSnapshot, the same shape the API shows). It holds
 what the later steps need to decide: whether activation was sent, the boot count before
 it, and the image to return to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
+from rollout.entries import Body, NodeSnapshot
 from rollout.model import Node, NodePhase, Reason, RolloutPhase
 
-# The engine's journal: entry kind and body, written durably before the step it records.
-Journal = Callable[[str, dict[str, Any]], object]
+
+class Journal(Protocol):
+    """Where the engine writes one rollout's entries: `write` buffers (group commit),
+    `flushed` returns once everything written is on disk."""
+
+    def write(self, body: Body) -> None: ...
+
+    async def flushed(self) -> None: ...
 
 
-def no_journal(kind: str, data: dict[str, Any]) -> None:
-    return None
+class NoJournal:
+    """A journal that keeps nothing (an engine run without a store, in tests)."""
+
+    def write(self, body: Body) -> None:
+        return None
+
+    async def flushed(self) -> None:
+        return None
 
 
 class NodeFailed(Exception):
@@ -58,37 +71,37 @@ class NodeRecord:
             return True
         return self.phase is NodePhase.FAILED and not self.activated
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.node.id,
-            "batch": self.batch,
-            "phase": str(self.phase),
-            "reason": str(self.reason) if self.reason else None,
-            "detail": self.detail,
-            "failed": self.failed,
-            "activated": self.activated,
-            "previous_digest": self.previous_digest,
-            "previous_version": self.previous_version,
-            "boot_count_start": self.boot_count_start,
-            "boot_count": self.boot_count,
-            "version": self.version,
-        }
+    def snapshot(self) -> NodeSnapshot:
+        return NodeSnapshot(
+            id=self.node.id,
+            batch=self.batch,
+            phase=self.phase,
+            reason=self.reason,
+            detail=self.detail,
+            failed=self.failed,
+            activated=self.activated,
+            previous_digest=self.previous_digest,
+            previous_version=self.previous_version,
+            boot_count_start=self.boot_count_start,
+            boot_count=self.boot_count,
+            version=self.version,
+        )
 
     @classmethod
-    def from_json(cls, node: Node, data: dict[str, Any]) -> NodeRecord:
+    def from_snapshot(cls, node: Node, snap: NodeSnapshot) -> NodeRecord:
         return cls(
             node=node,
-            batch=int(data.get("batch", 0)),
-            phase=NodePhase(data.get("phase", "pending")),
-            reason=Reason(data["reason"]) if data.get("reason") else None,
-            detail=str(data.get("detail", "")),
-            failed=bool(data.get("failed", False)),
-            activated=bool(data.get("activated", False)),
-            previous_digest=data.get("previous_digest"),
-            previous_version=data.get("previous_version"),
-            boot_count_start=data.get("boot_count_start"),
-            boot_count=data.get("boot_count"),
-            version=data.get("version"),
+            batch=snap.batch,
+            phase=snap.phase,
+            reason=snap.reason,
+            detail=snap.detail,
+            failed=snap.failed,
+            activated=snap.activated,
+            previous_digest=snap.previous_digest,
+            previous_version=snap.previous_version,
+            boot_count_start=snap.boot_count_start,
+            boot_count=snap.boot_count,
+            version=snap.version,
         )
 
 

@@ -61,7 +61,7 @@ class NodeSteps:
         self._emit = emit
         self.reach_timeout = reach_timeout
 
-    def set(
+    async def set(
         self, rec: NodeRecord, phase: NodePhase, reason: Reason | None = None, detail: str = ""
     ) -> None:
         rec.phase = phase
@@ -71,8 +71,9 @@ class NodeSteps:
             rec.detail = detail
         elif not rec.failed:
             rec.detail = ""
-        self.journal("node", rec.to_json())  # durable before anything acts on it
+        self.journal.write(rec.snapshot())
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
+        await self.journal.flushed()  # durable before anything acts on it
 
     def progress(self, rec: NodeRecord) -> Callable[[int], None]:
         if self.image.pulled:
@@ -91,7 +92,7 @@ class NodeSteps:
 
     async def _failed(self, rec: NodeRecord, reason: Reason, detail: str) -> None:
         rec.failed = True
-        self.set(rec, NodePhase.FAILED, reason, detail)
+        await self.set(rec, NodePhase.FAILED, reason, detail)
         if rec.activated:
             await self.rollback_node(rec)
 
@@ -107,7 +108,7 @@ class NodeSteps:
             await self._resume_activated(rec, st)
         elif st.done(target):
             rec.boot_count, rec.version = st.boot_count, st.booted_version
-            self.set(rec, NodePhase.SKIPPED, detail="already on the target, committed")
+            await self.set(rec, NodePhase.SKIPPED, detail="already on the target, committed")
             return
         elif not st.committed and st.runs(target) and st.busy is None:
             # This rollout activated it before and lost sight of it (a partition, a crash
@@ -125,7 +126,7 @@ class NodeSteps:
             rec.activated = True
             rec.boot_count_start = st.boot_count - 1
             rec.boot_count, rec.version = st.boot_count, st.booted_version
-            self.set(rec, NodePhase.BOOTING, detail="adopted: on the target, uncommitted")
+            await self.set(rec, NodePhase.BOOTING, detail="adopted: on the target, uncommitted")
             await self._boot(rec, st.boot_count - 1)  # its workload past starting
         elif not st.committed:
             raise NodeFailed(
@@ -140,7 +141,7 @@ class NodeSteps:
             if not await self.control.checkpoint():
                 return
             if st.staged_digest == target and not st.busy:
-                self.set(rec, NodePhase.STAGED, detail="pre-staged")
+                await self.set(rec, NodePhase.STAGED, detail="pre-staged")
             else:
                 await self._stage(rec)
             if not await self.control.checkpoint():
@@ -157,7 +158,7 @@ class NodeSteps:
                 await self._stage(rec)
             await self._activate(rec)  # it never arrived: boot count unchanged, agent idle
             return
-        self.set(rec, NodePhase.BOOTING, detail="resumed")
+        await self.set(rec, NodePhase.BOOTING, detail="resumed")
         await self._boot(rec, start)
 
     async def _reach(self, node: Node, timeout: float) -> NodeStatus:
@@ -190,7 +191,7 @@ class NodeSteps:
             self._emit(StepDone(rec.node.id, step, clock.now() - start, ok))
 
     async def _stage(self, rec: NodeRecord) -> None:
-        self.set(rec, NodePhase.STAGING)
+        await self.set(rec, NodePhase.STAGING)
         progress = self.progress(rec)
         try:
             written = await self._timed(
@@ -202,14 +203,14 @@ class NodeSteps:
             raise NodeFailed(reason, f"agent refused the image: {exc}") from exc
         except TransportError as exc:
             raise NodeFailed(Reason.STAGE_FAILED, f"could not stream the image: {exc}") from exc
-        self.set(rec, NodePhase.STAGED, detail="" if written else "already staged")
+        await self.set(rec, NodePhase.STAGED, detail="" if written else "already staged")
 
     async def _activate(self, rec: NodeRecord) -> None:
         node, mode = rec.node, self.policy.activation
         start = rec.boot_count if rec.boot_count is not None else 0
         rec.boot_count_start = start
         rec.activated = True  # journaled with ACTIVATING, before the request leaves
-        self.set(rec, NodePhase.ACTIVATING)
+        await self.set(rec, NodePhase.ACTIVATING)
         try:
             await self._timed(rec, Step.ACTIVATE, lambda: self.driver.activate(node, mode))
         except Refused as exc:
@@ -217,7 +218,7 @@ class NodeSteps:
             raise NodeFailed(Reason.ACTIVATE_FAILED, f"agent refused to activate: {exc}") from exc
         except TransportError:
             pass  # the request may have arrived: the boot count tells
-        self.set(rec, NodePhase.BOOTING)
+        await self.set(rec, NodePhase.BOOTING)
         await self._boot(rec, start)
 
     async def _boot(self, rec: NodeRecord, start: int) -> None:
@@ -255,7 +256,7 @@ class NodeSteps:
         raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
 
     async def _verify(self, rec: NodeRecord, prober: Probe) -> None:
-        self.set(rec, NodePhase.VERIFYING)
+        await self.set(rec, NodePhase.VERIFYING)
 
         def seen(r: CheckResult) -> None:
             self._emit(HealthChecked(rec.node.id, r.kind, r.ok))
@@ -274,7 +275,7 @@ class NodeSteps:
                 f"not healthy for {self.policy.health.min_healthy_time:g}s within "
                 f"{self.policy.health.deadline:g}s ({detail})",
             )
-        self.set(rec, NodePhase.HEALTHY)
+        await self.set(rec, NodePhase.HEALTHY)
 
     async def _commit(self, rec: NodeRecord) -> None:
         try:
@@ -291,7 +292,7 @@ class NodeSteps:
                 Reason.COMMIT_FAILED, f"after commit the node runs {st.booted_version}"
             )
         rec.boot_count, rec.version = st.boot_count, st.booted_version
-        self.set(rec, NodePhase.COMMITTED)
+        await self.set(rec, NodePhase.COMMITTED)
 
     # -- rollback -----------------------------------------------------------------------
     async def rollback_many(self, records: Sequence[NodeRecord], fleet: int) -> None:
@@ -320,7 +321,7 @@ class NodeSteps:
 
     async def rollback_node(self, rec: NodeRecord) -> None:
         node = rec.node
-        self.set(rec, NodePhase.ROLLING_BACK)
+        await self.set(rec, NodePhase.ROLLING_BACK)
         start = clock.now()
         ok = False
         try:
@@ -332,9 +333,9 @@ class NodeSteps:
         if ok:
             back = f"back on {rec.previous_version}"
             detail = f"{rec.detail}; {back}" if rec.detail else back
-            self.set(rec, NodePhase.ROLLED_BACK, detail=detail)
+            await self.set(rec, NodePhase.ROLLED_BACK, detail=detail)
         else:
-            self.set(
+            await self.set(
                 rec,
                 NodePhase.ROLLBACK_FAILED,
                 detail=f"{rec.detail}; its agent falls back on its own at its commit deadline",

@@ -48,7 +48,6 @@ def show(value: object) -> str:
     return type(value).__name__
 
 
-
 _COUNT_RE = re.compile(r"\d+")
 _PERCENT_RE = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 _AMOUNT_HINT = 'expected a count or a percentage like "25%"'

@@ -95,5 +95,5 @@ def test_sigkill_at_random_points_then_resume_ends_exactly_once(
     finally:
         store.close()
     assert replayed.phase is RolloutPhase.SUCCEEDED
-    assert {n["phase"] for n in replayed.nodes.values()} == {str(NodePhase.COMMITTED)}
-    assert sum(c["command"] == "abort" for c in replayed.commands) == 0
+    assert {n.phase for n in replayed.nodes.values()} == {NodePhase.COMMITTED}
+    assert sum(c.command == "abort" for c in replayed.commands) == 0

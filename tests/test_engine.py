@@ -77,7 +77,7 @@ async def test_success_updates_every_node_once(
     recorder = MetricsRecorder()
     result, events = await run(fl, fast_policy(), images.v2, recorder)
 
-    assert result.phase is RolloutPhase.SUCCEEDED, result.message
+    assert result.phase is RolloutPhase.SUCCEEDED, [r.detail for r in result.nodes.values()]
     after = await statuses(fl.nodes)
     for node in fl.nodes:
         assert after[node.id].booted_digest == images.v2.digest

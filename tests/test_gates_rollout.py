@@ -87,7 +87,7 @@ def journal_gates(state: Path) -> list[dict[str, Any]]:
     store = SQLiteStore(state)
     try:
         ids = store.rollout_ids()
-        return fold(store.entries(ids[0])).gates if ids else []
+        return fold(store.entries(ids[0])).to_json()["gates"] if ids else []
     finally:
         store.close()
 
@@ -291,7 +291,7 @@ async def test_approval_and_webhooks(
         assert "gate_waiting" in kinds and kinds.count("batch_done") == 2
         finished = [g for g in controller.state(state.rollout_id).gates
                     if g.get("event") == "approval"]  # fmt: skip
-        assert finished and finished[0]["by"] == "alice"
+        assert finished and finished[0].get("by") == "alice"
         store.close()
     finally:
         await runner.cleanup()

@@ -254,3 +254,87 @@ def test_round_trip_relative_override(tmp_path: Path) -> None:
     loaded = load_inventory(path).nodes
     assert loaded[0].token_file == str(tmp_path / "mine")  # relative to the file's directory
     assert loaded[1].token_file is None
+
+
+# -- the fast path (libyaml events, plain node checks) gives what the pure path gives --------
+FAST_CASES = [
+    "a: 1\nb: [x, 'y', 0x10, 1_000, 1.5, .inf, yes, ~, null, '', 2024-01-02]\n",
+    "a: &x {k: v}\nb: *x\nc: &s hello\nd: *s\n",
+    "nodes:\n  - id: n1\n    address: h:1\n    labels: {rack: 3, zone: a}\n",
+    "? [a, b]\n: complex key\n",  # the pure loader refuses it
+    "base: &b {x: 1}\nmine:\n  <<: *b\n  y: 2\n",  # merge keys
+    "s: !!set {a, b}\n",
+    "a: 1\n---\nb: 2\n",  # two documents
+    "just a scalar\n",
+    "",
+    "- 1\n- [2, [3, {four: 4}]]\n",
+    "a: !!str 12\nb: !!int '7'\nc: \"quoted: yes\"\n",
+    "a: 1\na: 2\n",
+    "top:\n  inner: {k: 1, k: 2}\n",
+    "a: [unclosed\n",
+    "a: *nowhere\n",
+    "a: !custom x\n",
+]
+
+
+@pytest.mark.parametrize("text", FAST_CASES)
+def test_fast_yaml_matches_the_pure_loader(tmp_path: Path, text: str) -> None:
+    import yaml
+
+    from rollout import yamlfile
+
+    path = write(tmp_path, text, "doc.yaml")
+    try:
+        expected: object = ("ok", yaml.load(text, Loader=yamlfile._UniqueKeyLoader))
+    except yaml.YAMLError:
+        expected = "error"
+    try:
+        got: object = ("ok", yamlfile.read_yaml(path, kind="file"))
+    except InputError as exc:
+        got = "error"
+        if "duplicate key" in text or text.count("a: ") > 1:
+            assert "line " in str(exc) and "column" in str(exc)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        [{"id": "n1", "address": "h:1", "labels": {"rack": True}}],  # bool: not a label text
+        [{"id": "n1", "address": "h:1", "labels": None}],
+        [{"id": "n1", "address": "h:0"}],
+        [{"id": "n 1", "address": "h:1"}],
+        [{"id": "n1", "address": "H:1"}, {"id": "n2", "address": "h:1"}],
+        [{"id": "n1", "address": "h:1", "extra": 1}],
+        [{"id": "n1", "address": "h:1", "token_file": ""}],
+        [{"id": "n1", "address": "h:1", "labels": {"": "x"}}],
+        [{"id": "n1", "address": "h:1", "labels": {"rack": 3}, "token_file": "t", "ca_file": "c"}],
+        [{"id": "n1", "address": "[::1]:7000"}, {"id": "n2", "address": "[::1]:7001"}],
+    ],
+)
+def test_plain_node_check_agrees_with_the_models(nodes: list[dict[str, object]]) -> None:
+    from rollout.inventory import _InventoryFile, _plain_nodes, parse_inventory
+
+    data = {"token_file": "tok", "nodes": nodes}
+    try:
+        _InventoryFile.model_validate(data)
+        valid = True
+    except Exception:
+        valid = False
+    plain = _plain_nodes(nodes)
+    assert plain is None or valid  # the plain loop never accepts what the models refuse
+    if valid:
+        inv = parse_inventory(data, "inv.yaml", "/base")
+        models = _InventoryFile.model_validate(data).nodes
+        assert [(n.id, n.address, dict(n.labels)) for n in inv.nodes] == [
+            (e.id, e.address, dict(e.labels)) for e in models
+        ]
+
+
+def test_plain_documents_take_the_fast_path() -> None:
+    from rollout import yamlfile
+
+    if yamlfile._FastLoader is None:
+        pytest.skip("PyYAML without libyaml")
+    for text in (FAST_CASES[0], FAST_CASES[1], FAST_CASES[2], FAST_CASES[9], FAST_CASES[10]):
+        assert yamlfile._FastLoader(text).build() is not None

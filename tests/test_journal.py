@@ -11,54 +11,143 @@ from pathlib import Path
 
 import pytest
 
+from rollout.entries import (
+    BatchFinishedEntry,
+    BatchStartedEntry,
+    Body,
+    CommandEntry,
+    CreatedEntry,
+    GateEntry,
+    ImageData,
+    InventoryNode,
+    Kind,
+    NodeSnapshot,
+    PhaseEntry,
+    PlannedBatch,
+    parse_body,
+    to_data,
+)
 from rollout.journal import LockConflict, SQLiteStore, fold, load_state, unfinished
-from rollout.model import RolloutPhase
+from rollout.model import NodePhase, Reason, RolloutPhase
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def created(store: SQLiteStore, rollout_id: str, nodes: list[str]) -> None:
-    store.append(rollout_id, "created", {"inventory": [{"id": n} for n in nodes]})
+    store.append(rollout_id, created_entry(nodes))
+
+
+def created_entry(nodes: list[str]) -> CreatedEntry:
+    return CreatedEntry(
+        policy={},
+        image=ImageData(path="v2.img", digest="sha256:00", name="w", version="2", size=1),
+        inventory=tuple(InventoryNode(id=n, address=f"{n}:7000") for n in nodes),
+        batches=(PlannedBatch(index=1, canary=True, nodes=(nodes[0],)),)
+        + ((PlannedBatch(index=2, nodes=tuple(nodes[1:])),) if nodes[1:] else ()),
+    )
 
 
 def test_fold_rebuilds_state_from_entries(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     created(store, "r1", ["a", "b"])
-    store.append("r1", "phase", {"phase": "running", "message": ""})
-    store.append("r1", "batch_started", {"batch": 1})
-    store.append("r1", "node", {"id": "a", "phase": "activating", "boot_count_start": 3})
-    store.append("r1", "node", {"id": "a", "phase": "committed", "boot_count": 4})
-    store.append("r1", "batch_finished", {"batch": 1, "failed": 0, "decision": "continue"})
-    store.append("r1", "command", {"command": "pause", "by": "alice"})
-    store.append("r1", "phase", {"phase": "paused", "message": "pause by alice"})
+    store.append("r1", PhaseEntry(phase=RolloutPhase.RUNNING))
+    store.append("r1", BatchStartedEntry(batch=1))
+    activating = NodeSnapshot(id="a", batch=1, phase=NodePhase.ACTIVATING, boot_count_start=3)
+    store.append("r1", activating)
+    store.append(
+        "r1", activating.model_copy(update={"phase": NodePhase.COMMITTED, "boot_count": 4})
+    )
+    store.append("r1", BatchFinishedEntry(batch=1, failed=0, decision="continue"))
+    store.append("r1", CommandEntry(command="pause", by="alice"))
+    store.append("r1", PhaseEntry(phase=RolloutPhase.PAUSED, message="pause by alice"))
     state = load_state(store, "r1")
     assert state.phase is RolloutPhase.PAUSED and not state.finished
-    assert state.nodes["a"] == {"id": "a", "phase": "committed", "boot_count": 4}
-    assert state.nodes["b"] == {"id": "b", "phase": "pending"}
+    a = state.nodes["a"]
+    assert (a.phase, a.boot_count_start, a.boot_count) == (NodePhase.COMMITTED, 3, 4)
+    assert state.nodes["b"] == NodeSnapshot(id="b", batch=2)  # pending in its planned batch
     assert state.decisions == {1: "continue"} and state.batch == 1
-    assert [c["by"] for c in state.commands] == ["alice"]
+    assert [c.by for c in state.commands] == ["alice"]
     assert state.counts() == {"committed": 1, "pending": 1}
     assert [s.rollout_id for s in unfinished(store)] == ["r1"]
-    store.append("r1", "phase", {"phase": "aborted", "message": ""})
+    with pytest.raises(TypeError):
+        state.nodes["a"] = a  # type: ignore[index]  # the fold's state is frozen
+    store.append("r1", PhaseEntry(phase=RolloutPhase.ABORTED))
     assert unfinished(store) == []
     with pytest.raises(ValueError, match="does not start with 'created'"):
         fold(store.entries("r1")[1:])
     store.close()
 
 
+def test_every_kind_round_trips_and_bad_data_is_named() -> None:
+    bodies: list[Body] = [
+        created_entry(["a"]),
+        PhaseEntry(phase=RolloutPhase.HALTED, message="m"),
+        BatchStartedEntry(batch=2),
+        BatchFinishedEntry(batch=2, failed=1, decision="halt"),
+        NodeSnapshot(id="a", batch=1, phase=NodePhase.FAILED, reason=Reason.UNHEALTHY),
+        CommandEntry.model_validate({"command": "retry", "by": "bob", "nodes": ["a"]}),
+        GateEntry.model_validate(
+            {"event": "finished", "gate": "g", "batch": 1, "result": "passed"}
+        ),
+    ]
+    assert {b.kind for b in bodies} == set(Kind)
+    for body in bodies:
+        assert parse_body(str(body.kind), to_data(body)) == body
+    assert bodies[5].get("nodes") == ["a"] and bodies[6].get("result") == "passed"
+    with pytest.raises(ValueError, match="unknown journal entry kind 'nope'"):
+        parse_body("nope", {})
+    with pytest.raises(ValueError, match="bad node entry"):
+        parse_body("node", {"id": "a", "phase": "sleeping"})
+
+
+async def test_group_commit_one_transaction_per_loop_turn(tmp_path: Path) -> None:
+    """Entries written in one turn reach the file together, on the next turn; `flushed`
+    returns only once they are there; `append` keeps the written order."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    created(store, "r1", ["a", "b"])
+    other = sqlite3.connect(path)  # what another process (or a restart) would read
+
+    def on_disk() -> list[str]:
+        return [r[0] for r in other.execute("SELECT kind FROM entries ORDER BY seq")]
+
+    store.write("r1", NodeSnapshot(id="a", phase=NodePhase.STAGING))
+    store.write("r1", NodeSnapshot(id="b", phase=NodePhase.STAGING))
+    assert on_disk() == ["created"]  # buffered, not yet committed
+    await store.flushed()
+    assert on_disk() == ["created", "node", "node"]
+    await store.flushed()  # nothing pending: returns at once
+    store.write("r1", PhaseEntry(phase=RolloutPhase.RUNNING))
+    store.append("r1", CommandEntry(command="pause", by="alice"))  # after what was written
+    assert on_disk() == ["created", "node", "node", "phase", "command"]
+    store.write("r1", NodeSnapshot(id="a", phase=NodePhase.STAGED))
+    store.close()  # nothing written is lost by closing
+    assert on_disk()[-1] == "node"
+    other.close()
+
+
 def test_appends_survive_a_killed_writer(tmp_path: Path) -> None:
-    """WAL + synchronous=FULL: an entry appended before SIGKILL is there afterwards."""
+    """WAL + synchronous=FULL: an entry committed before SIGKILL is there afterwards, and
+    one `flushed` awaited is committed."""
     path = tmp_path / "s.db"
     code = textwrap.dedent(f"""
-        import os, signal
+        import asyncio, os, signal
+        from rollout.entries import NodeSnapshot, PhaseEntry
         from rollout.journal import SQLiteStore
+        from tests.test_journal import created_entry
         s = SQLiteStore({str(path)!r})
-        s.append("r1", "created", {{"inventory": []}})
-        s.append("r1", "node", {{"id": "a", "phase": "activating"}})
-        os.kill(os.getpid(), signal.SIGKILL)
+        s.append("r1", created_entry(["a"]))
+        async def main():
+            s.write("r1", NodeSnapshot(id="a", phase="activating", boot_count_start=1))
+            await s.flushed()
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
-    assert proc.returncode == -9
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr
     store = SQLiteStore(path)
     assert [e.kind for e in store.entries("r1")] == ["created", "node"]
+    assert load_state(store, "r1").nodes["a"].boot_count_start == 1
     store.close()
 
 

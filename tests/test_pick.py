@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from rollout.controller import Pick, pick
+from rollout.entries import CreatedEntry, ImageData, InventoryNode
 from rollout.errors import InputError
 from rollout.journal import RolloutState
 from rollout.model import Image
@@ -20,9 +19,10 @@ NODES = frozenset({"n1", "n2"})
 
 def state(rid: str, phase: P, nodes: set[str], digest: str, reference: str | None = None,
           source: str | None = None) -> RolloutState:  # fmt: skip
-    image: dict[str, Any] = {"digest": digest, "version": "x", "reference": reference,
-                             "source": source}  # fmt: skip
-    created = {"image": image, "inventory": [{"id": n} for n in sorted(nodes)]}
+    image = ImageData(path="", digest=digest, name="app", version="x", size=1,
+                      reference=reference, source=source)  # fmt: skip
+    inventory = tuple(InventoryNode(id=n, address=f"{n}:7000") for n in sorted(nodes))
+    created = CreatedEntry(policy={}, image=image, inventory=inventory, batches=())
     return RolloutState(rid, created, phase)
 
 

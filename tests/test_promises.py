@@ -38,6 +38,7 @@ import pytest
 
 from rollout.controller import Controller, IllegalCommand, RetryHook
 from rollout.drivers.sim import SimDriver, SimFleet
+from rollout.entries import PhaseEntry
 from rollout.journal import FINISHED, RolloutState, SQLiteStore, load_state
 from rollout.model import ActivationMode, Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
@@ -147,9 +148,9 @@ class World:
 
     def gate_entries(self, rollout_id: str, event: str) -> Counter[tuple[str, int]]:
         return Counter(
-            (str(g["gate"]), int(g["batch"]))
+            (g.gate, int(g.batch or 0))
             for g in self.store_state(rollout_id).gates
-            if g.get("event") == event
+            if g.event == event
         )
 
     def store_state(self, rollout_id: str) -> RolloutState:
@@ -233,9 +234,9 @@ def in_phase(world: World, phase: RolloutPhase) -> tuple[Controller, str]:
     controller = world.controller()
     rollout_id = world.create(controller, policy())
     rec = NodeRecord(world.nodes[0], 1, NodePhase.COMMITTED, previous_digest=V1.digest)
-    world.store.append(rollout_id, "node", rec.to_json())
+    world.store.append(rollout_id, rec.snapshot())
     if phase is not P.PENDING:
-        world.store.append(rollout_id, "phase", {"phase": str(phase), "message": "set up"})
+        world.store.append(rollout_id, PhaseEntry(phase=phase, message="set up"))
     assert controller.state(rollout_id).phase is phase
     return controller, rollout_id
 
@@ -261,7 +262,7 @@ async def test_command_phase_table(world: World, command: str, phase: RolloutPha
         return
     controller.command(rid, command, by="table")
     state = controller.state(rid)
-    assert state.commands[-1]["command"] == command and state.commands[-1]["by"] == "table"
+    assert state.commands[-1].command == command and state.commands[-1].by == "table"
     expected = PHASE_AFTER[command]
     assert state.phase is (phase if expected is None else expected)
     starts = command in ("resume", "retry", "rollback")
@@ -291,7 +292,7 @@ async def test_command_phase_table_while_the_engine_runs(
         else:
             controller.command(rid, command, by="table")
             state = controller.state(rid)
-            assert state.commands[-1]["command"] == command
+            assert state.commands[-1].command == command
             expected = {"pause": P.PAUSED, "resume": P.RUNNING, "abort": phase}[command]
             assert state.phase is expected
             if command == "abort":
@@ -331,7 +332,7 @@ async def test_resume_does_not_run_a_gate_again_that_passed(world: World) -> Non
     task.cancel()  # the controller dies while waiting for ops
     await asyncio.gather(task, return_exceptions=True)
     passed = {
-        (g["gate"], g["batch"])
+        (g.gate, g.batch)
         for g in world.store_state(rid).gates
         if g.get("event") == "finished" and g.get("result") == "passed"
     }
@@ -476,7 +477,7 @@ async def test_a_resumed_node_is_activated_exactly_once(
     await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
     snap = world.store_state(rid).nodes["n1"]
-    assert (snap["phase"], snap["activated"], snap["boot_count_start"]) == ("activating", True, 1)
+    assert (snap.phase, snap.activated, snap.boot_count_start) == ("activating", True, 1)
     await asyncio.sleep(30)  # virtual: the controller stays dead while the node boots
     meanwhile(world)
     assert world.activations()["n1"] == (1 if crash == "after" else 0)

@@ -218,12 +218,13 @@ async def test_pause_holds_then_resume_finishes(
     await service.wait_phase(rid, {"running"})
     status, _ = await service.call("POST", f"/v1/rollouts/{rid}/pause")
     assert status == 202
-    # In-flight nodes settle; nothing new starts.
+    # In-flight nodes come to rest; nothing new starts. A node the pause caught between
+    # its stage and its activation waits there, staged (a checkpoint).
     deadline = time.monotonic() + 60
     while True:
         _, state = await service.call("GET", f"/v1/rollouts/{rid}")
         phases = [n["phase"] for n in state["nodes"]]
-        if all(p in ("pending", "committed") for p in phases):
+        if all(p in ("pending", "staged", "committed") for p in phases):
             break
         assert time.monotonic() < deadline, phases
         await asyncio.sleep(0.1)  # polling the API

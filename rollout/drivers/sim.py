@@ -14,12 +14,19 @@ process restarts, the commit deadline timer.
 Health is decided by `healthy(node_id, digest, since_boot)`, a function the test gives:
 e.g. "image X is never healthy", or "node-2 turns unhealthy 30 s after boot". `SimProber`
 answers the policy's checks with it, in place of HTTP/TCP probes.
+
+The workload the agent reports in its status (what the controller's own `agent` check and
+its boot wait read, with no prober injected: `rollout simulate`) follows two fleet
+settings: after each boot it is `starting` for `healthy_after` seconds, as a real agent's
+is until the workload has come up; then `running`, except on the nodes in `failing`,
+whose workload fails on any image but the one they were installed with (a bad image
+there). The factory boot counts as long ago: an untouched node runs its workload.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from rollout import clock
@@ -83,7 +90,7 @@ class SimNode:
     def inactive(self) -> str:
         return str(self.state.booted.other)
 
-    def status(self) -> NodeStatus:
+    def status(self, workload: str = "running") -> NodeStatus:
         s = self.state
         booted, staged = s.booted_image, s.slot(s.staged) if s.staged else None
         good = s.slot(s.last_good)
@@ -95,7 +102,7 @@ class SimNode:
             staged_digest=staged.digest if staged else None,
             committed=s.committed,
             boot_count=s.boot_count,
-            workload="running",
+            workload=workload,
             busy=self.busy,
             last_good_digest=good.digest if good else None,
             last_good_version=good.version if good else None,
@@ -117,16 +124,31 @@ class SimFleet:
         image: Image,
         boot_seconds: float = 10.0,
         stage_seconds: float = 0.0,
+        healthy_after: float = 0.0,
+        failing: Collection[str] = (),
     ) -> None:
         self.boot_seconds = boot_seconds
         self.stage_seconds = stage_seconds  # how long writing an image takes
+        self.healthy_after = healthy_after  # workload "starting" this long after a boot
+        self.failing = frozenset(failing)  # their workload fails on a new image
+        self.factory_digest = image.digest
         self.stages: list[tuple[str, float]] = []  # (node, clock time a stage began)
         self.discards: list[str] = []
-        self.nodes = {n.id: SimNode.factory(n.id, image) for n in nodes}
+        # Every node starts in the same (immutable) state: computed once, shared.
+        fresh = SimNode.factory("", image).state
+        self.nodes = {n.id: SimNode(n.id, fresh) for n in nodes}
         self.activations: list[tuple[str, float]] = []  # (node, clock time): for assertions
 
     def __getitem__(self, node_id: str) -> SimNode:
         return self.nodes[node_id]
+
+    def workload(self, sim: SimNode) -> str:
+        """The workload state the node's agent reports now (see the module docstring)."""
+        if sim.state.boot_count > 1 and clock.now() - sim.booted_at < self.healthy_after:
+            return "starting"
+        if sim.node_id in self.failing and sim.state.booted_image.digest != self.factory_digest:
+            return "failed"
+        return "running"
 
 
 def _refused(exc: AgentError) -> Refused:
@@ -147,7 +169,8 @@ class SimDriver:
         return sim
 
     async def status(self, node: Node) -> NodeStatus:
-        return self._node(node).status()
+        sim = self._node(node)
+        return sim.status(self.fleet.workload(sim))
 
     async def stage(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
@@ -198,7 +221,7 @@ class SimDriver:
     async def commit(self, node: Node) -> NodeStatus:
         sim = self._node(node)
         sim.state = sm.commit(sim.state)
-        return sim.status()
+        return sim.status(self.fleet.workload(sim))
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
         sim = self._node(node)

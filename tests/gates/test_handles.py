@@ -152,7 +152,7 @@ def test_controller_signal_urls_for_wait_gates_only_and_one_refusal(tmp_path: Pa
     assert controller.store.entries(rid) == before
     sig = controller.signal_by_secret(rid, "tests", secret, {"Status": "SUCCESS", "UniqueId": "a"})
     assert sig.id == "a"
-    assert controller.state(rid).gates[-1]["event"] == "received_signal"
+    assert controller.state(rid).gates[-1].event == "received_signal"
     # The journal holds no secret; a controller on the same state file derives the same.
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*") if "key" not in p.name)
     assert secret.encode() not in raw

@@ -1,0 +1,640 @@
+"""`rollout simulate`: predict a rollout's timeline on simulated nodes, on virtual time.
+
+What runs is what `rollout run` runs: the `Controller` (create: plan, lock, journal; then
+execute: rebuild from the journal, leases, the `Engine`), the real planner, the bake gates,
+metrics, and the durable SQLite journal (a temporary file unless a state path is given).
+Only the edges are simulated:
+
+- the nodes: `rollout.drivers.sim`, on the agent's own pure state machine. A boot takes
+  `boot` seconds, the workload is `starting` for `healthy_after` seconds after each boot,
+  and a seeded draw of `fail_rate` of the nodes run a workload that fails on the new image
+  (`draw_failing`: the same seed and inventory give the same nodes);
+- the clock: `VirtualClockLoop`, an asyncio loop whose time jumps to the next timer when
+  nothing is ready, so hours of boots and bakes pass in the CPU time the controller itself
+  needs. A simulation is therefore also the benchmark of the controller's cost
+  (benchmarks/bench_scale.py);
+- what needs the outside world (`simulation_policy`): health checks become the one `agent`
+  check, answered by the simulated agents (no network); wait, approval, analysis, alerts
+  and window gates are taken as passing at once (they wait on signals, people, Prometheus
+  or the wall clock) and listed in the report; webhooks are not sent; node locks and agent
+  leases are taken once and not renewed (nobody else contends for simulated nodes).
+
+`Timeline` is the observer that turns the engine's events into the prediction: each
+batch's start and end, nodes out of service over time, failures and the policy's reaction
+(halt, rollback), the total duration. `report_json` and `render_text` present it.
+
+Worked example (50 nodes, policy batches canary 1 / size 25% / max_unavailable 25%,
+health interval 5 s, min_healthy_time 20 s, --boot 90s --healthy-after 20s): the planner
+cuts batches of 1, 12, 12, 12, 12, 1; in each, a node reboots for 90 s (seen at the
+controller's next 0.2 s poll), its workload starts 20 s later (the next poll after that),
+and the fifth check, 20 s on, commits it: about 130.4 s a batch, 6 batches, 13 minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import selectors
+import tempfile
+from collections import Counter
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rollout import clock
+from rollout.controller import Controller, RetryHook
+from rollout.drivers.sim import SimDriver, SimFleet
+from rollout.errors import InputError
+from rollout.events import (
+    BatchFinished,
+    BatchStarted,
+    Event,
+    Fanout,
+    NodeChanged,
+    Observer,
+    RolloutFinished,
+    RolloutPhaseChanged,
+)
+from rollout.gates.events import GateFinished, GateWaiting
+from rollout.journal import LockConflict, SQLiteStore
+from rollout.model import Image, Node, NodePhase, RolloutPhase
+from rollout.plan import limits
+from rollout.policy import AgentCheck, Policy
+from rollout.pull import PullAccess
+from rollout.units import fmt_duration
+
+__all__ = [
+    "SimReport",
+    "SimSettings",
+    "Timeline",
+    "VirtualClockLoop",
+    "draw_failing",
+    "parse_labels",
+    "render_text",
+    "report_json",
+    "run_virtual",
+    "simulate",
+    "simulation_policy",
+    "synthetic_nodes",
+]
+
+T = TypeVar("T")
+
+# The images a simulated fleet moves between (nothing reads their bytes).
+CURRENT = Image("simulated-current.img", "sha256:" + "c" * 64, "simulated", "current", 1 << 30)
+TARGET = Image("simulated-target.img", "sha256:" + "7" * 64, "simulated", "target", 1 << 30)
+# Virtual seconds after which a simulation gives up (a rollout that would never end).
+MAX_VIRTUAL = 30 * 86400.0
+# Node locks and agent leases outlive any simulation: taken once, never renewed.
+_SIM_LOCK_TTL = 10 * MAX_VIRTUAL
+# Gate kinds that run as they are; the others are assumed to pass at once.
+_SIMULATED_GATES = frozenset({"bake"})
+_SERIES_POINTS = 24  # how many points the coarse out-of-service series has
+_FIRST_FAILURES = 20  # failed nodes listed by name in the report
+
+
+# -- virtual time ------------------------------------------------------------------------
+class _VirtualSelector(selectors.BaseSelector):
+    """A real selector that never sleeps: it polls ready I/O, and when nothing is ready and
+    the loop's next timer is `timeout` away, moves the loop's clock there instead."""
+
+    def __init__(self, loop: VirtualClockLoop) -> None:
+        self._real = selectors.DefaultSelector()
+        self._loop = loop
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._real.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._real.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = self._real.select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # no timer at all: only another thread can wake the loop
+            return self._real.select(None)
+        self._loop.advance(timeout)
+        return []
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._real.get_map()
+
+    def close(self) -> None:
+        self._real.close()
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: `time()` starts at 0 and jumps to the next timer
+    whenever no callback is ready, so `asyncio.sleep(3600)` takes no real time. Real I/O
+    still works (it is polled), but a simulation must not wait on any: time would run on
+    without it."""
+
+    def __init__(self) -> None:
+        self._virtual = 0.0
+        super().__init__(_VirtualSelector(self))
+
+    def time(self) -> float:
+        return self._virtual
+
+    def advance(self, seconds: float) -> None:
+        self._virtual += seconds
+
+
+def run_virtual(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to its end on a fresh `VirtualClockLoop` (as `asyncio.run` does)."""
+    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+        return runner.run(main)
+
+
+# -- inputs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SimSettings:
+    """How the simulated nodes behave: seconds, a fraction, a seed."""
+
+    boot: float = 90.0  # activation to the agent answering again
+    healthy_after: float = 20.0  # the workload is `starting` this long after each boot
+    fail_rate: float = 0.0  # fraction of nodes whose workload fails on the new image
+    seed: int = 1
+    stage: float = 0.0  # writing the image into the inactive slot
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "boot": self.boot,
+            "healthy_after": self.healthy_after,
+            "fail_rate": self.fail_rate,
+            "seed": self.seed,
+            "stage": self.stage,
+        }
+
+
+def parse_labels(text: str | None) -> dict[str, int]:
+    """`--labels rack=4,zone=2`: label name -> how many values to spread the nodes over.
+
+    >>> parse_labels("rack=4, zone=2")
+    {'rack': 4, 'zone': 2}
+    >>> parse_labels("rack")
+    Traceback (most recent call last):
+    rollout.errors.InputError: --labels: expected NAME=COUNT[,NAME=COUNT...] like rack=4, got 'rack'
+    """
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, count = (s.strip() for s in part.partition("="))
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise InputError(
+                f"--labels: expected NAME=COUNT[,NAME=COUNT...] like rack=4, got {part.strip()!r}"
+            )
+        out[name] = int(count)
+    return out
+
+
+def synthetic_nodes(count: int, labels: Mapping[str, int] | None = None) -> tuple[Node, ...]:
+    """`--nodes N`: node-001 ... with unique made-up addresses, each label's values dealt
+    round-robin (the first label varies fastest), as racks usually are.
+
+    >>> [(n.id, dict(n.labels)) for n in synthetic_nodes(3, {"rack": 2})]
+    [('node-1', {'rack': 'rack-1'}), ('node-2', {'rack': 'rack-2'}), ('node-3', {'rack': 'rack-1'})]
+    """
+    if not 1 <= count <= 10_000_000:
+        raise InputError(f"--nodes: expected 1 to 10000000 nodes, got {count}")
+    width = len(str(count))
+    specs = list((labels or {}).items())
+    nodes = []
+    for i in range(count):
+        values: dict[str, str] = {}
+        step = 1
+        for name, n in specs:
+            values[name] = f"{name}-{(i // step) % n + 1}"
+            step *= n
+        address = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}:{7000 + (i >> 24)}"
+        nodes.append(Node(f"node-{i + 1:0{width}d}", address, values))
+    return tuple(nodes)
+
+
+def draw_failing(node_ids: Sequence[str], rate: float, seed: int) -> frozenset[str]:
+    """The nodes whose workload fails on the new image: each independently with
+    probability `rate`, drawn in inventory order from `seed` (repeatable).
+
+    >>> sorted(draw_failing(["a", "b", "c"], 1.0, 7)), draw_failing(["a", "b"], 0.0, 7)
+    (['a', 'b', 'c'], frozenset())
+    """
+    if rate <= 0:
+        return frozenset()
+    rng = random.Random(seed)
+    return frozenset(n for n in node_ids if rng.random() < rate)
+
+
+def simulation_policy(policy: Policy) -> tuple[Policy, list[str]]:
+    """The policy as a simulation runs it, and what it left out (one line each).
+
+    Health checks become the `agent` check (the simulated agents answer it), gates other
+    than bake pass at once, webhooks are dropped; everything else is the policy as given.
+    """
+    notes: list[str] = []
+    kinds = sorted({c.type for c in policy.health.checks} - {"agent"})
+    if kinds:
+        notes.append(
+            f"health checks ({', '.join(kinds)}): answered by the simulated nodes' workload"
+        )
+    kept = tuple(g for g in policy.gates if g.kind in _SIMULATED_GATES)
+    for gate in policy.gates:
+        if gate.kind not in _SIMULATED_GATES:
+            notes.append(f"gate {gate.name} ({gate.kind}): assumed to pass at once")
+    if policy.notify:
+        notes.append(f"webhooks ({len(policy.notify)}): not sent")
+    health = policy.health.model_copy(update={"checks": (AgentCheck(),)})
+    simulated = policy.model_copy(update={"health": health, "gates": kept, "notify": ()})
+    return simulated, notes
+
+
+# -- the prediction ----------------------------------------------------------------------
+@dataclass
+class BatchRow:
+    number: int
+    canary: bool
+    nodes: int
+    start: float
+    end: float | None = None
+    failed: int = 0
+    decision: str | None = None
+
+
+@dataclass
+class GateRow:
+    gate: str
+    kind: str
+    after_batch: int
+    start: float
+    end: float | None = None
+    result: str | None = None
+
+
+@dataclass
+class Failure:
+    node: str
+    batch: int
+    at: float
+    reason: str
+    detail: str
+
+
+class Timeline:
+    """Observer of one simulated rollout: what happened when, in virtual seconds from the
+    start. Cheap per event (it sees every node change of a 100,000-node fleet)."""
+
+    def __init__(self) -> None:
+        self.start = clock.now()
+        self.batches: dict[int, BatchRow] = {}
+        self.gates: list[GateRow] = []
+        self.open_gates: dict[str, GateRow] = {}
+        self.phases: list[tuple[float, str, str]] = []
+        self.failures: list[Failure] = []
+        self.failed_by_reason: Counter[str] = Counter()
+        self.final: tuple[float, str, str] | None = None
+        self.rolled_back = 0
+        self._out: set[str] = set()  # nodes out of service now
+        self.peak_out = 0
+        self.series: list[tuple[float, int]] = [(0.0, 0)]  # (t, out of service from t)
+        self._last_batch = 0
+
+    def _now(self) -> float:
+        return clock.now() - self.start
+
+    def __call__(self, event: Event) -> None:
+        if type(event) is NodeChanged:  # by far the most frequent: first, and cheap
+            self._node(event)
+        elif isinstance(event, BatchStarted):
+            b = event.batch
+            self.batches[b.index] = BatchRow(b.index, b.canary, len(b.nodes), self._now())
+        elif isinstance(event, BatchFinished):
+            row = self.batches.get(event.batch.index)
+            if row is not None:
+                row.end, row.failed, row.decision = self._now(), event.failed, event.decision
+            self._last_batch = event.batch.index
+        elif isinstance(event, GateWaiting):
+            if event.gate not in self.open_gates:
+                gate = GateRow(event.gate, event.kind, self._last_batch, self._now())
+                self.open_gates[event.gate] = gate
+                self.gates.append(gate)
+        elif isinstance(event, GateFinished):
+            gate_row = self.open_gates.pop(event.gate, None)
+            if gate_row is None:
+                gate_row = GateRow(event.gate, event.kind, self._last_batch, self._now())
+                self.gates.append(gate_row)
+            gate_row.end, gate_row.result = self._now(), event.result
+        elif isinstance(event, RolloutPhaseChanged):
+            self.phases.append((self._now(), str(event.phase), event.message))
+        elif isinstance(event, RolloutFinished):
+            self.final = (self._now(), str(event.phase), event.message)
+
+    def _node(self, event: NodeChanged) -> None:
+        phase = event.phase
+        out = self._out
+        before = len(out)
+        if phase.in_flight:
+            out.add(event.node_id)
+        else:
+            out.discard(event.node_id)
+            if phase is NodePhase.ROLLED_BACK:
+                self.rolled_back += 1
+            elif phase is NodePhase.FAILED:
+                reason = str(event.reason) if event.reason else "failed"
+                self.failed_by_reason[reason] += 1
+                if len(self.failures) < _FIRST_FAILURES:
+                    self.failures.append(
+                        Failure(event.node_id, event.batch, self._now(), reason, event.detail)
+                    )
+        now_out = len(out)
+        if now_out != before:
+            if now_out > self.peak_out:
+                self.peak_out = now_out
+            t = self._now()
+            if self.series[-1][0] == t:
+                self.series[-1] = (t, now_out)
+            else:
+                self.series.append((t, now_out))
+
+
+def coarse(series: Sequence[tuple[float, int]], end: float, points: int) -> list[tuple[float, int]]:
+    """The most nodes out of service in each of `points` equal slices of [0, end].
+
+    >>> coarse([(0.0, 0), (1.0, 5), (2.0, 0), (6.0, 3)], 8.0, 4)
+    [(0.0, 5), (2.0, 0), (4.0, 0), (6.0, 3)]
+    """
+    if end <= 0 or not series:
+        return [(0.0, max((n for _, n in series), default=0))]
+    step = end / points
+    out: list[tuple[float, int]] = []
+    i, current = 0, 0
+    for k in range(points):
+        lo, hi = k * step, (k + 1) * step
+        while i < len(series) and series[i][0] <= lo + 1e-9:  # changes at the slice's start
+            current = series[i][1]
+            i += 1
+        peak = current  # what was out when the slice began
+        while i < len(series) and series[i][0] < hi - 1e-9:
+            current = series[i][1]
+            peak = max(peak, current)
+            i += 1
+        out.append((round(lo, 3), peak))
+    return out
+
+
+@dataclass
+class SimReport:
+    """The prediction: what `render_text` prints and `report_json` gives as data."""
+
+    rollout_id: str
+    nodes: int
+    policy_name: str
+    settings: SimSettings
+    phase: RolloutPhase
+    message: str
+    exit_code: int
+    duration: float
+    timeline: Timeline
+    max_unavailable: int
+    drawn_failing: int
+    not_simulated: list[str] = field(default_factory=list)
+    state_path: str | None = None
+
+
+def _r(t: float | None) -> float | None:
+    return None if t is None else round(t, 3)
+
+
+def report_json(report: SimReport) -> dict[str, Any]:
+    tl = report.timeline
+    return {
+        "rollout": report.rollout_id,
+        "policy": report.policy_name,
+        "nodes": report.nodes,
+        "settings": report.settings.to_json(),
+        "phase": str(report.phase),
+        "message": report.message,
+        "duration": _r(report.duration),
+        "batches": [
+            {
+                "number": b.number,
+                "canary": b.canary,
+                "nodes": b.nodes,
+                "start": _r(b.start),
+                "end": _r(b.end),
+                "failed": b.failed,
+                "decision": b.decision,
+            }
+            for b in sorted(tl.batches.values(), key=lambda b: b.number)
+        ],
+        "gates": [
+            {
+                "gate": g.gate,
+                "kind": g.kind,
+                "after_batch": g.after_batch,
+                "start": _r(g.start),
+                "end": _r(g.end),
+                "result": g.result,
+            }
+            for g in tl.gates
+        ],
+        "out_of_service": {
+            "max": tl.peak_out,
+            "max_unavailable": report.max_unavailable,
+            "series": [
+                {"t": t, "nodes": n} for t, n in coarse(tl.series, report.duration, _SERIES_POINTS)
+            ],
+        },
+        "failures": {
+            "drawn": report.drawn_failing,
+            "failed": sum(tl.failed_by_reason.values()),
+            "rolled_back": tl.rolled_back,
+            "by_reason": dict(sorted(tl.failed_by_reason.items())),
+            "first": [
+                {
+                    "node": f.node,
+                    "batch": f.batch,
+                    "at": _r(f.at),
+                    "reason": f.reason,
+                    "detail": f.detail,
+                }
+                for f in tl.failures
+            ],
+        },
+        "phases": [{"at": _r(t), "phase": p, "message": m} for t, p, m in tl.phases],
+        "not_simulated": list(report.not_simulated),
+        "state": report.state_path,
+    }
+
+
+def fmt_t(seconds: float | None) -> str:
+    """A virtual time from the start, as T+h:mm:ss (tenths when not whole).
+
+    >>> fmt_t(0), fmt_t(130.4), fmt_t(3725)
+    ('T+0:00:00', 'T+0:02:10.4', 'T+1:02:05')
+    """
+    if seconds is None:
+        return "T+?"
+    tenths = round(seconds * 10)
+    whole, frac = divmod(tenths, 10)
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return f"T+{h}:{m:02d}:{s:02d}" + (f".{frac}" if frac else "")
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: 13m2.4s, 1h2m5s, 4.2s."""
+    tenths = round(seconds * 10)
+    whole, frac = divmod(tenths, 10)
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    sec = f"{s}.{frac}s" if frac else f"{s}s"
+    if h:
+        return f"{h}h{m}m{sec}"
+    return f"{m}m{sec}" if m else sec
+
+
+def render_text(report: SimReport) -> list[str]:
+    """The prediction as lines for a terminal or a CI log."""
+    tl, s = report.timeline, report.settings
+    lines = [
+        f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}: "
+        f"boot {fmt_duration(s.boot)}, healthy after {fmt_duration(s.healthy_after)}, "
+        f"fail rate {s.fail_rate * 100:g}% (seed {s.seed}, {report.drawn_failing} node(s) "
+        "with a failing workload)"
+    ]
+    gates_after: dict[int, list[GateRow]] = {}
+    for g in tl.gates:
+        gates_after.setdefault(g.after_batch, []).append(g)
+    for b in sorted(tl.batches.values(), key=lambda b: b.number):
+        kind = " (canary)" if b.canary else ""
+        end = fmt_t(b.end) if b.end is not None else "(did not finish)"
+        tail = f" -> {b.decision}" if b.decision else ""
+        lines.append(
+            f"batch {b.number}{kind}: {fmt_t(b.start)} .. {end}  {b.nodes} node(s), "
+            f"{b.failed} failed{tail}"
+        )
+        for g in gates_after.get(b.number, []):
+            lines.append(
+                f"  gate {g.gate} ({g.kind}): {fmt_t(g.start)} .. {fmt_t(g.end)} "
+                f"{g.result or 'unfinished'}"
+            )
+    lines.append(
+        f"out of service: at most {tl.peak_out} node(s) at once "
+        f"(max_unavailable {report.max_unavailable})"
+    )
+    series = coarse(tl.series, report.duration, 12)
+    lines.append("  " + "  ".join(f"{fmt_t(t)} {n}" for t, n in series))
+    failed = sum(tl.failed_by_reason.values())
+    if failed:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(tl.failed_by_reason.items()))
+        lines.append(f"failures: {failed} node(s) failed ({reasons}); {tl.rolled_back} rolled back")
+        for f in tl.failures[:5]:
+            lines.append(f"  {fmt_t(f.at)} {f.node} (batch {f.batch}): {f.reason}")
+    else:
+        lines.append("failures: none")
+    reaction = [(t, p, m) for t, p, m in tl.phases if p != str(RolloutPhase.RUNNING)]
+    for t, p, m in reaction:
+        lines.append(f"policy: {fmt_t(t)} {p}" + (f" ({m})" if m else ""))
+    for note in report.not_simulated:
+        lines.append(f"not simulated: {note}")
+    lines.append(
+        f"predicted duration: {_span(report.duration)}, ending {report.phase}"
+        + (f": {report.message}" if report.message else "")
+    )
+    return lines
+
+
+# -- the runner --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _scratch(state_path: str | None) -> Iterator[tuple[Path, str]]:
+    """A directory for the simulated nodes' token, and the journal's path in it (or the
+    path given)."""
+    with tempfile.TemporaryDirectory(prefix="rollout-simulate-") as tmp:
+        yield Path(tmp), state_path or str(Path(tmp) / "state.db")
+
+
+def simulate(
+    nodes: Sequence[Node],
+    policy: Policy,
+    settings: SimSettings,
+    *,
+    policy_name: str = "",
+    state_path: str | None = None,
+    observers: Sequence[Observer] = (),
+) -> SimReport:
+    """Run the rollout of `nodes` under `policy` on simulated nodes and virtual time.
+
+    `observers` see the engine's events besides the timeline (metrics, an event log).
+    Bad input (no nodes, a state file whose unfinished rollout holds these nodes) is an
+    InputError."""
+    if not nodes:
+        raise InputError("the simulation has no nodes")
+    sim_policy, notes = simulation_policy(policy)
+    failing = draw_failing([n.id for n in nodes], settings.fail_rate, settings.seed)
+    with _scratch(state_path) as (tmp, journal_path):
+        token = tmp / "token"
+        token.write_text("simulated\n")
+        # The inventory's own token and CA files are for real agents; none is read here.
+        sim_nodes = [replace(n, token_file=str(token), ca_file=None) for n in nodes]
+        fleet = SimFleet(
+            sim_nodes,
+            CURRENT,
+            boot_seconds=settings.boot,
+            stage_seconds=settings.stage,
+            healthy_after=settings.healthy_after,
+            failing=failing,
+        )
+        store = SQLiteStore(journal_path)
+        try:
+
+            def driver_for(holder: str, pull: PullAccess, hook: RetryHook | None) -> SimDriver:
+                return SimDriver(fleet)
+
+            async def run() -> tuple[str, Timeline, float, Any]:
+                timeline = Timeline()
+                observer = Fanout([timeline, *observers])
+                controller = Controller(
+                    store,
+                    observer_for=lambda rid: observer,
+                    lock_ttl=_SIM_LOCK_TTL,
+                    driver_for=driver_for,
+                )
+                try:
+                    rid = controller.create(
+                        sim_nodes, sim_policy, TARGET, policy_name=policy_name, by="simulate"
+                    ).rollout_id
+                except LockConflict as exc:
+                    raise InputError(f"--state {journal_path}: {exc}") from None
+                try:
+                    result = await asyncio.wait_for(controller.execute(rid), MAX_VIRTUAL)
+                except TimeoutError:
+                    raise InputError(
+                        f"the simulated rollout did not end within {_span(MAX_VIRTUAL)} of "
+                        "virtual time"
+                    ) from None
+                return rid, timeline, clock.now() - timeline.start, result
+
+            rid, timeline, took, result = run_virtual(run())
+        finally:
+            store.close()
+        return SimReport(
+            rollout_id=rid,
+            nodes=len(sim_nodes),
+            policy_name=policy_name,
+            settings=settings,
+            phase=result.phase,
+            message=result.message,
+            exit_code=result.exit_code,
+            duration=took,
+            timeline=timeline,
+            max_unavailable=limits(policy, len(sim_nodes)).max_unavailable,
+            drawn_failing=len(failing),
+            not_simulated=notes,
+            state_path=state_path,
+        )
