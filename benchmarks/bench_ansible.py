@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rollout import fleet
@@ -66,6 +66,7 @@ class Run:
     on_target: int  # nodes on v2, committed
     node_time: float  # sum over batches of the slowest node's activate -> workload_running
     agents_cpu: float  # the agents' CPU during the run, their workloads included
+    phases: str = ""  # rollout only: where its wall time went, from its event log
 
 
 def ensure_ansible(venv: Path) -> Path:
@@ -157,6 +158,25 @@ def node_time(workdir: Path, plan: list[list[Node]]) -> float:
     return total
 
 
+def rollout_phases(log: Path, began: datetime, wall: float) -> str:
+    """Start-up (exec to `rollout_started`), the engine, and the exit (`rollout_finished`
+    to the process's end), from the JSON event log of `rollout run`."""
+    stamps: dict[str, datetime] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") in ("rollout_started", "rollout_finished"):
+                stamps.setdefault(event["event"], datetime.fromisoformat(event["timestamp"]))
+    if len(stamps) < 2:
+        return ""
+    start = (stamps["rollout_started"] - began).total_seconds()
+    engine = (stamps["rollout_finished"] - stamps["rollout_started"]).total_seconds()
+    return (
+        f"rollout run: start-up {start:.2f} s (imports, inventory, image, journal, leases), "
+        f"engine {engine:.2f} s, exit {wall - start - engine:.2f} s"
+    )
+
+
 def policy_yaml(min_healthy: float) -> str:
     return (
         "activation: reboot\n"
@@ -218,8 +238,10 @@ def run_tool(
                 "ANSIBLE_LOCAL_TEMP": str(wd / tool / "ansible-tmp"),
             }
         cpu0 = agents_cpu(fleet_dir)
+        began = datetime.now(UTC)
         wall, cpu, code = measured(cmd, env, wd / tool / "output.log")
         agents = agents_cpu(fleet_dir) - cpu0
+        phases = rollout_phases(wd / tool / "output.log", began, wall) if tool == "rollout" else ""
         if code != 0:
             tail = (wd / tool / "output.log").read_text(errors="replace")[-3000:]
             print(f"{tool} exited {code}; the end of its output:\n{tail}", file=sys.stderr)
@@ -227,7 +249,7 @@ def run_tool(
         spent = node_time(fleet_dir, batches(nodes))
     finally:
         fleet.down(fleet_dir)
-    return Run(tool, wall, cpu, code, done, spent, agents)
+    return Run(tool, wall, cpu, code, done, spent, agents, phases)
 
 
 def ratio(a: float, b: float) -> str:
@@ -297,6 +319,8 @@ def main() -> None:
             f"{r.on_target:>6} {r.exit_code:>5}"
         )
     ro, an = runs
+    if ro.phases:
+        print(ro.phases)
     print()
     print(
         f"ansible / rollout: wall {ratio(an.wall, ro.wall)}, CPU {ratio(an.cpu, ro.cpu)}, "
