@@ -18,6 +18,14 @@ Safety invariant: no member may escape the directory it is unpacked into. Absolu
 `..` components, links whose target resolves outside, hard links to outside names, and
 device or FIFO members are refused, both when building and when unpacking (where tarfile's
 "data" filter also runs as a second line of defence).
+
+Describing an image (`load_image`) hashes the whole file, so it is done once per file, not
+once per rollout: the result is cached in memory, keyed by the file's identity and what
+changes whenever its bytes do (device, inode, size, mtime and ctime in nanoseconds). A file
+rewritten in place changes its mtime and ctime (even `touch -d` or `os.utime` to restore
+the mtime changes the ctime), a file replaced by a rename is another inode, so a stale
+digest is never served for changed bytes. Nor could one do harm: every agent hashes the
+bytes it receives and refuses them when they do not match the digest it was sent.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ import json
 import os
 import posixpath
 import tarfile
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rollout.errors import ImageError
@@ -180,25 +190,58 @@ def build_image(
     )
 
 
-def read_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read the manifest of a tree image file without unpacking it."""
-    raw = manifest_bytes(path)
-    if manifest_kind(raw, str(path)) == KIND_ROOTFS:
+def tree_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse the raw manifest of a tree image; a rootfs manifest is refused (ImageError)."""
+    if manifest_kind(raw, where) == KIND_ROOTFS:
         raise ImageError(
-            f"{path}: a root-filesystem image (kind rootfs), not a tree image: it is written "
+            f"{where}: a root-filesystem image (kind rootfs), not a tree image: it is written "
             "whole to a partition slot, not unpacked; use a tree image for this node"
         )
-    return Manifest.from_json(raw, str(path))
+    return Manifest.from_json(raw, where)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read the manifest of a tree image file without unpacking it."""
+    return tree_manifest(manifest_bytes(path), str(path))
+
+
+_CACHE_SIZE = 64
+_cache: OrderedDict[tuple[str, int, int, int, int, int], Image] = OrderedDict()
+_cache_lock = threading.Lock()  # load_image also runs in worker threads (asyncio.to_thread)
 
 
 def load_image(path: str | os.PathLike[str]) -> Image:
     """Describe an image file of either kind: its digest and what its manifest says.
 
     A rootfs image is read through once, its layout and filesystem digest checked while
-    the file is hashed (rollout.rootfs.load_rootfs_image); a tree image is hashed as before.
+    the file is hashed (rollout.rootfs.load_rootfs_image); a tree image is hashed. Either
+    is done once per file and cached (see the module docstring): describing the same
+    unchanged file again, for the next rollout, reads nothing but its `stat`.
     """
-    if not os.path.isfile(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not os.path.isfile(path):
         raise ImageError(f"{path}: no such image file; build one with `rollout image build`")
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+           st.st_ctime_ns)  # fmt: skip
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return replace(hit, path=str(path))
+    image = _describe(path)
+    after = os.stat(path)
+    if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == key[2:]:
+        with _cache_lock:  # cached only if the file did not change while it was read
+            _cache[key] = image
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
+    return image
+
+
+def _describe(path: str | os.PathLike[str]) -> Image:
     raw = manifest_bytes(path)
     if manifest_kind(raw, str(path)) == KIND_ROOTFS:
         return load_rootfs_image(path)[0]

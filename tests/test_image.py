@@ -98,3 +98,41 @@ def test_not_an_image(tmp_path: Path) -> None:
         load_image(junk)
     with pytest.raises(ImageError, match="no such image file"):
         load_image(tmp_path / "missing.img")
+
+
+def test_load_image_hashes_a_file_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import rollout.image as image_module
+
+    src = write_sample_tree(tmp_path / "src")
+    img = build_image(src, tmp_path / "a.img", version="1")
+    hashed: list[str] = []
+    real = image_module.sha256_file
+
+    def counting(path: str | os.PathLike[str]) -> str:
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(image_module, "sha256_file", counting)
+    first = load_image(img.path)
+    again = load_image(img.path)
+    assert first == again and first.digest == img.digest
+    assert len(hashed) == 1  # the second rollout start read only the file's stat
+
+    # Changed in place, same size, mtime put back: the ctime still tells.
+    st = os.stat(img.path)
+    data = bytearray(Path(img.path).read_bytes())
+    data[-1] ^= 0xFF  # in the tar's zero padding: still the same image, other bytes
+    Path(img.path).write_bytes(bytes(data))
+    os.utime(img.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = load_image(img.path)
+    assert len(hashed) == 2 and changed.digest != first.digest
+
+    # Replaced by a rename (another inode): hashed again.
+    other = build_image(src, tmp_path / "b.img", version="1")
+    hashed.clear()
+    os.replace(other.path, img.path)
+    assert load_image(img.path).digest == other.digest and hashed == [img.path]

@@ -39,12 +39,10 @@ import contextlib
 import io
 import json
 import os
-import queue
 import re
 import shutil
 import stat
 import subprocess
-import threading
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rollout.agent import grubenv
 from rollout.agent.backend import IsCommitted, OnWorkloadFailed, SwitchResult
+from rollout.agent.channel import Channel, ChannelReader, finished, run_in_thread
 from rollout.agent.state import AgentError, AgentState, Slot, SlotImage
 from rollout.agent.store import Store
 from rollout.errors import InputError
@@ -68,7 +67,6 @@ log = structlog.get_logger("rollout.agent.disk")
 
 NEXTROOT = Path("/run/nextroot")
 KEXEC_MOUNT = Path("/run/rollout/kexec")
-_QUEUE_CHUNKS = 32
 _WIPE = 1 << 20
 _POLL = 1.0
 _SPEC = re.compile(r"^(PARTUUID|PARTLABEL|LABEL|UUID)=(\S+)$")
@@ -198,43 +196,6 @@ def workload_state(units: dict[str, str]) -> str:
     if values == {"active"}:
         return "running"
     return "starting"
-
-
-class _Pipe(io.RawIOBase):
-    """A blocking reader fed chunk by chunk from the event loop (bounded queue)."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE_CHUNKS)
-        self.closed_by_reader = threading.Event()
-        self._buf = b""
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._buf and not self._eof:
-            item = self.q.get()
-            if item is None:
-                self._eof = True
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                self._buf = item
-        n = min(len(buffer), len(self._buf))
-        buffer[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def put(self, item: bytes | BaseException | None) -> bool:
-        """Blocking put from a worker thread; False once the reader gave up."""
-        while not self.closed_by_reader.is_set():
-            try:
-                self.q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
 
 
 class UnitWatcher:
@@ -461,35 +422,34 @@ class DiskBackend:
         device = self.device(slot)
         self._touched = False
         await asyncio.to_thread(self._guard, slot, device)
-        pipe = _Pipe()
-        worker = asyncio.ensure_future(asyncio.to_thread(self._copy, pipe, device, str(slot)))
+        channel = Channel()
+
+        def work() -> tuple[RootfsManifest, str]:
+            try:
+                return self._copy(channel, device, str(slot))
+            finally:
+                channel.stop()  # a worker that failed takes no more: the loop stops sending
+
+        worker = run_in_thread(work, name=f"stage-{slot}")
         size = 0
         try:
-            try:
-                async for chunk in body:
-                    size += len(chunk)
-                    if worker.done():
-                        break
-                    try:
-                        pipe.q.put_nowait(chunk)
-                    except queue.Full:
-                        await asyncio.to_thread(pipe.put, chunk)
-                else:
-                    await asyncio.to_thread(pipe.put, None)
-            except BaseException as exc:
-                await asyncio.to_thread(pipe.put, AgentError("upload_incomplete", str(exc)))
-                with contextlib.suppress(BaseException):
-                    await worker
-                raise
-            try:
-                manifest, actual = await worker
-            except RootfsStreamError as exc:
-                raise AgentError(exc.code, str(exc), written=self._touched) from None
-            except AgentError as exc:
-                exc.extra.setdefault("written", self._touched)
-                raise
-        finally:
-            pipe.closed_by_reader.set()
+            async for chunk in body:
+                size += len(chunk)
+                if not await channel.send(chunk):
+                    break  # the worker ended early: awaiting it raises why
+            else:
+                channel.close()
+        except BaseException as exc:
+            channel.fail(AgentError("upload_incomplete", str(exc)))
+            await finished(worker)  # nothing may still write to the device being cleared
+            raise
+        try:
+            manifest, actual = await worker
+        except RootfsStreamError as exc:
+            raise AgentError(exc.code, str(exc), written=self._touched) from None
+        except AgentError as exc:
+            exc.extra.setdefault("written", self._touched)
+            raise
         if actual != digest:
             raise AgentError(
                 "digest_mismatch",
@@ -515,20 +475,21 @@ class DiskBackend:
                 slot=str(slot),
             )
 
-    def _copy(self, pipe: _Pipe, device: Path, slot_name: str) -> tuple[RootfsManifest, str]:
+    def _copy(self, channel: Channel, device: Path, slot_name: str) -> tuple[RootfsManifest, str]:
         """Worker thread: parse the stream, write the filesystem to `device`, fsync."""
         import hashlib
 
         from rollout.rootfs import copy_rootfs
 
         whole = hashlib.sha256()
+        source = ChannelReader(channel)
 
         class Hashing(io.RawIOBase):
             def readable(self) -> bool:
                 return True
 
             def readinto(self, buffer: Any) -> int:
-                n = pipe.readinto(buffer)
+                n = source.readinto(buffer)
                 whole.update(memoryview(buffer)[:n])
                 return n
 
@@ -565,7 +526,7 @@ class DiskBackend:
                     io.BufferedReader(Hashing(), 1 << 20), check=check, sink=sink
                 )
             finally:
-                pipe.closed_by_reader.set()
+                channel.stop()
             os.fsync(fd)
         finally:
             os.close(fd)

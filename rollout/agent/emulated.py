@@ -1,7 +1,7 @@
 """The emulated backend: the agent process is the machine.
 
-Slots are directories under the state dir (store.py: the image tar, hashed as it streams,
-then unpacked), a reboot or kexec is a re-exec of the agent process after a simulated
+Slots are directories under the state dir (store.py: the image tar, hashed and unpacked
+while it streams), a reboot or kexec is a re-exec of the agent process after a simulated
 delay (reboot = firmware + kernel, kexec = kernel), a soft reboot is done in-process, and
 the workload is the image manifest's command, run as a supervised child process with the
 slot's unpacked root as its working directory (workload.py).
@@ -12,7 +12,6 @@ which slot boots (`booted_slot` is None): this is the simulated firmware.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ import structlog
 
 from rollout.agent import state as sm
 from rollout.agent.backend import IsCommitted, OnWorkloadFailed, SwitchResult
-from rollout.agent.state import AgentError, AgentState, Slot, SlotImage
+from rollout.agent.state import AgentState, Slot, SlotImage
 from rollout.agent.store import Store
 from rollout.agent.workload import Supervisor, WorkloadSpec, reap_leftover
 from rollout.errors import InputError
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     from rollout.agent.node import AgentConfig
 
 log = structlog.get_logger("rollout.agent")
-
-_WRITE_CHUNK = 1 << 20
 
 
 class EmulatedBackend:
@@ -114,29 +111,7 @@ class EmulatedBackend:
     async def write_slot(
         self, state: AgentState, slot: Slot, digest: str, body: AsyncIterable[bytes]
     ) -> tuple[SlotImage, int]:
-        writer = await asyncio.to_thread(self.store.open_writer, slot)
-        try:
-            buf = bytearray()
-            async for chunk in body:
-                buf += chunk
-                if len(buf) >= _WRITE_CHUNK:
-                    data, buf = bytes(buf), bytearray()
-                    await asyncio.to_thread(writer.write, data)
-            if buf:
-                await asyncio.to_thread(writer.write, bytes(buf))
-            actual, size = await asyncio.to_thread(writer.finish)
-        except BaseException:
-            writer.abort()
-            raise
-        if actual != digest:
-            raise AgentError(
-                "digest_mismatch",
-                f"the image written has digest {actual}, the request said {digest}",
-                expected=digest,
-                actual=actual,
-            )
-        image = await asyncio.to_thread(self.store.install, slot, digest)
-        return image, size
+        return await self.store.receive(slot, digest, body)  # one pass: see store.py
 
     def clear_slot(self, slot: Slot) -> None:
         self.store.clear_slot(slot)

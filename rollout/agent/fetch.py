@@ -69,7 +69,7 @@ class FetchRequest(BaseModel):
             return True
         try:
             return ssl.create_default_context(cadata=self.ca)
-        except (ssl.SSLError, ValueError) as exc:
+        except (ssl.SSLError, ValueError, TypeError) as exc:  # TypeError: not ASCII
             raise AgentError(
                 "bad_request", f"ca: not a PEM certificate: {exc}", field="ca"
             ) from None

@@ -39,7 +39,7 @@ from rollout.pull import PullAccess
 from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
 
-_CHUNK = 256 * 1024
+_CHUNK = 1 << 20  # image bytes per read and per write to the socket
 _SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
 _STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 

@@ -199,6 +199,7 @@ async def test_a_failed_fetch_stages_nothing(
         ({"digest": "sha256:abc"}, "digest"),
         ({"size": 0}, "size"),
         ({"ca": "not a certificate"}, "ca"),
+        ({"ca": "caf\u00e9 \u00b7 not ASCII"}, "ca"),  # found by the fuzz test: was a 500
         ({"rate_limit": -1}, "rate_limit"),
         ({"extra": 1}, "extra"),
     ],
