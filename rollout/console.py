@@ -4,6 +4,13 @@ Both the progress display and the log are observers of the engine's events. On a
 terminal the CLI shows live progress and logs only warnings; elsewhere (CI, pipes) it
 writes one structured log line per event, as key=value text or, with `--log-format
 json`, as JSON. Tokens never reach either: events carry no secrets.
+
+Logging is on the engine's path (it is an observer, called inline, ~7 lines a node), so
+off a terminal it is kept cheap: `_KeyValueRenderer` writes the same line structlog's
+ConsoleRenderer writes without colours (timestamp, padded level and event, sorted
+key=value pairs) in one f-string, where ConsoleRenderer styles and pads every field; the
+timestamp is formatted once per second and the milliseconds appended. On a terminal
+ConsoleRenderer's colours are kept.
 """
 
 from __future__ import annotations
@@ -63,22 +70,59 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
+class _UtcStamper:
+    """`timestamp`: UTC, ISO 8601 with microseconds and Z, as structlog's TimeStamper(
+    fmt="iso", utc=True) writes it; the date and time part is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
+class _KeyValueRenderer:
+    """``<timestamp> [<level>   ] <event>   k=v k=v``: ConsoleRenderer's line without
+    colours, keys sorted, strings bare and other values as their repr."""
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+        stamp = event.pop("timestamp", "")
+        level = event.pop("level", "")
+        message = str(event.pop("event", ""))
+        pairs = " ".join(
+            f"{k}={v if type(v) is str else repr(v)}" for k, v in sorted(event.items())
+        )
+        return f"{stamp} [{level:<9}] {message:<30} {pairs}".rstrip()
+
+
 def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
-    """Set structlog up once: JSON for machines, key=value text otherwise, on stderr."""
+    """Set structlog up once: JSON for machines, key=value text otherwise, on stderr
+    (coloured by structlog on a terminal, by `_KeyValueRenderer` elsewhere)."""
     renderer: Any
+    stamper: Any = _UtcStamper()
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
+    elif sys.stderr.isatty():
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = _KeyValueRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamper,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),  # one write, one flush
         cache_logger_on_first_use=False,
     )
 
