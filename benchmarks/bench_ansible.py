@@ -290,14 +290,15 @@ def main() -> None:
     (wd / "rollout").mkdir()
     (wd / "ansible").mkdir()
     runs = [run_tool(tool, wd, v1, v2, opts, args) for tool in ("rollout", "ansible")]
-    n_batches = len(batches([Node(str(i), "") for i in range(args.nodes)]))
+    sizes = [len(b) for b in batches([Node(str(i), "") for i in range(args.nodes)])]
+    n_batches = len(sizes)
     per_batch = (
         opts.firmware_delay + opts.kernel_delay + AgentConfig.workload_grace + args.min_healthy_time
     )
     fixed = n_batches * per_batch
     print(
         f"{args.nodes} agents on {args.base_address} and up, {os.cpu_count()} CPUs; "
-        f"batches {n_batches} (1, 10, 10, 10); {version}; "
+        f"batches {n_batches} ({', '.join(map(str, sizes))}); {version}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(
