@@ -331,8 +331,9 @@ class Timeline:
             gate_row.end, gate_row.result = self._now(), event.result
         elif isinstance(event, RolloutPhaseChanged):
             self.phases.append((self._now(), str(event.phase), event.message))
-        elif isinstance(event, RolloutFinished):
+        elif isinstance(event, RolloutFinished):  # the final phase is journaled, not "changed"
             self.final = (self._now(), str(event.phase), event.message)
+            self.phases.append(self.final)
 
     def _node(self, event: NodeChanged) -> None:
         phase = event.phase
@@ -538,9 +539,10 @@ def render_text(report: SimReport) -> list[str]:
             lines.append(f"  {fmt_t(f.at)} {f.node} (batch {f.batch}): {f.reason}")
     else:
         lines.append("failures: none")
-    reaction = [(t, p, m) for t, p, m in tl.phases if p != str(RolloutPhase.RUNNING)]
-    for t, p, m in reaction:
-        lines.append(f"policy: {fmt_t(t)} {p}" + (f" ({m})" if m else ""))
+    quiet = {str(RolloutPhase.RUNNING), str(RolloutPhase.WAITING), str(RolloutPhase.SUCCEEDED)}
+    for t, p, m in tl.phases:  # the policy's reaction: halts, rollbacks, pauses
+        if p not in quiet:
+            lines.append(f"policy: {fmt_t(t)} {p}" + (f" ({m})" if m else ""))
     for note in report.not_simulated:
         lines.append(f"not simulated: {note}")
     lines.append(

@@ -1,0 +1,225 @@
+"""`rollout simulate`: the CLI over the real controller on simulated nodes, virtual time.
+
+The expected figures are computed from the inputs (the planner's batches, the boot and
+health durations, the seeded draw of failing nodes), never copied from a run: a batch
+takes `boot + healthy_after + min_healthy_time`, give or take the controller's status
+poll (rollout.steps.POLL_INTERVAL) at the two places it waits for a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import rollout.commands.simulate as command
+from rollout.cli import main
+from rollout.journal import SQLiteStore, load_state
+from rollout.plan import plan_batches
+from rollout.policy import parse_policy
+from rollout.simulate import (
+    VirtualClockLoop,
+    coarse,
+    draw_failing,
+    run_virtual,
+    synthetic_nodes,
+)
+from rollout.steps import POLL_INTERVAL
+
+POLICY = """\
+batches: {canary: 1, size: "25%", max_unavailable: "25%", spread_by: rack}
+health:
+  checks: [{type: http, port: 8080}, {type: agent}]
+  interval: 5s
+  min_healthy_time: 20s
+  deadline: 2m
+  boot_timeout: 5m
+failure: {max_failed: 0, action: ACTION}
+gates:
+  - {name: soak, kind: bake, after: canary, duration: 5m}
+  - {name: ok, kind: approval, after: every}
+"""
+BOOT, HEALTHY_AFTER, MIN_HEALTHY, BAKE = 90.0, 20.0, 20.0, 300.0
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # settle_heap freezes the heap for the rest of the process: not in the test runner's.
+    monkeypatch.setattr(command, "settle_heap", lambda: None)
+
+
+def policy_file(tmp_path: Path, action: str = "rollback") -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.replace("ACTION", action))
+    return path
+
+
+def simulate(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["simulate", *args])
+    return result.exit_code, result.output
+
+
+def simulate_json(*args: str) -> tuple[int, dict[str, Any]]:
+    code, out = simulate(*args, "--output", "json")
+    return code, json.loads(out)
+
+
+def planned(path: Path, count: int, labels: dict[str, int]) -> list[int]:
+    pol = parse_policy(__import__("yaml").safe_load(path.read_text()), "p")
+    return [len(b.nodes) for b in plan_batches(synthetic_nodes(count, labels), pol)]
+
+
+def test_a_clean_rollout_takes_what_boot_and_health_say(tmp_path: Path) -> None:
+    pol = policy_file(tmp_path)
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "50", "--labels", "rack=4",
+        "--boot", "90s", "--healthy-after", "20s",
+    )  # fmt: skip
+    assert code == 0 and r["phase"] == "succeeded"
+    sizes = planned(pol, 50, {"rack": 4})
+    assert [b["nodes"] for b in r["batches"]] == sizes
+    assert r["batches"][0]["canary"] and not any(b["canary"] for b in r["batches"][1:])
+    per_batch = BOOT + HEALTHY_AFTER + MIN_HEALTHY
+    for b in r["batches"]:
+        assert per_batch <= b["end"] - b["start"] <= per_batch + 2 * POLL_INTERVAL + 1e-6
+        assert b["failed"] == 0 and b["decision"] == "continue"
+    # The bake after the canary runs on virtual time; the approval gate is not simulated.
+    (bake,) = r["gates"]
+    assert bake["gate"] == "soak" and bake["after_batch"] == 1 and bake["result"] == "passed"
+    assert bake["end"] - bake["start"] == pytest.approx(BAKE, abs=1e-6)
+    assert any("gate ok (approval)" in note for note in r["not_simulated"])
+    assert any("http" in note for note in r["not_simulated"])
+    total = len(sizes) * per_batch + BAKE
+    assert total <= r["duration"] <= total + len(sizes) * (2 * POLL_INTERVAL + 1e-6)
+    # Batches follow one another: never more out of service than one batch, the cap.
+    assert r["out_of_service"]["max"] == max(sizes) == r["out_of_service"]["max_unavailable"]
+    assert r["failures"] == {"drawn": 0, "failed": 0, "rolled_back": 0, "by_reason": {},
+                             "first": []}  # fmt: skip
+
+
+@pytest.mark.parametrize(("action", "phase", "exit_code"), [
+    ("rollback", "rolled_back", 1),
+    ("halt", "halted", 1),
+])  # fmt: skip
+def test_failures_drawn_from_the_seed_trigger_the_policy(
+    tmp_path: Path, action: str, phase: str, exit_code: int
+) -> None:
+    pol = policy_file(tmp_path, action)
+    nodes = synthetic_nodes(50, {"rack": 4})
+    failing = draw_failing([n.id for n in nodes], 0.05, 7)
+    assert failing  # the seed draws some: the case is meaningful
+    batches = plan_batches(nodes, parse_policy(__import__("yaml").safe_load(pol.read_text()), "p"))
+    first_bad = next(b for b in batches if failing & set(b.node_ids))
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "50", "--labels", "rack=4", "--boot", "90s",
+        "--healthy-after", "20s", "--fail-rate", "5%", "--seed", "7",
+    )  # fmt: skip
+    assert code == exit_code and r["phase"] == phase
+    assert r["failures"]["drawn"] == len(failing)
+    assert [b["number"] for b in r["batches"]] == list(range(1, first_bad.index + 1))
+    bad = r["batches"][-1]
+    assert bad["failed"] == len(failing & set(first_bad.node_ids))
+    assert bad["decision"] == ("rollback_batch" if action == "rollback" else "halt")
+    first = r["failures"]["first"]
+    assert {f["node"] for f in first} == failing & set(first_bad.node_ids)
+    assert {f["reason"] for f in first} == {"health_deadline"}  # never healthy, 2 min on
+    # The policy's reaction is in the phases, with the failed batch named.
+    assert r["phases"][-1]["phase"] == phase
+    if action == "rollback":  # the whole failed batch returns to the old image
+        assert r["failures"]["rolled_back"] == len(first_bad.nodes)
+
+
+def test_text_output_and_the_journal_kept_with_state(tmp_path: Path) -> None:
+    pol = policy_file(tmp_path)
+    state = tmp_path / "sim.db"
+    code, out = simulate(
+        "--policy", str(pol), "--nodes", "8", "--boot", "1m", "--healthy-after", "0s",
+        "--state", str(state),
+    )  # fmt: skip
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("simulated rollout of 8 node(s), policy policy: boot 60s")
+    assert lines[1].startswith("batch 1 (canary): T+0:00:00 .. T+0:01:20")
+    assert "  gate soak (bake): T+0:01:20" in out
+    assert "not simulated: gate ok (approval): assumed to pass at once" in out
+    assert lines[-1].startswith("predicted duration: ") and "ending succeeded" in lines[-1]
+    store = SQLiteStore(state)
+    try:
+        (rid,) = store.rollout_ids()
+        assert str(load_state(store, rid).phase) == "succeeded"
+    finally:
+        store.close()
+
+
+def test_inventory_nodes_need_no_tokens(tmp_path: Path) -> None:
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(
+        "token_file: /nonexistent/token\nnodes:\n"
+        + "".join(f"  - {{id: n{i}, address: 10.0.0.{i}:7000}}\n" for i in range(1, 5))
+    )
+    code, r = simulate_json("--policy", str(policy_file(tmp_path)), "--inventory", str(inv),
+                            "--boot", "0s", "--healthy-after", "0s")  # fmt: skip
+    assert code == 0 and r["nodes"] == 4 and r["phase"] == "succeeded"
+
+
+def test_json_shape(tmp_path: Path) -> None:
+    code, r = simulate_json("--policy", str(policy_file(tmp_path)), "--nodes", "3")
+    assert code == 0
+    assert set(r) == {
+        "rollout", "policy", "nodes", "settings", "phase", "message", "duration", "batches",
+        "gates", "out_of_service", "failures", "phases", "not_simulated", "state",
+    }  # fmt: skip
+    assert r["settings"] == {"boot": 90.0, "healthy_after": 20.0, "fail_rate": 0.0, "seed": 1,
+                             "stage": 0.0}  # fmt: skip
+    assert set(r["batches"][0]) == {"number", "canary", "nodes", "start", "end", "failed",
+                                    "decision"}  # fmt: skip
+    assert set(r["out_of_service"]) == {"max", "max_unavailable", "series"}
+    assert all(set(p) == {"t", "nodes"} for p in r["out_of_service"]["series"])
+    assert set(r["failures"]) == {"drawn", "failed", "rolled_back", "by_reason", "first"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give the fleet as --inventory FILE or --nodes N"),
+    (["--nodes", "3", "--inventory", "x.yaml"], "give the fleet as --inventory FILE or --nodes N"),
+    (["--nodes", "0"], "--nodes: expected 1 to 10000000 nodes, got 0"),
+    (["--nodes", "3", "--fail-rate", "150%"], "--fail-rate: must be between 0% and 100%"),
+    (["--nodes", "3", "--fail-rate", "many"], '--fail-rate: expected a percentage like "2%"'),
+    (["--nodes", "3", "--boot", "soon"], "--boot: expected a duration"),
+    (["--nodes", "3", "--labels", "rack"], "--labels: expected NAME=COUNT"),
+    (["--inventory", "x.yaml", "--labels", "rack=2"], "--labels: only with --nodes"),
+    (["--inventory", "missing.yaml"], "missing.yaml: no such inventory file"),
+])  # fmt: skip
+def test_bad_input_exits_2(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out = simulate("--policy", str(policy_file(tmp_path)), *args)
+    assert code == 2, out
+    assert out.startswith("error: ") and message in out, out
+
+
+def test_a_bad_policy_exits_2_with_its_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batches: {size: lots}\n")
+    code, out = simulate("--policy", str(bad), "--nodes", "3")
+    assert code == 2 and 'batches.size: expected a count or a percentage like "25%"' in out
+
+
+def test_virtual_time_costs_no_real_time() -> None:
+    async def a_day() -> float:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop)
+        await asyncio.gather(asyncio.sleep(86400), asyncio.sleep(3600))
+        return loop.time()
+
+    start = time.monotonic()
+    assert run_virtual(a_day()) == 86400
+    assert time.monotonic() - start < 5  # a day of virtual time, in (far) less than 5 s
+
+
+def test_coarse_series_keeps_the_peak_of_each_slice() -> None:
+    series = [(0.0, 0), (1.0, 5), (1.5, 0), (6.0, 3)]
+    assert coarse(series, 8.0, 4) == [(0.0, 5), (2.0, 0), (4.0, 0), (6.0, 3)]
+    assert coarse([(0.0, 0)], 0.0, 4) == [(0.0, 0)]
