@@ -36,7 +36,7 @@ def main() -> None:
 
 def _register() -> None:
     from rollout.agent.cli import agent
-    from rollout.commands import demo, fleet, image, run, schema, service
+    from rollout.commands import demo, fleet, image, run, schema, service, simulate
 
     for command in (
         image.image,
@@ -44,6 +44,7 @@ def _register() -> None:
         fleet.status,
         run.plan,
         run.run,
+        simulate.simulate_command,
         demo.demo,
         schema.schema_command,
         agent,

@@ -42,6 +42,7 @@ from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.pull import PullAccess
 from rollout.record import RolloutResult
+from rollout.runtime import settle_heap
 from rollout.server import make_app
 from rollout.tls import optional_server_context
 from rollout.tokens import read_token
@@ -157,6 +158,7 @@ def run_rollout(
     pull = replace(pull or PullAccess(), mirrors=inv.mirrors)
     img = load_any_image(image_path, pull, trusted_keys, signature)
     batches = plan_batches(inv.nodes, pol)
+    settle_heap()  # inputs and plan live to the end: out of the collector's sight
     stop_batch = _stop_batch(stop_after, batches)
     token = _listen_token(listen, token_file)
     ssl_context = listen_tls(tls_cert, tls_key, listen)
