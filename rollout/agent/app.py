@@ -70,7 +70,6 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "too_large",
 }
-_CHUNK = 1 << 16
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -168,7 +167,8 @@ async def put_image(request: web.Request) -> web.Response:
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for chunk in request.content.iter_chunked(_CHUNK):
+            # Whatever has arrived, as the socket delivered it: no re-slicing, no copy.
+            async for chunk in request.content.iter_any():
                 yield chunk
         except (ConnectionError, ClientPayloadError) as exc:
             raise AgentError("upload_incomplete", f"the image upload broke off: {exc}") from None
