@@ -55,6 +55,15 @@ from rollout.agent.backend import Backend, SwitchResult
 from rollout.agent.emulated import EmulatedBackend
 from rollout.agent.fetch import FetchProgress, FetchRequest, paced
 from rollout.agent.state import AgentError, AgentState, Busy, FallbackReason, Slot
+from rollout.agent.status import (
+    AgentStatus,
+    BackendStatus,
+    FellBackStatus,
+    FetchStatus,
+    LeaseStatus,
+    SlotImageStatus,
+    WorkloadStatus,
+)
 from rollout.agent.store import Store
 from rollout.errors import InputError
 from rollout.model import ActivationMode
@@ -307,33 +316,37 @@ class Agent:
     # --- requests ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """`GET /v1/status` (the model both ends of the API share: agent/status.py)."""
         s = self.state
         staged = s.slot(s.staged) if s.staged is not None else None
         good = s.slot(s.last_good)
         f = s.fell_back
-        return {
-            "node_id": self.config.node_id,
-            "booted": s.booted_image.describe(s.booted),
-            "staged": staged.describe(s.staged) if staged is not None and s.staged else None,
-            "committed": s.committed,
-            "last_good_slot": str(s.last_good),
-            "last_good": good.describe(s.last_good) if good is not None else None,
-            "boot_tries_left": s.tries_left,
-            "boot_count": s.boot_count,
-            "workload": self.backend.workload_snapshot(),
-            "fell_back": None
+        lease = self._lease_body()
+        return AgentStatus(
+            node_id=self.config.node_id,
+            booted=SlotImageStatus(**s.booted_image.describe(s.booted)),
+            staged=SlotImageStatus(**staged.describe(s.staged))
+            if staged is not None and s.staged
+            else None,
+            committed=s.committed,
+            last_good_slot=str(s.last_good),
+            last_good=SlotImageStatus(**good.describe(s.last_good)) if good is not None else None,
+            boot_tries_left=s.tries_left,
+            boot_count=s.boot_count,
+            workload=WorkloadStatus(**self.backend.workload_snapshot()),
+            fell_back=None
             if f is None
-            else {
-                "from_slot": str(f.from_slot),
-                "digest": f.digest,
-                "reason": str(f.reason),
-                "boot_count": f.boot_count,
-            },
-            "busy": str(self.busy) if self.busy is not None else None,
-            "lease": self._lease_body(),
-            "backend": self.backend.describe(),
-            "fetch": self.fetching.describe() if self.fetching is not None else None,
-        }
+            else FellBackStatus(
+                from_slot=str(f.from_slot),
+                digest=f.digest,
+                reason=str(f.reason),
+                boot_count=f.boot_count,
+            ),
+            busy=str(self.busy) if self.busy is not None else None,
+            lease=LeaseStatus(**lease) if lease is not None else None,
+            backend=BackendStatus(**self.backend.describe()),
+            fetch=FetchStatus(**self.fetching.describe()) if self.fetching is not None else None,
+        ).model_dump(mode="json", exclude_unset=True)  # the shape as the backend gives it
 
     def _lease_body(self) -> dict[str, Any] | None:
         now = time.time()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from rollout import __version__
 from rollout.agent.fetch import FetchRequest
 from rollout.agent.state import LEASE_HOLDER_RE, LEASE_TTL_MAX, LEASE_TTL_MIN
+from rollout.agent.status import AgentStatus
 from rollout.model import ActivationMode
 
 _ERR = {"$ref": "#/components/schemas/Error"}
@@ -27,11 +30,13 @@ _REASONS = {
 }
 
 
-def _answers(ok: int, *codes: int, auth: bool = True) -> dict[str, Any]:
+def _answers(
+    ok: int, *codes: int, auth: bool = True, schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         str(ok): {
             "description": "ok",
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "content": {"application/json": {"schema": schema or {"type": "object"}}},
         }
     }
     for code in (401, *codes) if auth else codes:
@@ -46,9 +51,10 @@ def _json_body(schema: dict[str, Any], required: bool) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
-def _fetch_schema() -> dict[str, Any]:
-    """`POST /v1/fetch`'s body, from the pydantic model that validates it (one source)."""
-    schema = FetchRequest.model_json_schema()
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A pydantic model's JSON Schema with its definitions inlined (one source: the model
+    that validates `POST /v1/fetch`'s body, the model both ends read `/v1/status` with)."""
+    schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
     def inline(node: Any) -> Any:
@@ -76,7 +82,7 @@ def document() -> dict[str, Any]:
         "/v1/openapi.json": {"get": {"summary": "This document", "security": [],
                                      "responses": _answers(200, auth=False)}},
         "/v1/status": {"get": {"summary": "Slots, boot count, workload, lease, backend",
-                               "responses": _answers(200)}},
+                               "responses": _answers(200, schema=_schema(AgentStatus))}},
         "/v1/image": {"put": {
             "summary": "Stream an image into the inactive slot (hashed while written)",
             "parameters": [
@@ -102,7 +108,7 @@ def document() -> dict[str, Any]:
             "summary": "Pull an image into the inactive slot in the background (202); "
                        "progress in /v1/status under fetch",
             "parameters": [lease_header],
-            "requestBody": _json_body(_fetch_schema(), True),
+            "requestBody": _json_body(_schema(FetchRequest), True),
             "responses": _answers(200, 400, 409, 413, 422) | _answers(202),
         }},
         "/v1/activate": {"post": {

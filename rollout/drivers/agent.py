@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from rollout import clock
+from rollout.agent.status import AgentStatus
 from rollout.drivers.base import Refused, TransportError
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
@@ -47,23 +48,9 @@ RetryHook = Callable[[Node, str, int, BaseException], None]
 
 
 def parse_status(body: dict[str, Any]) -> NodeStatus:
-    booted = body.get("booted") or {}
-    staged = body.get("staged") or {}
-    workload = body.get("workload") or {}
-    return NodeStatus(
-        node_id=str(body.get("node_id", "")),
-        booted_slot=str(booted.get("slot", "")),
-        booted_version=booted.get("version"),
-        booted_digest=booted.get("digest"),
-        staged_digest=staged.get("digest"),
-        committed=bool(body.get("committed")),
-        boot_count=int(body.get("boot_count", 0)),
-        workload=str(workload.get("state", "unknown")),
-        busy=body.get("busy"),
-        root_device=(body.get("backend") or {}).get("root_device"),
-        last_good_digest=(body.get("last_good") or {}).get("digest"),
-        last_good_version=(body.get("last_good") or {}).get("version"),
-    )
+    """An agent's status answer (agent/status.py, the model both ends share), reduced to
+    what the core decides on; ValueError when it is not one."""
+    return AgentStatus.model_validate(body).node_status()
 
 
 class AgentDriver:
