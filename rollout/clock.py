@@ -1,4 +1,4 @@
-"""The one clock.
+"""The one clock of the controller: `now` and `sleep`, read from the running loop.
 
 Every wait in the controller goes through `sleep` and every timestamp through `now`, both
 read from the running event loop, so tests can run the engine and the gates on virtual time

@@ -2,7 +2,7 @@
 
 A rollout's state is a pure fold over its journal entries (`fold`), so a controller that
 was killed at any instant rebuilds exactly what it knew, then reconciles that with what
-the agents report (engine.py) and carries on.
+the agents report (steps.py) and carries on.
 
 Entries are typed (rollout.entries: one frozen model per kind). A rollout's state is
 the frozen `RolloutState` the fold returns.
