@@ -1,7 +1,27 @@
 """The agent driver: reaches a node's agent over its HTTP API v1 (docs/agent-api.md).
 
-One aiohttp session serves all nodes. Each node's bearer token is read from its token file
-once and kept in memory; it never appears in logs or errors.
+Each node's bearer token is read from its token file once and kept in memory; it never
+appears in logs or errors.
+
+Connections: two aiohttp sessions serve all nodes, so the cost stays per request, not per
+node, at thousands of nodes (benchmarks/bench_http.py):
+
+- a keep-alive pool for the calls a node makes in a row while it is being updated
+  (status polls, stage, commit, discard, fetch): a new TCP connection per request costs
+  about 3x the client CPU of a reused one. Idle connections are dropped after
+  `KEEPALIVE` seconds, so the pool holds about one per node in flight, not one per node
+  of the fleet: the open files stay bounded by the batch, not the fleet, under the usual
+  1,024 soft limit. A connection the agent closed meanwhile (it rebooted) is not reused;
+  aiohttp resends an idempotent request (GET, PUT, DELETE) once if the agent closed it
+  just as it was sent, and `commit` is retried here.
+- a fresh connection, closed after the answer, for the rest: `activate` and `rollback`,
+  which are not idempotent, so they never ride a reused connection that could fail
+  without telling whether the request arrived; and the leases, taken, renewed and
+  released for every node of the fleet at once or in a sweep, which in the pool would
+  leave one idle socket per node behind.
+
+Each session has at most `CONNECTIONS` requests in flight; more wait for a free slot
+before their timeout starts (`_Pool`).
 
 TLS: a node with a `ca_file` is reached at `https://host:port`, and the agent's certificate
 must chain to that CA and name the address's host (an IP address in its IP
@@ -41,6 +61,8 @@ from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
+CONNECTIONS = 64  # requests in flight per session (pooled, fresh)
+KEEPALIVE = 2.0  # seconds an idle pooled connection is kept (polls come every 0.2-1 s)
 _SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
 _STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 
@@ -67,7 +89,8 @@ class AgentDriver:
     ) -> None:
         self.pull = pull or PullAccess()  # how nodes reach the image store (pull mode)
         self.fetch_poll = fetch_poll
-        self._session: aiohttp.ClientSession | None = None
+        self._pooled: _Pool | None = None  # keep-alive
+        self._once: _Pool | None = None  # a connection per request
         self._tokens: dict[str, str] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         self.attempts = attempts
@@ -76,13 +99,15 @@ class AgentDriver:
         self.lease_holder = lease_holder  # sent on mutating calls (X-Rollout-Lease)
 
     # -- plumbing -----------------------------------------------------------------------
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # No pooling across reboots: a rebooted agent closes its sockets anyway.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, force_close=True)
-            )
-        return self._session
+    def _http(self, fresh: bool = False) -> _Pool:
+        """The keep-alive pool, or with `fresh` the one of a connection per request."""
+        if fresh:
+            if self._once is None or self._once.session.closed:
+                self._once = _Pool(force_close=True)
+            return self._once
+        if self._pooled is None or self._pooled.session.closed:
+            self._pooled = _Pool(force_close=False)
+        return self._pooled
 
     def _token(self, node: Node) -> str:
         if node.token_file is None:
@@ -118,16 +143,22 @@ class AgentDriver:
         method: str,
         path: str,
         json: dict[str, Any] | None = None,
+        *,
+        fresh: bool = False,
     ) -> dict[str, Any]:
+        pool = self._http(fresh)
         try:
-            async with self._http().request(
-                method,
-                self._url(node, path),
-                json=json,
-                headers=self._headers(node),
-                timeout=_SHORT,
-                ssl=self._ssl(node),
-            ) as resp:
+            async with (
+                pool.slots,
+                pool.session.request(
+                    method,
+                    self._url(node, path),
+                    json=json,
+                    headers=self._headers(node),
+                    timeout=_SHORT,
+                    ssl=self._ssl(node),
+                ) as resp,
+            ):
                 return await _answer(node, resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
@@ -185,14 +216,18 @@ class AgentDriver:
         }
         if image.signature is not None:
             headers["X-Image-Signature"] = image.signature
+        pool = self._http()
         try:
-            async with self._http().put(
-                self._url(node, "/v1/image"),
-                data=body(),
-                headers=headers,
-                timeout=_STREAM,
-                ssl=self._ssl(node),
-            ) as resp:
+            async with (
+                pool.slots,
+                pool.session.put(
+                    self._url(node, "/v1/image"),
+                    data=body(),
+                    headers=headers,
+                    timeout=_STREAM,
+                    ssl=self._ssl(node),
+                ) as resp,
+            ):
                 answer = await _answer(node, resp)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
@@ -248,7 +283,7 @@ class AgentDriver:
         return bool(answer.get("discarded"))
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:
-        await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)})
+        await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True)
 
     async def commit(self, node: Node) -> NodeStatus:
         async for attempt in self._retrying(node, "commit"):
@@ -257,7 +292,7 @@ class AgentDriver:
         raise AssertionError("unreachable")
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
-        await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)})
+        await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True)
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Take or renew this driver's lease on the node; Refused("leased") if another
@@ -265,16 +300,37 @@ class AgentDriver:
         if not self.lease_holder:
             raise ValueError("lease() needs a lease_holder")
         body = {"holder": self.lease_holder, "ttl": ttl}
-        answer = await self._call(node, "PUT", "/v1/lease", json=body)
+        answer = await self._call(node, "PUT", "/v1/lease", json=body, fresh=True)
         return bool(answer.get("acquired"))
 
     async def release(self, node: Node) -> None:
         if self.lease_holder:
-            await self._call(node, "DELETE", "/v1/lease", json={"holder": self.lease_holder})
+            await self._call(
+                node, "DELETE", "/v1/lease", json={"holder": self.lease_holder}, fresh=True
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for pool in (self._pooled, self._once):
+            if pool is not None:
+                await pool.session.close()
+
+
+class _Pool:
+    """One aiohttp session and its request slots.
+
+    The slots are taken before aiohttp sees a request, so a request's timeout runs from
+    when it has a connection, not while it waits behind a thousand others (2,000 leases
+    taken at once): the timeout measures the agent, not this process's queue. It also
+    keeps the event loop's turns short, so that a connect is not timed out by a loop busy
+    setting up a herd of requests."""
+
+    def __init__(self, *, force_close: bool) -> None:
+        keepalive = None if force_close else KEEPALIVE
+        connector = aiohttp.TCPConnector(
+            limit=CONNECTIONS, force_close=force_close, keepalive_timeout=keepalive
+        )
+        self.session = aiohttp.ClientSession(connector=connector)
+        self.slots = asyncio.Semaphore(CONNECTIONS)
 
 
 async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
