@@ -277,8 +277,9 @@ def _plain_nodes(entries: object) -> list[_PlainNode] | None:
         m = address_match(address)
         if m is None:
             return None
-        port = int(m.group("port"))
-        key = f"{m.group('host').lower()}:{port}"
+        host, digits = m.group("host", "port")
+        port = int(digits)
+        key = f"{host.lower()}:{port}"
         if not 1 <= port <= 65535 or node_id in ids or key in addresses:
             return None
         ids.add(node_id)
@@ -288,7 +289,10 @@ def _plain_nodes(entries: object) -> list[_PlainNode] | None:
             return None
         labels: dict[str, str] = {}
         for k, v in raw.items():
-            k, v = _label_text(k), _label_text(v)
+            if type(k) is not str:
+                k = _label_text(k)
+            if type(v) is not str:
+                v = _label_text(v)
             if type(k) is not str or not k or type(v) is not str:
                 return None
             labels[k] = v
