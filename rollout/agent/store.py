@@ -487,18 +487,13 @@ def _unpacked_manifest(root: Path) -> Manifest:
     try:
         return tree_manifest(raw, "image")
     except ImageError as exc:
-        raise AgentError("bad_image", _relative(str(exc), "image")) from None
+        raise AgentError("bad_image", str(exc).removeprefix("image: ")) from None
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _relative(message: str, path: str | Path) -> str:
-    """Drop the agent-local file path from an image error message."""
-    return message.replace(f"{path}: ", "")
 
 
 def _replace(path: Path, data: bytes, *, durable: bool = False) -> None:

@@ -178,7 +178,10 @@ async def test_members_that_escape_are_refused(
     [
         (b"not a tar at all\n" * 100, "not a readable image tar"),
         (tar_bytes([(member("app/x"), b"x")], manifest=b"{not json"), "not valid JSON"),
-        (tar_bytes([], manifest=json.dumps({"kind": "rootfs"}).encode()), "root-filesystem"),
+        (
+            tar_bytes([], manifest=json.dumps({"kind": "rootfs"}).encode()),
+            "a root-filesystem image (kind rootfs), not a tree image: it is written whole",
+        ),
         (b"", "not a readable image tar"),
     ],
     ids=["junk", "bad-manifest", "rootfs", "empty"],
