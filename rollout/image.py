@@ -20,16 +20,21 @@ device or FIFO members are refused, both when building and when unpacking (where
 "data" filter also runs as a second line of defence).
 
 Describing an image (`load_image`) hashes the whole file, so it is done once per file, not
-once per rollout: the result is cached in memory, keyed by the file's identity and what
-changes whenever its bytes do (device, inode, size, mtime and ctime in nanoseconds). A file
-rewritten in place changes its mtime and ctime (even `touch -d` or `os.utime` to restore
-the mtime changes the ctime), a file replaced by a rename is another inode, so a stale
-digest is never served for changed bytes. Nor could one do harm: every agent hashes the
-bytes it receives and refuses them when they do not match the digest it was sent.
+once per rollout: the result is cached in memory (a controller service) and in a small file
+(each `rollout run` is a new process), `$ROLLOUT_CACHE/image-digests.json` or
+`$XDG_CACHE_HOME/rollout/image-digests.json` (~/.cache by default). The key is the file's
+identity and what changes whenever its bytes do: path, device, inode, size, mtime and
+ctime in nanoseconds. A file rewritten in place changes its mtime and ctime (restoring the
+mtime with `touch -d` or `os.utime` changes the ctime), a file replaced by a rename is
+another inode, so a stale digest is never served for changed bytes. Nor could a stale or
+forged entry do harm: every agent hashes the bytes it receives and refuses them when they
+do not match the digest it was sent. The cache file is best effort: unreadable, it is
+ignored; unwritable, nothing is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -205,8 +210,9 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
     return tree_manifest(manifest_bytes(path), str(path))
 
 
-_CACHE_SIZE = 64
-_cache: OrderedDict[tuple[str, int, int, int, int, int], Image] = OrderedDict()
+_CACHE_SIZE = 256
+_CACHE_FILE = "image-digests.json"
+_cache: OrderedDict[str, Image] = OrderedDict()
 _cache_lock = threading.Lock()  # load_image also runs in worker threads (asyncio.to_thread)
 
 
@@ -224,21 +230,69 @@ def load_image(path: str | os.PathLike[str]) -> Image:
         st = None
     if st is None or not os.path.isfile(path):
         raise ImageError(f"{path}: no such image file; build one with `rollout image build`")
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-           st.st_ctime_ns)  # fmt: skip
+    key = _cache_key(path, st)
     with _cache_lock:
         hit = _cache.get(key)
+        if hit is None:
+            hit = _load_cache_file().get(key)
+            if hit is not None:
+                _cache[key] = hit
         if hit is not None:
             _cache.move_to_end(key)
             return replace(hit, path=str(path))
     image = _describe(path)
-    after = os.stat(path)
-    if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == key[2:]:
-        with _cache_lock:  # cached only if the file did not change while it was read
+    if _cache_key(path, os.stat(path)) == key:  # kept only if it did not change meanwhile
+        with _cache_lock:
             _cache[key] = image
             while len(_cache) > _CACHE_SIZE:
                 _cache.popitem(last=False)
+            _save_cache_file(key, image)
     return image
+
+
+def _cache_key(path: str | os.PathLike[str], st: os.stat_result) -> str:
+    parts = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+             st.st_ctime_ns)  # fmt: skip
+    return "|".join(str(p) for p in parts)
+
+
+def _cache_path() -> Path:
+    env = os.environ.get("ROLLOUT_CACHE")
+    if env:
+        return Path(env) / _CACHE_FILE
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "rollout" / _CACHE_FILE
+
+
+def _load_cache_file() -> dict[str, Image]:
+    try:
+        raw = json.loads(_cache_path().read_bytes())
+        return {
+            str(k): Image(path="", digest=str(v["digest"]), name=str(v["name"]),
+                          version=str(v["version"]), size=int(v["size"]))
+            for k, v in raw.items()
+        }  # fmt: skip
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _save_cache_file(key: str, image: Image) -> None:
+    """Add one entry to the cache file (atomically replaced; the oldest entries go)."""
+    entries = {k: v for k, v in _load_cache_file().items() if k != key}
+    entries[key] = image
+    body = {
+        k: {"digest": v.digest, "name": v.name, "version": v.version, "size": v.size}
+        for k, v in list(entries.items())[-_CACHE_SIZE:]
+    }
+    path = _cache_path()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(body))  # in insertion order: the oldest first
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _describe(path: str | os.PathLike[str]) -> Image:

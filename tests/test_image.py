@@ -117,10 +117,13 @@ def test_load_image_hashes_a_file_once_until_it_changes(
         return real(path)
 
     monkeypatch.setattr(image_module, "sha256_file", counting)
+    monkeypatch.setenv("ROLLOUT_CACHE", str(tmp_path / "cache"))
     first = load_image(img.path)
     again = load_image(img.path)
     assert first == again and first.digest == img.digest
     assert len(hashed) == 1  # the second rollout start read only the file's stat
+    image_module._cache.clear()  # as a new process (the next `rollout run`) starts
+    assert load_image(img.path) == first and len(hashed) == 1  # from the cache file
 
     # Changed in place, same size, mtime put back: the ctime still tells.
     st = os.stat(img.path)
@@ -136,3 +139,24 @@ def test_load_image_hashes_a_file_once_until_it_changes(
     hashed.clear()
     os.replace(other.path, img.path)
     assert load_image(img.path).digest == other.digest and hashed == [img.path]
+
+
+def test_an_unreadable_digest_cache_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rollout.image as image_module
+
+    src = write_sample_tree(tmp_path / "src")
+    img = build_image(src, tmp_path / "a.img", version="1")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "image-digests.json").write_text("{not json")
+    monkeypatch.setenv("ROLLOUT_CACHE", str(cache))
+    image_module._cache.clear()
+    assert load_image(img.path).digest == img.digest
+    image_module._cache.clear()
+    (cache / "image-digests.json").write_text('{"x": {"digest": 1}}')  # wrong shape
+    assert load_image(img.path).digest == img.digest
+    monkeypatch.setenv("ROLLOUT_CACHE", str(tmp_path / "a.img"))  # not a directory
+    image_module._cache.clear()
+    assert load_image(img.path).digest == img.digest
