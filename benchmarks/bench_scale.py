@@ -8,7 +8,9 @@ batches, instant boots and health, the durable SQLite journal in a directory on 
 disk as the working directory (not a tmpfs), metrics, and the event log written to a file
 as `rollout run` does off a terminal (`--no-log`: without it). That is the `rollout run`
 path with only the nodes and the clock simulated. Printed per size: CPU (user + system),
-wall, peak RSS (ru_maxrss) and CPU microseconds per node, so linear growth shows.
+wall, peak RSS (ru_maxrss) and CPU microseconds per node, so linear growth shows; a
+1-node run first gives the fixed cost (interpreter, imports, start-up), and the last
+column is the CPU per node beyond it.
 
 Then start-up: a child process that loads the largest inventory and the policy and plans
 the batches, timed (CPU and wall) around exactly that.
@@ -94,8 +96,12 @@ def main() -> None:
         (wd / "token").write_text("bench\n")
         policy = wd / "policy.yaml"
         policy.write_text(POLICY)
-        print(f"{'nodes':>8} {'CPU s':>8} {'wall s':>8} {'RSS MB':>8} {'CPU us/node':>12}  result")
-        for n in sizes:
+        print(
+            f"{'nodes':>8} {'CPU s':>8} {'wall s':>8} {'RSS MB':>8} {'CPU us/node':>12} "
+            f"{'beyond fixed':>12}  result"
+        )
+        fixed = 0.0
+        for n in [1, *sizes]:
             inventory = wd / f"inventory-{n}.yaml"
             write_inventory(inventory, n)
             argv = [
@@ -112,7 +118,13 @@ def main() -> None:
                 result = f"{report['phase']}, {len(report['batches'])} batches"
             except ValueError:
                 result = f"exit {code}: {(wd / f'log-{n}.txt').read_text()[-300:]}"
-            print(f"{n:>8} {cpu:>8.2f} {wall:>8.2f} {rss:>8.0f} {cpu / n * 1e6:>12.0f}  {result}")
+            if n == 1:
+                fixed = cpu
+            beyond = (cpu - fixed) / n * 1e6 if n > 1 else 0.0
+            print(
+                f"{n:>8} {cpu:>8.2f} {wall:>8.2f} {rss:>8.0f} {cpu / n * 1e6:>12.0f} "
+                f"{beyond:>12.0f}  {result}"
+            )
         largest = wd / f"inventory-{max(sizes)}.yaml"
         _, _, rss, out, code = run_child(
             [sys.executable, "-c", LOAD_AND_PLAN, str(largest), str(policy)], wd / "load.txt"
