@@ -610,9 +610,13 @@ class Controller:
                 await asyncio.sleep(self.lock_ttl / 3)
                 with contextlib.suppress(LockConflict):
                     self.store.lock(holder, [n.id for n in nodes], self.lock_ttl)
-                for node in nodes:
-                    with contextlib.suppress(Refused, TransportError):
-                        await driver.lease(node, self.lock_ttl)
+                # All at once (the driver bounds requests in flight): one after another,
+                # a sweep over thousands of nodes outlasts the lease it renews.
+                await asyncio.gather(*(renew_one(n) for n in nodes))
+
+        async def renew_one(node: Node) -> None:
+            with contextlib.suppress(Refused, TransportError):
+                await driver.lease(node, self.lock_ttl)
 
         task = asyncio.create_task(renew())
         try:
