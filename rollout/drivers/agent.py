@@ -30,9 +30,10 @@ is a `TransportError` ("TLS certificate verification failed: ..."), so the engin
 the node as unreachable, never as a crash; there is no way to skip verification.
 
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
-with tenacity's explicit stop and wait. `activate` and `rollback` are never retried: if the
-request may have reached the agent, the engine learns what happened from the agent's
-`boot_count` instead of risking a second boot.
+with tenacity's explicit stop and wait. `activate` and `rollback` are sent again only when
+the connection could not even be made (`NotSent`: nothing left); once the request may have
+reached the agent, the engine learns what happened from the agent's `boot_count` instead
+of risking a second boot.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from tenacity import (
 
 from rollout import clock
 from rollout.agent.status import AgentStatus
-from rollout.drivers.base import Refused, TransportError
+from rollout.drivers.base import NotSent, Refused, TransportError
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
@@ -160,10 +161,15 @@ class AgentDriver:
                 ) as resp,
             ):
                 return await _answer(node, resp)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Connecting failed: nothing of the request was sent.
+            raise NotSent(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
 
-    def _retrying(self, node: Node, operation: str) -> AsyncRetrying:
+    def _retrying(
+        self, node: Node, operation: str, only: type[TransportError] = TransportError
+    ) -> AsyncRetrying:
         def before_sleep(state: RetryCallState) -> None:
             if self.on_retry and state.outcome is not None:
                 exc = state.outcome.exception()
@@ -171,7 +177,7 @@ class AgentDriver:
                     self.on_retry(node, operation, state.attempt_number, exc)
 
         return AsyncRetrying(
-            retry=retry_if_exception_type(TransportError),
+            retry=retry_if_exception_type(only),
             stop=stop_after_attempt(self.attempts),
             wait=wait_exponential(multiplier=0.2, max=self.wait_max),
             before_sleep=before_sleep,
@@ -283,7 +289,13 @@ class AgentDriver:
         return bool(answer.get("discarded"))
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:
-        await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True)
+        """Sent again only when it provably never left (NotSent): any other failure may
+        have arrived, and the boot count tells the engine."""
+        async for attempt in self._retrying(node, "activate", only=NotSent):
+            with attempt:
+                await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True)
+                return
+        raise AssertionError("unreachable")
 
     async def commit(self, node: Node) -> NodeStatus:
         async for attempt in self._retrying(node, "commit"):
@@ -292,7 +304,11 @@ class AgentDriver:
         raise AssertionError("unreachable")
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
-        await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True)
+        async for attempt in self._retrying(node, "rollback", only=NotSent):
+            with attempt:
+                await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True)
+                return
+        raise AssertionError("unreachable")
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Take or renew this driver's lease on the node; Refused("leased") if another

@@ -23,6 +23,12 @@ class TransportError(DriverError):
     """The node did not answer usefully (connection refused, timeout, 5xx)."""
 
 
+class NotSent(TransportError):
+    """The request never left: no connection to the node could be made. Unlike any other
+    TransportError, it proves the node did not get it, so even an activation may be sent
+    again."""
+
+
 class Refused(DriverError):
     """The node answered and refused; `code` is its machine-readable error code."""
 

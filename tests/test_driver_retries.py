@@ -1,0 +1,66 @@
+"""Which agent calls the driver sends again: an activation only when it provably never
+left (no connection could be made), never once it may have arrived."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from rollout.drivers.agent import AgentDriver
+from rollout.drivers.base import NotSent, TransportError
+from rollout.model import ActivationMode, Node
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def node(tmp_path: Path, address: str) -> Node:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    return Node("n1", address, {}, str(token))
+
+
+@pytest.mark.parametrize("call", ["activate", "rollback"])
+async def test_a_switch_nobody_received_is_sent_again(tmp_path: Path, call: str) -> None:
+    host = "127.0.0.91"
+    n = node(tmp_path, f"{host}:{free_port(host)}")  # nothing listens there
+    tries: list[str] = []
+    driver = AgentDriver(attempts=3, wait_max=0.01, on_retry=lambda _n, op, i, e: tries.append(op))
+    try:
+        with pytest.raises(NotSent):
+            await getattr(driver, call)(n, ActivationMode.REBOOT)
+    finally:
+        await driver.close()
+    assert tries == [call, call]  # three attempts in all
+
+
+@pytest.mark.parametrize("call", ["activate", "rollback"])
+async def test_a_switch_that_may_have_arrived_is_not_sent_again(tmp_path: Path, call: str) -> None:
+    host = "127.0.0.92"
+    hits: list[str] = []
+
+    async def broken(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"error": "internal", "message": "boom"}, status=500)
+
+    app = web.Application()
+    app.router.add_post(f"/v1/{call}", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port(host)
+    await web.TCPSite(runner, host, port).start()
+    driver = AgentDriver(attempts=3, wait_max=0.01)
+    try:
+        with pytest.raises(TransportError) as err:
+            await getattr(driver, call)(node(tmp_path, f"{host}:{port}"), ActivationMode.REBOOT)
+        assert not isinstance(err.value, NotSent)
+    finally:
+        await driver.close()
+        await runner.cleanup()
+    assert hits == [f"/v1/{call}"]  # once: the agent got it, whatever it then did
