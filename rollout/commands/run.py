@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from aiohttp import web
 from rich.console import Console
 
 from rollout.cliopts import registry_options, trusted_key_option
@@ -43,7 +42,6 @@ from rollout.policy import Policy, load_policy
 from rollout.pull import PullAccess
 from rollout.record import RolloutResult
 from rollout.runtime import settle_heap
-from rollout.server import make_app
 from rollout.tls import optional_server_context
 from rollout.tokens import read_token
 
@@ -264,8 +262,12 @@ async def _run_controller(
     with contextlib.suppress(NotImplementedError, RuntimeError):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a closed terminal too
             loop.add_signal_handler(sig, on_sigint)
-    runner: web.AppRunner | None = None
+    runner: Any = None  # an aiohttp AppRunner when the API is served
     if api is not None:  # the signal/approve API beside this one rollout
+        from aiohttp import web  # only then: `run` without --listen starts faster
+
+        from rollout.server import make_app
+
         listen, token, recorder, ssl_context = api
         host, port = split_address(listen)
         # No access log: request lines carry the wait gates' signal secrets.
