@@ -85,8 +85,9 @@ class _Rollout:
 
     id: str
     phases: dict[str, NodePhase] = field(default_factory=dict)
-    # Every (metric, label values) this rollout created, so forget() can remove them.
-    series: set[tuple[Any, tuple[str, ...]]] = field(default_factory=set)
+    # Every (metric, label values) this rollout created, with its child, so forget() can
+    # remove them and an event does not look the child up again (labels() is costly).
+    series: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
 
 
 class MetricsRecorder:
@@ -315,7 +316,7 @@ class MetricsRecorder:
         if ro is None:
             return
         for metric, labels in ro.series:
-            metric.remove(*labels)
+            metric.remove(ro.id, *labels)
         if self._current is ro:
             self._current = None
 
@@ -402,9 +403,11 @@ class MetricsRecorder:
             self._inc(self.batches_done, ro, str(decision), amount=0)
 
     def _child(self, metric: Any, ro: _Rollout, *labels: str) -> Any:
-        values = (ro.id, *labels)
-        ro.series.add((metric, values))
-        return metric.labels(*values)
+        key = (metric, labels)
+        child = ro.series.get(key)
+        if child is None:
+            child = ro.series[key] = metric.labels(ro.id, *labels)
+        return child
 
     def _set(self, metric: Gauge, ro: _Rollout, *labels: str, value: float) -> None:
         self._child(metric, ro, *labels).set(value)

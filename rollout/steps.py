@@ -10,8 +10,10 @@ before `update` returns: it is never left half-activated without its record (and
 journal and the output) saying so; `rollback_failed` names it, and its agent still falls
 back on its own at its deadline.
 
-Every phase change goes through `set`, which journals the record before anything acts on
-it and reports a NodeChanged event. The steps never print; they emit events.
+Every phase change goes through `set`, which journals the record and reports a NodeChanged
+event; before a request that changes the node (stage, activate, rollback) it waits until
+the entry is on disk (group commit, rollout.journal). The steps never print; they emit
+events.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.2
 # How long a node may be unreachable when the engine first looks at it.
 REACH_TIMEOUT = 15.0
+# Phases that announce a request that changes the node (stage, activate, rollback): their
+# entry is on disk before it leaves. Every other entry is committed with the next group
+# (the next loop turn) without waiting: what it records is re-learnt from the agent after
+# a crash (a commit is idempotent; health checks only read).
+_ACTS_NEXT = frozenset({NodePhase.STAGING, NodePhase.ACTIVATING, NodePhase.ROLLING_BACK})
 
 
 class NodeSteps:
@@ -73,7 +80,8 @@ class NodeSteps:
             rec.detail = ""
         self.journal.write(rec.snapshot())
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
-        await self.journal.flushed()  # durable before anything acts on it
+        if phase in _ACTS_NEXT:
+            await self.journal.flushed()  # durable before the request it announces leaves
 
     def progress(self, rec: NodeRecord) -> Callable[[int], None]:
         if self.image.pulled:
