@@ -1,4 +1,5 @@
-"""Shared fixtures: loopback addresses for real agents, sample images built once."""
+"""Shared fixtures: loopback addresses for real agents, sample images built once, local
+fleets, a `rollout serve` process. Shared functions live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from rollout.inventory import load_inventory
 from rollout.model import Image, Node
 from rollout.sample import build_sample_image
 
-if TYPE_CHECKING:  # tests.registry imports this module: no import cycle at run time
+if TYPE_CHECKING:  # tests.registry and tests.helpers import this module
+    from tests.helpers import Service
     from tests.registry import Registry, RegistryFactory
 
 # Each test process gets its own 127.X.0.0/16 so parallel or leftover runs never collide.
@@ -131,3 +133,16 @@ def registries(tmp_path: Path) -> Iterator[RegistryFactory]:
 def registry(registries: RegistryFactory) -> Registry:
     """One registry with TLS (its CA in `registry.ca_pem`) and basic auth."""
     return registries.start()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    """A `rollout serve` process on a fresh loopback address, its state and token file
+    (`service-secret-token`) in tmp_path; killed at teardown."""
+    from tests.helpers import Service
+
+    (tmp_path / "token").write_text("service-secret-token\n")
+    svc = Service(tmp_path, next_host(), "service-secret-token")
+    svc.start()
+    yield svc
+    svc.kill()

@@ -11,49 +11,12 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from rollout import fleet
 from tests.conftest import LocalFleet, SampleImages, next_block
-
-ROOT = Path(__file__).resolve().parent.parent
-FAST_POLICY: dict[str, Any] = {
-    "activation": "reboot",
-    "batches": {"canary": 1, "size": "50%", "max_unavailable": "50%"},
-    "health": {
-        "checks": [{"type": "http", "port": 8080, "path": "/healthz"}, {"type": "agent"}],
-        "interval": "200ms",
-        "min_healthy_time": "600ms",
-        "deadline": "15s",
-        "boot_timeout": "20s",
-        "failure_threshold": 4,
-    },
-    "failure": {"max_failed": 0, "action": "rollback"},
-}
-
-
-def rollout(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rollout", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-
-
-def write_policy(tmp_path: Path, data: dict[str, Any] = FAST_POLICY) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def status_json(inventory: Path) -> dict[str, dict[str, Any]]:
-    proc = rollout("status", "--inventory", str(inventory), "--output", "json")
-    assert proc.returncode == 0, proc.stderr
-    return {row["node"]: row for row in json.loads(proc.stdout)["nodes"]}
+from tests.helpers import FAST_POLICY, ROOT, rollout, status_json, write_policy
 
 
 def test_run_then_status_shows_every_node_on_target_with_one_more_boot(

@@ -22,7 +22,7 @@ import yaml
 from rollout.journal import SQLiteStore, fold
 from rollout.model import NodePhase, RolloutPhase
 from tests.conftest import LocalFleet, SampleImages
-from tests.test_cli import FAST_POLICY, ROOT, status_json
+from tests.helpers import FAST_POLICY, ROOT, status_json, wait_for
 
 SEED = int(os.environ.get("ROLLOUT_CRASH_SEED", "20261123"))
 KILLS = 20
@@ -62,10 +62,11 @@ def test_sigkill_at_random_points_then_resume_ends_exactly_once(
         target = journal_length(state) + rng.randint(1, 5)
         jitter = rng.uniform(0, 0.05)
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while journal_length(state) < target and proc.poll() is None:
-            assert time.monotonic() < deadline, f"no progress; kill points {kill_points}"
-            time.sleep(0.005)  # polling the journal for the kill point
+
+        def reached(t: int = target, p: subprocess.Popen[bytes] = proc) -> bool:
+            return journal_length(state) >= t or p.poll() is not None
+
+        wait_for(reached, 60, 0.005, what=f"journal entry {target} (kills so far {kill_points})")
         if proc.poll() is not None:
             finished_early = True
             break

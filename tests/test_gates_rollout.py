@@ -6,8 +6,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -19,24 +17,40 @@ from aiohttp import web
 
 from rollout.drivers.agent import AgentDriver
 from rollout.engine import Engine
+from rollout.entries import Body, to_data
 from rollout.events import Event
 from rollout.gates.signals import parse_signal
-from rollout.journal import SQLiteStore, fold
 from rollout.model import NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
 from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages, next_host
 from tests.gates.conftest import Prometheus, prometheus  # noqa: F401 - the fixture
-from tests.test_cli import FAST_POLICY, ROOT, status_json
+from tests.helpers import (
+    FAST_POLICY,
+    ROOT,
+    fold_id,
+    gated,
+    journal_gates,
+    run_cmd,
+    status_json,
+    wait_for_async,
+)
 
 Journal = list[tuple[str, dict[str, Any]]]
 
 
-def gated(*gates: dict[str, Any], **over: Any) -> dict[str, Any]:
-    data = dict(FAST_POLICY, gates=list(gates)) | over
-    data.setdefault("batches", {"canary": 1, "size": "50%", "max_unavailable": "50%"})
-    return data
+class ListJournal:
+    """The engine's journal (rollout.record.Journal) kept as a list of (kind, data)."""
+
+    def __init__(self, entries: Journal) -> None:
+        self.entries = entries
+
+    def write(self, body: Body) -> None:
+        self.entries.append((body.kind.value, to_data(body)))
+
+    async def flushed(self) -> None:
+        return None
 
 
 class Run:
@@ -47,17 +61,18 @@ class Run:
         self.events: list[Event] = []
         self.driver = AgentDriver()
         self.engine = Engine(
-            self.driver, policy, image, self.events.append,
-            journal=lambda kind, data: self.journal.append((kind, data)),
-        )  # fmt: skip
+            self.driver, policy, image, self.events.append, journal=ListJournal(self.journal)
+        )
         self.task = asyncio.create_task(self.engine.run(plan_batches(fl.nodes, policy)))
 
     async def until(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert not self.task.done() or check(), f"finished before {what}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)  # polling the journal for a condition
+        def met() -> bool:
+            if check():
+                return True
+            assert not self.task.done(), f"finished before {what}"
+            return False
+
+        await wait_for_async(met, timeout, 0.02, what=what)
 
     def phases(self) -> list[str]:
         return [d["phase"] for k, d in self.journal if k == "phase"]
@@ -73,25 +88,6 @@ class Run:
 
 
 # -- wait conditions over HTTP, --stop-after and --junit, with `rollout run` ----------------
-def run_cmd(fl: LocalFleet, policy: Path, image: str, tmp: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "rollout", "run", "--inventory", str(fl.inventory),
-        "--policy", str(policy), "--image", image, "--state", str(tmp / "state.db"),
-        "--log-format", "json", "--output", "json", *extra,
-    ]  # fmt: skip
-
-
-def journal_gates(state: Path) -> list[dict[str, Any]]:
-    if not state.exists():
-        return []
-    store = SQLiteStore(state)
-    try:
-        ids = store.rollout_ids()
-        return fold(store.entries(ids[0])).to_json()["gates"] if ids else []
-    finally:
-        store.close()
-
-
 async def test_wait_condition_signals_in_both_styles_over_run_listen(
     make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
 ) -> None:
@@ -107,10 +103,12 @@ async def test_wait_condition_signals_in_both_styles_over_run_listen(
                 "--token-file", str(tmp_path / "token"), "--junit", str(junit)),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=open(tmp_path / "run.log", "w"), text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not any(g.get("event") == "waiting" for g in journal_gates(tmp_path / "state.db")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        await asyncio.sleep(0.05)  # polling the journal for the gate
+
+    def gate_waits() -> bool:
+        assert proc.poll() is None, "rollout run exited"
+        return any(g.get("event") == "waiting" for g in journal_gates(tmp_path / "state.db"))
+
+    await wait_for_async(gate_waits, 60, what="the gate to wait")
     rid = fold_id(tmp_path / "state.db")
     url = f"http://{host}:7401/v1/rollouts/{rid}/gates/tests/signal"
     auth = {"Authorization": "Bearer run-token"}
@@ -141,14 +139,6 @@ async def test_wait_condition_signals_in_both_styles_over_run_listen(
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert set(cases) == {n.id for n in fl.nodes} | {"tests"}
     assert suite.get("failures") == "0"
-
-
-def fold_id(state: Path) -> str:
-    store = SQLiteStore(state)
-    try:
-        return store.rollout_ids()[0]
-    finally:
-        store.close()
 
 
 def test_stop_after_canary_keeps_it_then_a_later_run_continues(
@@ -275,17 +265,19 @@ async def test_approval_and_webhooks(
         controller = Controller(store)
         state = controller.create(load_inventory(fl.inventory).nodes, policy, images.v2, "p")
         task = asyncio.create_task(controller.execute(state.rollout_id))
-        deadline = time.monotonic() + 60
-        while controller.state(state.rollout_id).phase is not RolloutPhase.WAITING:
-            assert time.monotonic() < deadline and not task.done()
-            await asyncio.sleep(0.05)  # polling the journal
+
+        def phase() -> RolloutPhase:
+            assert not task.done(), task
+            return controller.state(state.rollout_id).phase
+
+        await wait_for_async(phase, 60, what="the rollout to wait",
+                             done=lambda p: p is RolloutPhase.WAITING)  # fmt: skip
         controller.decide(state.rollout_id, "ship-it", True, "alice")
         result = await asyncio.wait_for(task, 60)
         assert result.phase is RolloutPhase.SUCCEEDED
-        deadline = time.monotonic() + 30
-        while len(got) < 5:  # the notifier is closed at the end: deliveries done
-            assert time.monotonic() < deadline, got
-            await asyncio.sleep(0.05)
+        # The notifier is closed at the end: its deliveries are done.
+        await wait_for_async(lambda: got, 30, what="5 notifications",
+                             done=lambda g: len(g) >= 5)  # fmt: skip
         kinds = [g["event"] for g in got]
         assert kinds[0] == "started" and kinds[-1] == "succeeded"
         assert "gate_waiting" in kinds and kinds.count("batch_done") == 2
@@ -338,10 +330,8 @@ async def test_firing_alert_blocks_the_next_batch_until_it_clears(
 ) -> None:
     fl = make_fleet(2)
     prometheus.set_and_wait("gt_alert", 1)
-    deadline = time.monotonic() + 15
-    while "GateTestCritical" not in prometheus.firing():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)  # polling Prometheus for the alert
+    await wait_for_async(prometheus.firing, 15, what="GateTestCritical to fire",
+                         done=lambda firing: "GateTestCritical" in firing)  # fmt: skip
     gate = {"name": "quiet", "kind": "alerts", "before": "after-canary",
             "prometheus": prometheus.url, "match": {"severity": "critical"},
             "interval": "200ms"}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -16,35 +17,22 @@ from rollout.entries import (
     BatchStartedEntry,
     Body,
     CommandEntry,
-    CreatedEntry,
     GateEntry,
-    ImageData,
-    InventoryNode,
     Kind,
     NodeSnapshot,
     PhaseEntry,
-    PlannedBatch,
     parse_body,
     to_data,
 )
 from rollout.journal import LockConflict, SQLiteStore, fold, load_state, unfinished
 from rollout.model import NodePhase, Reason, RolloutPhase
+from tests.helpers import created_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def created(store: SQLiteStore, rollout_id: str, nodes: list[str]) -> None:
     store.append(rollout_id, created_entry(nodes))
-
-
-def created_entry(nodes: list[str]) -> CreatedEntry:
-    return CreatedEntry(
-        policy={},
-        image=ImageData(path="v2.img", digest="sha256:00", name="w", version="2", size=1),
-        inventory=tuple(InventoryNode(id=n, address=f"{n}:7000") for n in nodes),
-        batches=(PlannedBatch(index=1, canary=True, nodes=(nodes[0],)),)
-        + ((PlannedBatch(index=2, nodes=tuple(nodes[1:])),) if nodes[1:] else ()),
-    )
 
 
 def test_fold_rebuilds_state_from_entries(tmp_path: Path) -> None:
@@ -134,7 +122,7 @@ def test_appends_survive_a_killed_writer(tmp_path: Path) -> None:
         import asyncio, os, signal
         from rollout.entries import NodeSnapshot, PhaseEntry
         from rollout.journal import SQLiteStore
-        from tests.test_journal import created_entry
+        from tests.helpers import created_entry
         s = SQLiteStore({str(path)!r})
         s.append("r1", created_entry(["a"]))
         async def main():
@@ -188,3 +176,22 @@ def test_a_corrupt_state_file_is_bad_input(tmp_path: Path) -> None:
     path.write_bytes(os.urandom(4096))
     with pytest.raises(InputError, match="not a usable state file"):
         SQLiteStore(path)
+
+
+def test_a_store_outliving_its_event_loop_still_commits(tmp_path: Path) -> None:
+    """Entries written in one asyncio.run whose commit never ran go out with the next."""
+    store = SQLiteStore(tmp_path / "s.db")
+    created(store, "r1", ["a"])
+
+    async def write_only() -> None:
+        store.write("r1", NodeSnapshot(id="a", phase=NodePhase.STAGING))
+
+    async def write_and_wait() -> None:
+        store.write("r1", NodeSnapshot(id="a", phase=NodePhase.STAGED))
+        await store.flushed()
+
+    asyncio.run(write_only())  # the loop ends before its group commit runs
+    asyncio.run(write_and_wait())
+    phases = [e.data["phase"] for e in store.entries("r1") if e.kind == "node"]
+    assert phases == ["staging", "staged"]
+    store.close()

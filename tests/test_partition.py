@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rollout import fleet
 from tests.conftest import LocalFleet, SampleImages
-from tests.test_cli import FAST_POLICY, ROOT, status_json, write_policy
+from tests.helpers import FAST_POLICY, ROOT, status_json, write_policy
 
 
 def freeze(fl: LocalFleet, node_id: str, sig: signal.Signals) -> list[int]:

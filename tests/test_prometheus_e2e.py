@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,7 +42,7 @@ from rollout.plan import plan_batches
 from rollout.policy import parse_policy
 from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages
-from tests.test_cli import FAST_POLICY, ROOT, write_policy
+from tests.helpers import FAST_POLICY, ROOT, wait_for, write_policy
 
 SCRAPE = "250ms"
 RULES = ROOT / "charts" / "prometheus" / "rules.yaml"
@@ -54,22 +53,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, urllib.error.URLError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -132,7 +115,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
             with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as resp:
                 return bool(resp.status == 200)
 
-        wait_for("prometheus to be ready", ready)
+        wait_for(ready, what="prometheus to be ready", ignore=(OSError,))
         return prom
 
     yield start
@@ -175,7 +158,7 @@ def test_prometheus_scrapes_a_whole_rollout(
     try:
         assert recorder.port
         prom = prometheus(recorder.port)
-        wait_for("the first scrape", prom.target_up)
+        wait_for(prom.target_up, what="the first scrape", ignore=(OSError,))
         result = asyncio.run(run_engine(fl, images.v2, recorder))
         assert result.succeeded, result.message
         rid = f'rollout="{result.rollout_id}"'
@@ -187,7 +170,7 @@ def test_prometheus_scrapes_a_whole_rollout(
         def final_state_scraped() -> bool:
             return prom.value(f'rollout_phase{{{rid},phase="succeeded"}}') == 1
 
-        wait_for("the final state to be scraped", final_state_scraped)
+        wait_for(final_state_scraped, what="the final state to be scraped", ignore=(OSError,))
 
         def last(expr: str) -> float | None:
             return prom.value(f"last_over_time({expr}[5m])")
@@ -211,8 +194,9 @@ def test_prometheus_scrapes_a_whole_rollout(
 
         # The recording rules run on the real series, and alerts stay quiet.
         wait_for(
-            "rollout:progress:ratio == 1",
             lambda: prom.value(f"rollout:progress:ratio{{{rid}}}") == 1,
+            what="rollout:progress:ratio == 1",
+            ignore=(OSError,),
         )
         alerts = prom.query('ALERTS{alertname=~"RolloutHalted|RolloutNodeRolledBack"}')
         assert alerts == []

@@ -39,12 +39,13 @@ import pytest
 from rollout.controller import Controller, IllegalCommand, RetryHook
 from rollout.drivers.sim import SimDriver, SimFleet
 from rollout.entries import PhaseEntry
-from rollout.journal import FINISHED, RolloutState, SQLiteStore, load_state
+from rollout.journal import RolloutState, SQLiteStore, load_state
 from rollout.model import ActivationMode, Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
 from rollout.pull import PullAccess
 from rollout.record import NodeRecord, RolloutResult
+from tests.helpers import LEGAL_IDLE
 
 pytestmark = pytest.mark.looptime
 
@@ -199,16 +200,8 @@ def test_the_plan_these_tables_assume() -> None:
 # -- commands x phases ------------------------------------------------------------------------
 P = RolloutPhase
 ALL_PHASES = tuple(RolloutPhase)
-# docs/controller-api.md, "Commands", for a rollout whose engine is not running and that
-# has a committed node. Retry also takes a paused one (stopped with --stop-after): the
-# controller's own message says so ("... or stopped (paused) rollouts").
-LEGAL_IDLE: dict[str, frozenset[RolloutPhase]] = {
-    "pause": frozenset({P.RUNNING, P.WAITING, P.PENDING}),
-    "resume": frozenset({P.PAUSED}),
-    "abort": frozenset(set(ALL_PHASES) - FINISHED),
-    "retry": frozenset({P.PAUSED, P.HALTED, P.ABORTED, P.FAILED, P.ROLLED_BACK}),
-    "rollback": frozenset(set(ALL_PHASES) - {P.ROLLED_BACK, P.ROLLING_BACK}),
-}
+# LEGAL_IDLE (tests.helpers): docs/controller-api.md's command table; test_api.py holds
+# the HTTP answers to the same table.
 # The phase journaled at once by a legal command (None: the command journals no phase).
 PHASE_AFTER = {
     "pause": P.PAUSED,

@@ -334,7 +334,7 @@ async def test_the_service_starts_a_pull_rollout_and_names_a_bad_reference(
     registry: Registry, make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
 ) -> None:
     from tests.conftest import next_host
-    from tests.test_server import TERMINAL, Service
+    from tests.helpers import TERMINAL, Service
 
     push(registry, images.v2.path, f"oci://{registry.address}/fleet/web:2.0")
     (tmp_path / "token").write_text("service-secret-token\n")

@@ -29,7 +29,6 @@ from rollout.rootfs import (
     RootfsManifest,
     RootfsSpec,
     RootfsStreamError,
-    build_rootfs_image,
     copy_rootfs,
     default_size,
     image_kind,
@@ -42,41 +41,13 @@ from rollout.rootfs import (
     used_inodes,
 )
 from rollout.sample import write_sample_tree
+from tests.helpers import INITRD, KERNEL, MIB, SIZE, build, make_tree
 
-MIB = 1 << 20
-SIZE = 16 * MIB
-KERNEL = "boot/vmlinuz-6.1.0-test"
-INITRD = "boot/initrd.img-6.1.0-test"
 E2FS = "/usr/sbin:/sbin:" + os.environ.get("PATH", "")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mkfs.ext4", path=E2FS) is None, reason="needs e2fsprogs (mkfs.ext4, debugfs)"
 )
-
-
-def make_tree(root: Path) -> Path:
-    """A tiny root tree with Debian-style boot links: one relative, one absolute."""
-    (root / "etc").mkdir(parents=True)
-    (root / "boot").mkdir()
-    (root / "etc" / "hostname").write_text("rootfs-test\n")
-    (root / KERNEL).write_bytes(b"not really a kernel\n")
-    (root / INITRD).write_bytes(b"not really an initrd\n")
-    (root / "vmlinuz").symlink_to(KERNEL)
-    (root / "initrd.img").symlink_to("/" + INITRD)  # resolved inside the tree, not on the host
-    return root
-
-
-def build(src: Path, out: Path, **kw: object) -> tuple[str, Path]:
-    args: dict[str, object] = {
-        "version": "1.0.0",
-        "name": "sample-os",
-        "compatible": "rollout-vm-x86_64",
-        "units": ["sample-web.service"],
-        "size": SIZE,
-    }
-    args.update(kw)
-    img = build_rootfs_image(src, out, **args)  # type: ignore[arg-type]
-    return img.digest, Path(img.path)
 
 
 def ext4_bytes(image: Path) -> bytes:

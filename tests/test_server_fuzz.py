@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.test_fuzz import SCHEMATHESIS, fuzz
-from tests.test_server import Service
-from tests.test_server import service as service  # the fixture
+from tests.helpers import Service
 
 pytestmark = pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="needs schemathesis")
 

@@ -10,14 +10,12 @@ log or the journal.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,20 @@ import yaml
 
 from rollout.gates.handles import KEY_SUFFIX
 from tests.conftest import LocalFleet, SampleImages, next_host
-from tests.test_cli import ROOT, status_json
-from tests.test_gates_rollout import fold_id, gated, journal_gates, run_cmd
-from tests.test_server import TERMINAL, Service, body, policy_file, service  # noqa: F401
+from tests.helpers import (
+    ROOT,
+    TERMINAL,
+    Service,
+    body,
+    fold_id,
+    gated,
+    journal_gates,
+    policy_file,
+    run_cmd,
+    status_json,
+    wait_for,
+    wait_for_async,
+)
 
 CFN_BODY = "Application has completed configuration."  # cfn-signal's default -d
 
@@ -71,18 +80,8 @@ def state_files(state: Path) -> list[Path]:
     return [state, Path(f"{state}-wal"), Path(f"{state}-shm")]
 
 
-async def wait_until(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check() if asyncio.iscoroutinefunction(check) else check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)  # polling for a condition
-
-
 async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_restart(
-    service: Service,  # noqa: F811
+    service: Service,
     make_fleet: Callable[..., LocalFleet],
     images: SampleImages,
     tmp_path: Path,
@@ -117,7 +116,7 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
         _, state = await service.call("GET", f"/v1/rollouts/{rid}")
         return bool(state["phase"] == "waiting")
 
-    await wait_until("the gate to wait", waiting)
+    await wait_for_async(waiting, 60, what="the gate to wait")
 
     # Wrong URLs: one and the same 404 whichever part is wrong, and nothing changes.
     before = await service.events(rid)
@@ -154,7 +153,7 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
     service.start()
     _, shown = await service.call("GET", f"/v1/rollouts/{rid}")
     assert shown["signal_urls"] == {"tests": url}
-    await wait_until("the resumed gate to wait", waiting)
+    await wait_for_async(waiting, 60, what="the resumed gate to wait")
 
     # The real cfn-signal: PUT, CloudFormation body, no Authorization header.
     sent = cfn_signal("-e", "0", "-r", "tests passed", "-i", "ci-1", url)
@@ -164,7 +163,7 @@ async def test_cfn_signal_and_heat_curl_pass_a_gate_of_rollout_serve_across_a_re
         _, state = await service.call("GET", f"/v1/rollouts/{rid}")
         return received(state["gates"])
 
-    assert await wait_until("the cfn-signal to be counted", counted) == [
+    assert await wait_for_async(counted, 60, what="the cfn-signal to be counted") == [
         {"status": "SUCCESS", "reason": "tests passed", "data": CFN_BODY, "id": "ci-1"}
     ]
     assert (await service.call("GET", f"/v1/rollouts/{rid}"))[1]["phase"] == "waiting"
@@ -221,10 +220,12 @@ def test_cfn_signal_failure_fails_the_gate_of_rollout_run_listen(
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while not any(g.get("event") == "waiting" for g in journal_gates(state)):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)  # polling the journal for the gate
+
+        def gate_waits() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return any(g.get("event") == "waiting" for g in journal_gates(state))
+
+        wait_for(gate_waits, 60, what="the gate to wait")
         rid = fold_id(state)
         server = f"http://{host}:7401"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLOUT_")}

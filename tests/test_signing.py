@@ -14,22 +14,7 @@ from rollout import signing
 from rollout.errors import InputError
 from rollout.signing import Payload, SignatureError
 from tests.conftest import LocalFleet, SampleImages
-from tests.test_cli import rollout, status_json, write_policy
-
-
-def keys(tmp: Path, name: str) -> tuple[Path, Path]:
-    proc = rollout("image", "keygen", str(tmp / name))
-    assert proc.returncode == 0, proc.stderr
-    return tmp / f"{name}.key", tmp / f"{name}.pub"
-
-
-def signed_copy(tmp: Path, image: str, *key_files: Path) -> Path:
-    copy = tmp / Path(image).name
-    copy.write_bytes(Path(image).read_bytes())
-    for key in key_files:
-        proc = rollout("image", "sign", str(copy), "--key", str(key))
-        assert proc.returncode == 0, proc.stderr
-    return copy
+from tests.helpers import keys, rollout, signed_copy, status_json, write_policy
 
 
 def test_keygen_keeps_the_private_key_private_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -144,7 +129,7 @@ def test_load_signed_image_without_keys_passes_the_signature_along(
 
 
 def test_a_root_filesystem_image_is_signed_with_its_compatible_string(tmp_path: Path) -> None:
-    from tests.test_rootfs_image import build, make_tree
+    from tests.helpers import build, make_tree
 
     _, image = build(make_tree(tmp_path / "tree"), tmp_path / "os.img")
     key, pub = keys(tmp_path, "k")
@@ -164,7 +149,7 @@ async def test_rollout_serve_with_a_trusted_key_refuses_an_unsigned_image(
     make_fleet: Callable[..., LocalFleet], images: SampleImages, tmp_path: Path
 ) -> None:
     from tests.conftest import next_host
-    from tests.test_server import Service, policy_file
+    from tests.helpers import Service, policy_file
 
     key, pub = keys(tmp_path, "release")
     (tmp_path / "token").write_text("service-secret-token\n")

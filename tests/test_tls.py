@@ -15,10 +15,10 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -33,7 +33,7 @@ from rollout.inventory import dump_inventory, load_inventory, parse_inventory
 from rollout.model import Node
 from rollout.tls import client_context, optional_server_context
 from tests.conftest import SampleImages, next_block, next_host
-from tests.test_cli import FAST_POLICY, ROOT, rollout
+from tests.helpers import FAST_POLICY, ROOT, rollout, wait_for
 
 TOKEN = "tls-test-token"
 
@@ -55,17 +55,13 @@ def write_ca(ca: trustme.CA, path: Path) -> Path:
 def wait_https(url: str, ca_file: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
     """Poll `url` over verified HTTPS until it answers 200 (the process must stay up)."""
     context = client_context(ca_file)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+
+    def answers() -> bool:
         assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, f"{url} did not answer: {log.read_text()}"
-        time.sleep(0.05)  # polling for the listener
+        with urllib.request.urlopen(url, timeout=1, context=context) as r:
+            return bool(r.status == 200)
+
+    wait_for(answers, 20, what=f"{url} to answer 200", ignore=(OSError,))
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -285,15 +281,14 @@ def test_run_over_a_tls_fleet_with_its_api_over_https(images: SampleImages, tmp_
 
 
 def _wait_for_gate(server: list[str]) -> str:
-    deadline = time.monotonic() + 60
-    while True:
-        listed = rollout("ls", *server, "--output", "json")
-        assert listed.returncode == 0, listed.stderr
-        rollouts = json.loads(listed.stdout)["rollouts"]
-        if rollouts and rollouts[0]["phase"] == "waiting":
-            return str(rollouts[0]["id"])
-        assert time.monotonic() < deadline, rollouts
-        time.sleep(0.2)  # polling the API for the gate
+    def listed() -> list[dict[str, Any]]:
+        proc = rollout("ls", *server, "--output", "json")
+        assert proc.returncode == 0, proc.stderr
+        return list(json.loads(proc.stdout)["rollouts"])
+
+    rollouts = wait_for(listed, 60, 0.2, what="the rollout to wait on its gate",
+                        done=lambda r: bool(r) and r[0]["phase"] == "waiting")  # fmt: skip
+    return str(rollouts[0]["id"])
 
 
 # -- (c) `rollout serve` over HTTPS and its clients --------------------------------------------

@@ -14,13 +14,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+
+from tests.helpers import wait_for_async
 
 TOKEN = "t0ken-for-tests"
 AGENT_PORT = 7000
@@ -41,21 +42,16 @@ async def eventually(
     timeout: float = 15.0,
     interval: float = 0.05,
 ) -> T:
-    """Call `probe` until it returns something other than None (or False); fail at deadline."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            result = await probe()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            result, last = None, exc
-        else:
-            last = result
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        await asyncio.sleep(interval)
+    """Call `probe` until it returns something other than None (or False); fail at deadline.
+    A probe that times out or cannot connect yet counts as not yet (its error is the last
+    value seen). tests.helpers.wait_for_async with the agent's transient errors."""
+    result = await wait_for_async(
+        probe, timeout, interval, what=what,
+        ignore=(TimeoutError, aiohttp.ClientError, OSError),
+        done=lambda r: r is not None and r is not False,
+    )  # fmt: skip
+    assert result is not None
+    return result
 
 
 def processes_under(path: Path) -> list[int]:

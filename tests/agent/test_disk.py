@@ -20,7 +20,7 @@ from rollout.agent.state import AgentError, Slot
 from rollout.agent.store import Store
 from rollout.errors import InputError
 from rollout.rootfs import build_rootfs_image
-from tests.test_rootfs_image import make_tree
+from tests.helpers import make_tree
 
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")
 SLOT_SIZE = 16 << 20

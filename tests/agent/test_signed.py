@@ -8,7 +8,7 @@ from pathlib import Path
 from rollout import signing
 from tests.agent.conftest import StartAgent
 from tests.conftest import SampleImages
-from tests.test_signing import keys, signed_copy
+from tests.helpers import keys, signed_copy
 
 
 async def test_an_agent_that_trusts_a_key_refuses_unsigned_and_wrongly_signed_images(

@@ -16,11 +16,10 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import wait_for
+
+PROBE_ERRORS = (OSError, ValueError)  # Prometheus not up yet, or a partial answer
 RULES = {
     "groups": [
         {
@@ -57,22 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -128,7 +114,7 @@ class Prometheus:
                 got[0] == value or (value != value and got[0] != got[0])  # NaN
             )
 
-        poll(f"prometheus to scrape {expr} = {value}", seen)
+        wait_for(seen, 15, what=f"prometheus to scrape {expr} = {value}", ignore=PROBE_ERRORS)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +170,11 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
             with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as resp:
                 return bool(resp.status == 200)
 
-        poll("prometheus to be ready", ready)
-        poll("the exporter to be scraped", lambda: prom.values('up{job="gates"}') == [1.0])
+        wait_for(ready, 15, what="prometheus to be ready", ignore=PROBE_ERRORS)
+        wait_for(
+            lambda: prom.values('up{job="gates"}') == [1.0], 15,
+            what="the exporter to be scraped", ignore=PROBE_ERRORS,
+        )  # fmt: skip
         yield prom
     finally:
         proc.terminate()

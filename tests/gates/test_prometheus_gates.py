@@ -19,7 +19,8 @@ from rollout.gates.events import GateEvent, GateFinished, GateMeasured, GateWait
 from rollout.gates.prometheus import PrometheusClient, PrometheusError
 from rollout.gates.runner import GateEnv, run_gate, wait_before_batch
 from rollout.policy import AlertsGate, AnalysisGate
-from tests.gates.conftest import Prometheus, poll
+from tests.gates.conftest import PROBE_ERRORS, Prometheus
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -148,8 +149,9 @@ async def test_firing_alert_blocks_until_cleared(
 ) -> None:
     prometheus.set_and_wait("gt_alert", 1)
     await asyncio.to_thread(
-        poll, "the critical alert to fire", lambda: "GateTestCritical" in prometheus.firing()
-    )
+        wait_for, lambda: "GateTestCritical" in prometheus.firing(), 15,
+        what="the critical alert to fire", ignore=PROBE_ERRORS,
+    )  # fmt: skip
     api = PrometheusClient(session, prometheus.url)
     reasons: list[str] = []
     blocked = asyncio.Event()
@@ -179,8 +181,9 @@ async def test_alerts_gate_times_out_and_other_alerts_do_not_block(
     )  # fmt: skip
     prometheus.set_and_wait("gt_alert", 0)
     await asyncio.to_thread(
-        poll, "the critical alert to clear", lambda: "GateTestCritical" not in prometheus.firing()
-    )
+        wait_for, lambda: "GateTestCritical" not in prometheus.firing(), 15,
+        what="the critical alert to clear", ignore=PROBE_ERRORS,
+    )  # fmt: skip
     assert (await wait_before_batch([calm], env)).result == "passed"
     noisy = AlertsGate.model_validate(
         {"name": "noisy", "kind": "alerts", "prometheus": prometheus.url,

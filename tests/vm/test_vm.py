@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ import yaml
 from rollout.image import sha256_file
 from rollout.vm import fleet as vm_fleet
 from rollout.vm import guest
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -70,18 +70,14 @@ class VMFleet:
     def wait(self, node: str, cond: Callable[[dict[str, Any]], bool], what: str,
              timeout: float = BOOT_WAIT) -> dict[str, Any]:  # fmt: skip
         """Poll the agent's status until `cond` holds (a deadline, not a sleep)."""
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] | str = "no answer yet"
-        while time.monotonic() < deadline:
-            try:
-                last = self.status(node)
-                if cond(last):
-                    return last
-            except (OSError, AssertionError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(1)  # polling interval
-        console = (self.workdir / "nodes" / node / "console.log").read_text(errors="replace")
-        raise AssertionError(f"{node}: not {what} in {timeout:g}s; last: {last}\n{console[-3000:]}")
+        try:
+            return wait_for(
+                lambda: self.status(node), timeout, 1, what=f"{node} {what}", done=cond,
+                ignore=(OSError, AssertionError, ValueError),
+            )  # fmt: skip
+        except AssertionError as exc:
+            console = (self.workdir / "nodes" / node / "console.log").read_text(errors="replace")
+            raise AssertionError(f"{exc}\n{console[-3000:]}") from None
 
     def stage(self, node: str, image: Path) -> tuple[int, dict[str, Any]]:
         digest = sha256_file(image)
