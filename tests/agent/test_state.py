@@ -520,3 +520,11 @@ def test_boot_id_survives_the_json_form() -> None:
     s = replace(COMMITTED_B, boot_id="3f1c/2")
     assert sm.from_json(sm.to_json(s)) == s
     assert sm.from_json({**sm.to_json(COMMITTED_B), "boot_id": None}).boot_id is None
+
+
+def test_the_state_machines_replace_is_dataclasses_replace_for_known_fields() -> None:
+    image = sm.SlotImage("sha256:1", "web", "1")
+    good = sm.replace(image, good=True, version="2")
+    assert good == replace(image, good=True, version="2") and image.good is False
+    with pytest.raises(TypeError, match=r"^SlotImage has no field colour, size$"):
+        sm.replace(image, size=3, colour="red")
