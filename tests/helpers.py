@@ -212,8 +212,41 @@ LEGAL_IDLE: dict[str, frozenset[RolloutPhase]] = {
 TERMINAL = {"succeeded", "halted", "rolled_back", "aborted", "failed"}
 
 
+class RolloutCalls:
+    """The rollout reads both API test harnesses share, over their own `call`: the
+    in-process app (tests/test_api.py) and `rollout serve` as a process (Service)."""
+
+    poll_interval = 0.1  # seconds between reads while waiting for a phase
+    phase_timeout = 90.0  # seconds to wait for one
+
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = "default"
+    ) -> tuple[int, dict[str, Any]]:
+        raise NotImplementedError
+
+    async def rollout(self, rollout_id: str) -> dict[str, Any]:
+        status, answer = await self.call("GET", f"/v1/rollouts/{rollout_id}")
+        assert status == 200, answer
+        return answer
+
+    async def wait_phase(
+        self, rollout_id: str, phases: set[str], timeout: float | None = None
+    ) -> dict[str, Any]:
+        return await wait_for_async(
+            lambda: self.rollout(rollout_id), timeout or self.phase_timeout, self.poll_interval,
+            what=f"rollout {rollout_id} in one of {sorted(phases)}",
+            done=lambda answer: answer["phase"] in phases,
+        )  # fmt: skip
+
+    async def events(self, rollout_id: str, after: int | None = None) -> list[dict[str, Any]]:
+        query = "" if after is None else f"?after={after}"
+        status, answer = await self.call("GET", f"/v1/rollouts/{rollout_id}/events{query}")
+        assert status == 200, answer
+        return list(answer["events"])
+
+
 @dataclass
-class Service:
+class Service(RolloutCalls):
     workdir: Path
     host: str
     token: str
@@ -261,25 +294,6 @@ class Service:
             http.request(method, self.url + path, json=body, headers=headers) as r,
         ):
             return r.status, await r.json(content_type=None)
-
-    async def rollout(self, rollout_id: str) -> dict[str, Any]:
-        status, body = await self.call("GET", f"/v1/rollouts/{rollout_id}")
-        assert status == 200, body
-        return body
-
-    async def wait_phase(
-        self, rollout_id: str, phases: set[str], timeout: float = 90
-    ) -> dict[str, Any]:
-        return await wait_for_async(
-            lambda: self.rollout(rollout_id), timeout, 0.1,
-            what=f"rollout {rollout_id} in one of {sorted(phases)}",
-            done=lambda body: body["phase"] in phases,
-        )  # fmt: skip
-
-    async def events(self, rollout_id: str) -> list[dict[str, Any]]:
-        status, body = await self.call("GET", f"/v1/rollouts/{rollout_id}/events")
-        assert status == 200
-        return list(body["events"])
 
 
 def policy_file(tmp_path: Path, **over: Any) -> str:

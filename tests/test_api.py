@@ -38,7 +38,7 @@ from rollout.pull import PullAccess
 from rollout.record import NodeRecord
 from rollout.server import make_app, service_observers
 from tests.conftest import SampleImages
-from tests.helpers import LEGAL_IDLE, TERMINAL, wait_for_async
+from tests.helpers import LEGAL_IDLE, TERMINAL, RolloutCalls, wait_for_async
 
 TOKEN = "api-secret-token"
 # Real time, short: a simulated boot of 50 ms, a node healthy after 50 ms of checks.
@@ -122,7 +122,9 @@ class Fleet:
 
 
 @dataclasses.dataclass
-class Api:
+class Api(RolloutCalls):
+    poll_interval = 0.02  # in-process: a read costs next to nothing
+    phase_timeout = 60.0
     client: TestClient[web.Request, web.Application]
     controller: Controller
     store: SQLiteStore
@@ -137,26 +139,6 @@ class Api:
             headers["Authorization"] = f"Bearer {token}"
         async with self.client.request(method, path, json=body, headers=headers, **kw) as r:
             return r.status, await r.json(content_type=None)
-
-    async def rollout(self, rollout_id: str) -> dict[str, Any]:
-        status, answer = await self.call("GET", f"/v1/rollouts/{rollout_id}")
-        assert status == 200, answer
-        return answer
-
-    async def wait_phase(
-        self, rollout_id: str, phases: set[str], timeout: float = 60
-    ) -> dict[str, Any]:
-        return await wait_for_async(
-            lambda: self.rollout(rollout_id), timeout, 0.02,
-            what=f"rollout {rollout_id} in one of {sorted(phases)}",
-            done=lambda answer: answer["phase"] in phases,
-        )  # fmt: skip
-
-    async def events(self, rollout_id: str, after: int | None = None) -> list[dict[str, Any]]:
-        query = "" if after is None else f"?after={after}"
-        status, answer = await self.call("GET", f"/v1/rollouts/{rollout_id}/events{query}")
-        assert status == 200, answer
-        return list(answer["events"])
 
     def policy(self, **over: Any) -> str:
         path = self.tmp / f"policy-{len(list(self.tmp.glob('policy-*')))}.yaml"
