@@ -147,9 +147,37 @@ class _TurnBuffer:
             self.stream.flush()
 
 
+class _LineSink:
+    """The processor chain `configure_logging` set up, run for the event log's lines
+    without structlog's bound-logger layers (method proxy, context copy, per-line lock
+    and flush), which cost more than the line itself: a rollout of 10,000 nodes logs
+    120,000 lines. Same processors, same level filter, same stream, same lines."""
+
+    def __init__(self, processors: list[Any], min_level: int, out: _TurnBuffer) -> None:
+        self.processors = processors
+        self.min_level = min_level
+        self.out = out
+
+    def emit(self, level: int, context: dict[str, Any], event: str, fields: dict[str, Any]) -> None:
+        if level < self.min_level:
+            return
+        line: Any = {**context, **fields, "event": event}
+        name = _LEVEL_NAMES[level]
+        for proc in self.processors:
+            line = proc(None, name, line)
+        self.out.write(f"{line}\n")
+
+
+_LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning"}
+# Set by configure_logging; None: structlog is set up by someone else (tests, a library
+# user), and the event log goes through structlog's loggers as any other.
+_sink: _LineSink | None = None
+
+
 def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
     """Set structlog up once: JSON for machines, key=value text otherwise, on stderr
     (coloured by structlog on a terminal, by `_KeyValueRenderer` elsewhere)."""
+    global _sink
     renderer: Any
     stamper: Any = _UtcStamper()
     if fmt == "json":
@@ -159,25 +187,31 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     else:
         renderer = _KeyValueRenderer()
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        stamper,
+        renderer,
+    ]
+    out = _TurnBuffer(sys.stderr)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            stamper,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(_TurnBuffer(sys.stderr)),  # type: ignore[arg-type]
+        logger_factory=structlog.WriteLoggerFactory(out),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+    _sink = _LineSink(processors, level, out)
+
+
+INFO, WARNING = logging.INFO, logging.WARNING
 
 
 class EventLog:
     """Observer writing one structured log line per meaningful event."""
 
     def __init__(self, rollout_id: str | None = None) -> None:
-        base = structlog.get_logger("rollout")
-        self.log = base.bind(rollout=rollout_id) if rollout_id else base
+        self.log = structlog.get_logger("rollout")
+        self.context: dict[str, Any] = {"rollout": rollout_id} if rollout_id else {}
         self.batch_of: dict[str, int] = {}
         self.started: float | None = None
 
@@ -185,91 +219,94 @@ class EventLog:
         """A log for one rollout (the service runs several at once)."""
         return EventLog(rollout_id)
 
+    def _out(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        sink = _sink
+        if sink is not None:
+            sink.emit(level, self.context, event, fields)
+        else:
+            method = self.log.info if level == INFO else self.log.warning
+            method(event, **self.context, **fields)
+
     def __call__(self, event: Event) -> None:
-        log = self.log
-        if isinstance(event, RolloutStarted):
-            self.log = log = log.bind(rollout=event.rollout_id)
-            self.batch_of = {n.id: b.index for b in event.batches for n in b.nodes}
-            self.started = time.monotonic()
-            log.info(
-                "rollout_started",
-                image=event.image.version,
-                digest=event.image.digest,
-                policy=event.policy,
-                batches=len(event.batches),
-                nodes=event.fleet_size,
-            )
-        elif isinstance(event, BatchStarted):
-            log.info(
-                "batch_started",
-                batch=event.batch.index,
-                of=event.total_batches,
-                canary=event.batch.canary,
-                nodes=list(event.batch.node_ids),
-            )
-        elif isinstance(event, StepDone):
-            emit = log.info if event.ok else log.warning
-            emit(
+        # The two events of every node step first: they are nearly all of them.
+        out = self._out
+        if isinstance(event, StepDone):
+            out(
+                INFO if event.ok else WARNING,
                 "node_step",
-                node=event.node_id,
-                batch=self.batch_of.get(event.node_id),
-                step=str(event.step),
-                seconds=round(event.seconds, 3),
-                outcome="ok" if event.ok else "error",
+                {
+                    "node": event.node_id,
+                    "batch": self.batch_of.get(event.node_id),
+                    "step": str(event.step),
+                    "seconds": round(event.seconds, 3),
+                    "outcome": "ok" if event.ok else "error",
+                },
             )
         elif isinstance(event, NodeChanged):
             bad = event.phase in (NodePhase.FAILED, NodePhase.ROLLBACK_FAILED)
-            emit = log.warning if bad else log.info
             fields: dict[str, Any] = {"node": event.node_id, "batch": event.batch}
             if event.reason:
                 fields["reason"] = str(event.reason)
             if event.detail:
                 fields["detail"] = event.detail
-            emit(f"node_{event.phase}", **fields)
+            out(WARNING if bad else INFO, f"node_{event.phase}", fields)
+        elif isinstance(event, RolloutStarted):
+            self.context = {"rollout": event.rollout_id}
+            self.batch_of = {n.id: b.index for b in event.batches for n in b.nodes}
+            self.started = time.monotonic()
+            out(INFO, "rollout_started", {
+                "image": event.image.version,
+                "digest": event.image.digest,
+                "policy": event.policy,
+                "batches": len(event.batches),
+                "nodes": event.fleet_size,
+            })  # fmt: skip
+        elif isinstance(event, BatchStarted):
+            out(INFO, "batch_started", {
+                "batch": event.batch.index,
+                "of": event.total_batches,
+                "canary": event.batch.canary,
+                "nodes": list(event.batch.node_ids),
+            })  # fmt: skip
         elif isinstance(event, Retried):
-            log.warning(
-                "transport_retry",
-                node=event.node_id,
-                operation=event.operation,
-                attempt=event.attempt,
-                error=event.error,
-            )
+            out(WARNING, "transport_retry", {
+                "node": event.node_id,
+                "operation": event.operation,
+                "attempt": event.attempt,
+                "error": event.error,
+            })  # fmt: skip
         elif isinstance(event, RolloutPhaseChanged):
-            log.info("rollout_phase", phase=str(event.phase), message=event.message)
+            out(INFO, "rollout_phase", {"phase": str(event.phase), "message": event.message})
         elif isinstance(event, GateWaiting):
-            log.info(
-                "gate_waiting",
-                gate=event.gate,
-                kind=event.kind,
-                since=event.since.isoformat(),
-                until=event.until.isoformat() if event.until else None,
-                reason=event.reason,
-            )
+            out(INFO, "gate_waiting", {
+                "gate": event.gate,
+                "kind": event.kind,
+                "since": event.since.isoformat(),
+                "until": event.until.isoformat() if event.until else None,
+                "reason": event.reason,
+            })  # fmt: skip
         elif isinstance(event, GateFinished):
-            emit = log.info if event.result == "passed" else log.warning
-            emit("gate_finished", gate=event.gate, kind=event.kind, result=event.result,
-                 message=event.message)  # fmt: skip
+            out(INFO if event.result == "passed" else WARNING, "gate_finished", {
+                "gate": event.gate, "kind": event.kind, "result": event.result,
+                "message": event.message,
+            })  # fmt: skip
         elif isinstance(event, GateSignal | GateApproval | GateMeasured):
             fields = gate_event_json(event)
-            log.info(f"gate_{fields.pop('event')}", **fields)
+            out(INFO, f"gate_{fields.pop('event')}", fields)
         elif isinstance(event, WebhookFailed):
-            log.warning("webhook_failed", url=event.url, event_name=event.event, error=event.error)
+            out(WARNING, "webhook_failed",
+                {"url": event.url, "event_name": event.event, "error": event.error})  # fmt: skip
         elif isinstance(event, BatchFinished):
-            log.info(
-                "batch_finished",
-                batch=event.batch.index,
-                failed=event.failed,
-                decision=event.decision,
-            )
+            out(INFO, "batch_finished", {
+                "batch": event.batch.index, "failed": event.failed, "decision": event.decision,
+            })  # fmt: skip
         elif isinstance(event, RolloutFinished):
-            emit = log.info if event.phase == "succeeded" else log.warning
             seconds = time.monotonic() - self.started if self.started is not None else None
-            emit(
-                "rollout_finished",
-                phase=str(event.phase),
-                message=event.message,
-                seconds=round(seconds, 3) if seconds is not None else None,
-            )
+            out(INFO if event.phase == "succeeded" else WARNING, "rollout_finished", {
+                "phase": str(event.phase),
+                "message": event.message,
+                "seconds": round(seconds, 3) if seconds is not None else None,
+            })  # fmt: skip
 
 
 class LiveProgress:

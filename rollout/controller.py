@@ -190,16 +190,22 @@ def rebuild(state: RolloutState) -> Loaded:
 
 def check_tokens(nodes: Sequence[Node]) -> None:
     """Every node's token file must be readable and non-empty, and its CA file (if any) a
-    readable PEM CA certificate (InputError naming it)."""
+    readable PEM CA certificate (InputError naming it). Each file is read once: a fleet
+    usually shares one of each (the inventory's top level)."""
+    tokens: set[str] = set()
+    cas: set[str] = set()
     for node in nodes:
         if node.token_file is None:
             raise InputError(
                 f"node {node.id}: no token_file; set token_file in the inventory (top level "
                 "or on the node)"
             )
-        read_token(node.token_file, f"node {node.id}: token file")
-        if node.ca_file is not None:
+        if node.token_file not in tokens:
+            read_token(node.token_file, f"node {node.id}: token file")
+            tokens.add(node.token_file)
+        if node.ca_file is not None and node.ca_file not in cas:
             client_context(node.ca_file, option=f"node {node.id}: ca_file")
+            cas.add(node.ca_file)
 
 
 def new_rollout_id() -> str:

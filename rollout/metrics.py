@@ -88,6 +88,10 @@ class _Rollout:
     # Every (metric, label values) this rollout created, with its child, so forget() can
     # remove them and an event does not look the child up again (labels() is costly).
     series: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
+    # The children the hot events touch, by a cheaper key: `rollout_nodes` by phase, and
+    # the step histogram by (step, ok) and the progress gauge by metric.
+    counts: dict[NodePhase, Any] = field(default_factory=dict)
+    hot: dict[Any, Any] = field(default_factory=dict)
 
 
 class MetricsRecorder:
@@ -253,26 +257,41 @@ class MetricsRecorder:
         return observe
 
     def __call__(self, event: Event) -> None:
+        ro = self._current
+        # A node's phase changes and step durations first: they are nearly every event.
+        if isinstance(event, NodeChanged):
+            if ro is None:
+                return
+            phase = event.phase
+            self._move_node(ro, event.node_id, phase)
+            progress = ro.hot.get(self.last_progress)
+            if progress is None:
+                progress = ro.hot[self.last_progress] = self._child(self.last_progress, ro)
+            progress.set(self._wall())
+            if phase in _RESULTS:
+                self._inc(self.updates, ro, _RESULTS[phase])
+            elif phase in _ROLLBACKS:
+                self._inc(self.rollbacks, ro, _ROLLBACKS[phase])
+            if phase is NodePhase.FAILED:
+                self._inc(self.failures, ro, str(event.reason or "unknown"))
+            return
+        if isinstance(event, StepDone):
+            if ro is None:
+                return
+            key = (event.step, event.ok)
+            hist = ro.hot.get(key)
+            if hist is None:
+                result = "ok" if event.ok else "error"
+                hist = ro.hot[key] = self._child(self.step_seconds, ro, str(event.step), result)
+            hist.observe(event.seconds)
+            return
         if isinstance(event, RolloutStarted):
             self._start(event)
             return
-        ro = self._current
         if ro is None:
             return  # no rollout to attribute it to (the engine always starts with one)
         if isinstance(event, BatchStarted):
             self._set(self.batch_current, ro, value=event.batch.index)
-        elif isinstance(event, NodeChanged):
-            self._move_node(ro, event.node_id, event.phase)
-            self._set(self.last_progress, ro, value=self._wall())
-            if event.phase in _RESULTS:
-                self._inc(self.updates, ro, _RESULTS[event.phase])
-            elif event.phase in _ROLLBACKS:
-                self._inc(self.rollbacks, ro, _ROLLBACKS[event.phase])
-            if event.phase is NodePhase.FAILED:
-                self._inc(self.failures, ro, str(event.reason or "unknown"))
-        elif isinstance(event, StepDone):
-            result = "ok" if event.ok else "error"
-            self._child(self.step_seconds, ro, str(event.step), result).observe(event.seconds)
         elif isinstance(event, BytesSent):
             self._inc(self.bytes, ro, amount=event.count)
         elif isinstance(event, BytesFetched):
@@ -428,9 +447,16 @@ class MetricsRecorder:
         """One node changed state: adjust two counts (O(1), whatever the fleet's size)."""
         old = ro.phases.get(node_id)
         ro.phases[node_id] = phase
+        counts = ro.counts
         if old is not None:
-            self._child(self.nodes, ro, str(old)).dec()
-        self._child(self.nodes, ro, str(phase)).inc()
+            child = counts.get(old)
+            if child is None:
+                child = counts[old] = self._child(self.nodes, ro, str(old))
+            child.dec()
+        child = counts.get(phase)
+        if child is None:
+            child = counts[phase] = self._child(self.nodes, ro, str(phase))
+        child.inc()
 
 
 class _CollectionCounter:

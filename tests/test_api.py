@@ -172,10 +172,8 @@ async def api(
     async with TestClient(TestServer(app)) as client:
         yield Api(client, controller, store, fleet, tmp_path)
         fleet.release.set()  # nothing stays held while the app stops its rollouts
-    boots = [t for d in fleet.drivers for t in d._tasks]
-    for task in boots:
-        task.cancel()
-    await asyncio.gather(*boots, return_exceptions=True)
+    for driver in fleet.drivers:
+        await driver.close()  # boots still under way are cancelled
     store.close()
 
 

@@ -114,6 +114,7 @@ def replace(obj: _T, /, **changes: Any) -> _T:
     new.__dict__.update(changes)
     return new
 
+
 @dataclass(frozen=True)
 class SlotImage:
     """The image a slot holds."""

@@ -160,7 +160,7 @@ class SimDriver:
 
     def __init__(self, fleet: SimFleet) -> None:
         self.fleet = fleet
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._boots: dict[str, asyncio.TimerHandle] = {}  # boots under way, by node
 
     def _node(self, node: Node) -> SimNode:
         sim = self.fleet[node.id]
@@ -235,15 +235,17 @@ class SimDriver:
         sim.state = planned
         sim.busy = "booting"
 
-        async def boot() -> None:
-            await clock.sleep(self.fleet.boot_seconds)
+        def booted() -> None:
+            self._boots.pop(sim.node_id, None)
             sim.state = _boot(sim.state, clock.now())
             sim.busy = None
             sim.booted_at = clock.now()
 
-        task = asyncio.create_task(boot())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # A timer on the loop's clock, not a task: a rollout boots every node once.
+        loop = asyncio.get_running_loop()
+        self._boots[sim.node_id] = loop.call_at(
+            loop.time() + max(0.0, self.fleet.boot_seconds), booted
+        )
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Simulated nodes take part in no other rollout: a lease is always granted."""
@@ -254,8 +256,9 @@ class SimDriver:
         return None
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        for handle in self._boots.values():
+            handle.cancel()
+        self._boots.clear()
 
 
 class SimProber:
