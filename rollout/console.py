@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from rollout import clock
 from rollout.events import (
     BatchFinished,
     BatchStarted,
@@ -124,7 +125,7 @@ class _TurnBuffer:
 
     def write(self, text: str) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            loop = clock.running_loop()
         except RuntimeError:
             loop = None
         with self.lock:

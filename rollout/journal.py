@@ -38,6 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from rollout import clock
 from rollout.entries import (
     BatchFinishedEntry,
     BatchStartedEntry,
@@ -176,7 +177,7 @@ class SQLiteStore:
     def write(self, rollout_id: str, body: Body) -> None:
         with self._mutex:
             self._buffer.append((rollout_id, time.time(), str(body.kind), _dumps(body)))
-            loop = asyncio.get_running_loop()
+            loop = clock.running_loop()
             if self._group is not None and self._group_loop is not loop:
                 # Scheduled on a loop that has ended (a store outliving asyncio.run):
                 # that commit never runs, so this one takes its entries along.
@@ -187,7 +188,7 @@ class SQLiteStore:
     async def flushed(self) -> None:
         if self._group is None:
             return
-        waiter = asyncio.get_running_loop().create_future()  # one each: cancelling one
+        waiter = clock.running_loop().create_future()  # one each: cancelling one
         self._waiters.append(waiter)  # waiter cancels no other
         await waiter
 

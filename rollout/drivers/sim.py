@@ -242,7 +242,7 @@ class SimDriver:
             sim.booted_at = clock.now()
 
         # A timer on the loop's clock, not a task: a rollout boots every node once.
-        loop = asyncio.get_running_loop()
+        loop = clock.running_loop()
         self._boots[sim.node_id] = loop.call_at(
             loop.time() + max(0.0, self.fleet.boot_seconds), booted
         )
