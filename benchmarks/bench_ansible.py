@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bytecode import compile_rollout
+
 from rollout import fleet
 from rollout.agent.node import AgentConfig
 from rollout.inventory import load_inventory
@@ -276,6 +278,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    compile_rollout()  # as installed: see bytecode.py
     if args.min_healthy_time < 1:
         parser.error("--min-healthy-time: at least 1 (ansible's pause sleeps whole seconds)")
     load_before = os.getloadavg()[0]

@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bytecode import compile_rollout
+
 from rollout.image import build_image
 from rollout.inventory import dump_inventory
 from rollout.model import Node
@@ -400,6 +402,7 @@ def main() -> None:
         "(slower: not for the figures).",
     )
     args = parser.parse_args()
+    compile_rollout()  # as installed: see bytecode.py
     if args.agents > 250 * PER_BLOCK:
         parser.error(f"--agents: at most {250 * PER_BLOCK} (127.66.0.0/16)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as for Ctrl-C

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bytecode import compile_rollout
+
 POLICY = """\
 batches: {canary: 0, size: "10%", max_unavailable: "10%"}
 health: {checks: [{type: agent}], interval: 1s, min_healthy_time: 0s, deadline: 60s}
@@ -86,6 +88,7 @@ def main() -> None:
     )
     parser.add_argument("--dir", default=".", help="where the journals go (a real disk)")
     args = parser.parse_args()
+    compile_rollout()  # as installed: see bytecode.py
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "

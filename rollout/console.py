@@ -101,7 +101,7 @@ class _KeyValueRenderer:
         level = event.pop("level", "")
         message = str(event.pop("event", ""))
         pairs = " ".join(
-            f"{k}={v if type(v) is str else repr(v)}" for k, v in sorted(event.items())
+            [f"{k}={v}" if type(v) is str else f"{k}={v!r}" for k, v in sorted(event.items())]
         )
         return f"{stamp} [{level:<9}] {message:<30} {pairs}".rstrip()
 
@@ -188,8 +188,7 @@ def configure_logging(fmt: str = "console", level: int = logging.INFO) -> None:
         stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     else:
         renderer = _KeyValueRenderer()
-    processors = [
-        structlog.contextvars.merge_contextvars,
+    processors = [  # (no merge_contextvars: nothing binds structlog context variables)
         structlog.processors.add_log_level,
         stamper,
         renderer,

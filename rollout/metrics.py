@@ -88,9 +88,10 @@ class _Rollout:
     # Every (metric, label values) this rollout created, with its child, so forget() can
     # remove them and an event does not look the child up again (labels() is costly).
     series: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
-    # The children the hot events touch, by a cheaper key: `rollout_nodes` by phase, and
-    # the step histogram by (step, ok) and the progress gauge by metric.
-    counts: dict[NodePhase, Any] = field(default_factory=dict)
+    # What `rollout_nodes` and the progress timestamp read when collected (set_function).
+    counts: Tally[NodePhase] = field(default_factory=Tally)
+    progress_at: float = 0.0
+    # The step histogram's children by (step, ok): a cheaper key than `series`.
     hot: dict[Any, Any] = field(default_factory=dict)
 
 
@@ -264,10 +265,7 @@ class MetricsRecorder:
                 return
             phase = event.phase
             self._move_node(ro, event.node_id, phase)
-            progress = ro.hot.get(self.last_progress)
-            if progress is None:
-                progress = ro.hot[self.last_progress] = self._child(self.last_progress, ro)
-            progress.set(self._wall())
+            ro.progress_at = self._wall()  # read by the gauge when collected
             if phase in _RESULTS:
                 self._inc(self.updates, ro, _RESULTS[phase])
             elif phase in _ROLLBACKS:
@@ -400,7 +398,8 @@ class MetricsRecorder:
         now = self._wall()
         if known is None:
             self._set(self.started, ro, value=now)
-        self._set(self.last_progress, ro, value=now)
+        ro.progress_at = now
+        self._child(self.last_progress, ro).set_function(lambda: ro.progress_at)
         ro.phases = {
             n.id: event.phases.get(n.id) or ro.phases.get(n.id, NodePhase.PENDING)
             for b in event.batches
@@ -439,9 +438,11 @@ class MetricsRecorder:
             self._set(self.phase, ro, str(p), value=1 if p is phase else 0)
 
     def _count_nodes(self, ro: _Rollout) -> None:
-        tally = Tally(ro.phases.values())
+        """`rollout_nodes` reads the rollout's tally when collected: a node's move is
+        two dict updates, not two locked gauge updates."""
+        ro.counts = counts = Tally(ro.phases.values())
         for s in NodePhase:
-            self._set(self.nodes, ro, str(s), value=tally.get(s, 0))
+            self._child(self.nodes, ro, str(s)).set_function(lambda s=s: counts[s])
 
     def _move_node(self, ro: _Rollout, node_id: str, phase: NodePhase) -> None:
         """One node changed state: adjust two counts (O(1), whatever the fleet's size)."""
@@ -449,14 +450,8 @@ class MetricsRecorder:
         ro.phases[node_id] = phase
         counts = ro.counts
         if old is not None:
-            child = counts.get(old)
-            if child is None:
-                child = counts[old] = self._child(self.nodes, ro, str(old))
-            child.dec()
-        child = counts.get(phase)
-        if child is None:
-            child = counts[phase] = self._child(self.nodes, ro, str(phase))
-        child.inc()
+            counts[old] -= 1
+        counts[phase] += 1
 
 
 class _CollectionCounter:
