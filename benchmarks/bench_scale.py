@@ -10,7 +10,8 @@ as `rollout run` does off a terminal (`--no-log`: without it). That is the `roll
 path with only the nodes and the clock simulated. Printed per size: CPU (user + system),
 wall, peak RSS (ru_maxrss) and CPU microseconds per node, so linear growth shows; a
 1-node run first gives the fixed cost (interpreter, imports, start-up), and the last
-column is the CPU per node beyond it.
+column is the CPU per node beyond it. After each size, `pace`: the CPU seconds of a fixed
+loop (bytecode.pace), because this machine's speed varies from minute to minute.
 
 Then start-up: a child process that loads the largest inventory and the policy and plans
 the batches, timed (CPU and wall) around exactly that.
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bytecode import compile_rollout
+from bytecode import compile_rollout, pace
 
 POLICY = """\
 batches: {canary: 0, size: "10%", max_unavailable: "10%"}
@@ -126,7 +127,7 @@ def main() -> None:
             beyond = (cpu - fixed) / n * 1e6 if n > 1 else 0.0
             print(
                 f"{n:>8} {cpu:>8.2f} {wall:>8.2f} {rss:>8.0f} {cpu / n * 1e6:>12.0f} "
-                f"{beyond:>12.0f}  {result}"
+                f"{beyond:>12.0f}  {result}; pace {pace():.2f} s"
             )
         largest = wd / f"inventory-{max(sizes)}.yaml"
         _, _, rss, out, code = run_child(
