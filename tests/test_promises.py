@@ -164,10 +164,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     yield w
     if w.running is not None and not w.running.done():
         w.running.cancel()
-    boots = [t for d in w.drivers for t in d._tasks]  # nodes still rebooting
-    for task in boots:
-        task.cancel()
-    await asyncio.gather(*boots, return_exceptions=True)
+    for driver in w.drivers:
+        await driver.close()  # nodes still rebooting stop doing so
     w.store.close()
 
 
