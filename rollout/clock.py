@@ -7,10 +7,11 @@ read from the running event loop, so tests can run the engine and the gates on v
 `running_loop` is `asyncio.get_running_loop()` without its `getpid()` per call (CPython's
 check that a forked child does not use its parent's loop): that is a system call, and on a
 VM with page-table isolation a costly one, whose cost grows with the heap (the TLB is
-flushed). The engine reads the clock about 25 times per node, so at 100,000 nodes the
-calls took a third of the controller's CPU. The last loop found is kept and used again
-while it is running in the calling thread (its `_thread_id`, which asyncio's base loop
-sets while it runs and clears when it stops); anything else asks asyncio.
+flushed). The engine reads the clock about 25 times per node; at 100,000 nodes a third
+of the controller's samples (py-spy, native frames) were in that getpid(). The last
+loop found is kept and used again while it is running in the calling thread (its
+`_thread_id`, which asyncio's base loop sets while it runs and clears when it stops);
+anything else asks asyncio.
 """
 
 from __future__ import annotations

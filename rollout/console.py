@@ -5,12 +5,14 @@ terminal the CLI shows live progress and logs only warnings; elsewhere (CI, pipe
 writes one structured log line per event, as key=value text or, with `--log-format
 json`, as JSON. Tokens never reach either: events carry no secrets.
 
-Logging is on the engine's path (it is an observer, called inline, ~7 lines a node), so
+Logging is on the engine's path (it is an observer, called inline, 12 lines a node), so
 off a terminal it is kept cheap: `_KeyValueRenderer` writes the same line structlog's
 ConsoleRenderer writes without colours (timestamp, padded level and event, sorted
 key=value pairs) in one f-string, where ConsoleRenderer styles and pads every field; the
 timestamp is formatted once per second and the milliseconds appended. On a terminal
-ConsoleRenderer's colours are kept.
+ConsoleRenderer's colours are kept. The event log hands its lines to `_LineSink`, the
+same processors without structlog's bound-logger layers, and they leave once per loop
+turn (`_TurnBuffer`).
 """
 
 from __future__ import annotations
