@@ -41,19 +41,4 @@ def now() -> float:
 
 async def sleep(seconds: float) -> None:
     """Wait on the loop's clock; the single waiting primitive of the controller."""
-    if seconds <= 0:
-        await asyncio.sleep(0)  # a bare yield: no timer, no loop lookup
-        return
-    # asyncio.sleep, with the loop from running_loop().
-    loop = running_loop()
-    future = loop.create_future()
-    handle = loop.call_later(seconds, _wake, future)
-    try:
-        await future
-    finally:
-        handle.cancel()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():  # cancelled meanwhile
-        future.set_result(None)
+    await asyncio.sleep(max(0.0, seconds))

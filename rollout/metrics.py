@@ -91,8 +91,6 @@ class _Rollout:
     # What `rollout_nodes` and the progress timestamp read when collected (set_function).
     counts: Tally[NodePhase] = field(default_factory=Tally)
     progress_at: float = 0.0
-    # The step histogram's children by (step, ok): a cheaper key than `series`.
-    hot: dict[Any, Any] = field(default_factory=dict)
 
 
 class MetricsRecorder:
@@ -276,12 +274,8 @@ class MetricsRecorder:
         if isinstance(event, StepDone):
             if ro is None:
                 return
-            key = (event.step, event.ok)
-            hist = ro.hot.get(key)
-            if hist is None:
-                result = "ok" if event.ok else "error"
-                hist = ro.hot[key] = self._child(self.step_seconds, ro, str(event.step), result)
-            hist.observe(event.seconds)
+            result = "ok" if event.ok else "error"
+            self._child(self.step_seconds, ro, str(event.step), result).observe(event.seconds)
             return
         if isinstance(event, RolloutStarted):
             self._start(event)

@@ -242,9 +242,8 @@ class SimDriver:
             sim.booted_at = clock.now()
 
         # A timer on the loop's clock, not a task: a rollout boots every node once.
-        loop = clock.running_loop()
-        self._boots[sim.node_id] = loop.call_at(
-            loop.time() + max(0.0, self.fleet.boot_seconds), booted
+        self._boots[sim.node_id] = clock.running_loop().call_later(
+            max(0.0, self.fleet.boot_seconds), booted
         )
 
     async def lease(self, node: Node, ttl: float) -> bool:
