@@ -463,9 +463,11 @@ def main() -> None:
 
 
 _PROFILED = """\
-import cProfile, runpy, sys, time
+import cProfile, os, runpy, sys, time
 out, target = sys.argv[1], sys.argv[2]
 sys.argv = sys.argv[2:]
+if target != "rollout":  # a script imports its neighbours, as `python SCRIPT` would let it
+    sys.path.insert(0, os.path.dirname(target))
 profiler = cProfile.Profile(time.process_time)  # CPU time: a starved process is not slow
 try:
     profiler.runcall(runpy.run_module if target == "rollout" else runpy.run_path, target,

@@ -69,7 +69,14 @@ from rollout.tls import client_context
 from rollout.tokens import read_token
 from rollout.webhooks import Notifier, WebhookObserver
 
-LOCK_TTL = 30.0  # seconds a rollout's node locks and agent leases live without renewal
+LOCK_TTL = 30.0  # seconds a rollout's node locks (in the state file) live without renewal
+# Seconds an agent lease lives without renewal. Longer than the lock: it must outlast a
+# node's reboot (the node cannot be renewed while it is down, and a server's firmware
+# alone may take minutes), and each renewal sweep is a request to every node of the
+# fleet, so its cost per second is nodes / (ttl / 3). The price: nodes of a controller
+# that died and never comes back wait up to this long before another rollout may take
+# them (the same rollout, resumed, takes its own leases back at once).
+LEASE_TTL = 300.0
 
 
 class LeasingDriver(Driver, Protocol):
@@ -218,6 +225,7 @@ class Controller:
         store: Store,
         observer_for: Callable[[str], Observer] = lambda rollout_id: lambda event: None,
         lock_ttl: float = LOCK_TTL,
+        lease_ttl: float = LEASE_TTL,
         reach_timeout: float = REACH_TIMEOUT,
         signal_key: SignalKey | None = None,
         driver_for: DriverFactory | None = None,
@@ -231,6 +239,7 @@ class Controller:
         self.signal_key = signal_key or SignalKey.beside(str(path))
         self.observer_for = observer_for  # each rollout's engine reports to its own observer
         self.lock_ttl = lock_ttl
+        self.lease_ttl = lease_ttl
         self.reach_timeout = reach_timeout
         self.controls: dict[str, Control] = {}
         self.boxes: dict[str, GateBoxes] = {}
@@ -580,7 +589,7 @@ class Controller:
 
         async def one(node: Node) -> None:
             try:
-                await driver.lease(node, self.lock_ttl)
+                await driver.lease(node, self.lease_ttl)
             except Refused as exc:
                 if exc.code == "leased":
                     raise LockConflict(exc.holder or "?", [node.id], exc.expires_in) from exc
@@ -611,26 +620,35 @@ class Controller:
 
     @contextlib.asynccontextmanager
     async def _renewing(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> Any:
-        async def renew() -> None:
+        """Renew the store's node locks every lock_ttl / 3 and the agents' leases every
+        lease_ttl / 3, each in a task of its own (a slow sweep never delays the locks)."""
+
+        async def locks() -> None:
             while True:
                 await asyncio.sleep(self.lock_ttl / 3)
                 with contextlib.suppress(LockConflict):
                     self.store.lock(holder, [n.id for n in nodes], self.lock_ttl)
+
+        async def leases() -> None:
+            while True:
+                await asyncio.sleep(self.lease_ttl / 3)
                 # All at once (the driver bounds requests in flight): one after another,
                 # a sweep over thousands of nodes outlasts the lease it renews.
                 await asyncio.gather(*(renew_one(n) for n in nodes))
 
         async def renew_one(node: Node) -> None:
             with contextlib.suppress(Refused, TransportError):
-                await driver.lease(node, self.lock_ttl)
+                await driver.lease(node, self.lease_ttl)
 
-        task = asyncio.create_task(renew())
+        tasks = [asyncio.create_task(locks()), asyncio.create_task(leases())]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # -- commands -------------------------------------------------------------------------
     def command(self, rollout_id: str, command: str, by: str = "api") -> str:

@@ -605,6 +605,7 @@ def simulate(
                     store,
                     observer_for=lambda rid: observer,
                     lock_ttl=_SIM_LOCK_TTL,
+                    lease_ttl=_SIM_LOCK_TTL,
                     driver_for=driver_for,
                 )
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -27,15 +28,47 @@ class SlowLeases:
 
 
 async def test_lease_renewal_reaches_every_node_within_its_ttl(tmp_path: Path) -> None:
-    """Renewing 100 leases that take a second each must not take 100 s: the leases
-    (ttl 30 s) would lapse mid-rollout and another rollout could take the nodes."""
+    """Renewing 100 leases that take a second each must not take 100 s: with a ttl of
+    30 s the leases would lapse mid-rollout and another rollout could take the nodes."""
     store = SQLiteStore(tmp_path / "s.db")
-    controller = Controller(store)
+    controller = Controller(store, lease_ttl=30.0)
     driver = SlowLeases()
     nodes = [Node(f"n{i}", f"127.0.0.1:{7000 + i}", {}) for i in range(100)]
     start = asyncio.get_running_loop().time()
     async with controller._renewing(driver, nodes, "r1"):  # type: ignore[arg-type]
-        await asyncio.sleep(controller.lock_ttl / 3 + 5)
+        await asyncio.sleep(controller.lease_ttl / 3 + 5)
     assert len(driver.renewed) == 100
-    assert max(driver.renewed.values()) - start < controller.lock_ttl / 3 + 5
+    assert max(driver.renewed.values()) - start < controller.lease_ttl / 3 + 5
+    store.close()
+
+
+class CountingStore(SQLiteStore):
+    """The real store, counting lock renewals."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.locked: list[float] = []
+
+    def lock(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None:
+        self.locked.append(asyncio.get_running_loop().time())
+        super().lock(rollout_id, node_ids, ttl)
+
+
+async def test_locks_and_leases_renew_each_on_its_own_cadence(tmp_path: Path) -> None:
+    """The state file's locks every lock_ttl / 3, the agents' leases (one request per
+    node) only every lease_ttl / 3, and a lease sweep that takes long never delays a
+    lock renewal."""
+    store = CountingStore(tmp_path / "s.db")
+    controller = Controller(store, lock_ttl=30.0, lease_ttl=300.0)
+    driver = SlowLeases()
+    nodes = [Node(f"n{i}", f"127.0.0.1:{7000 + i}", {}) for i in range(3)]
+    start = asyncio.get_running_loop().time()
+    async with controller._renewing(driver, nodes, "r1"):  # type: ignore[arg-type]
+        await asyncio.sleep(95)
+        assert driver.renewed == {}  # 95 s < 300 / 3: no lease request yet
+        assert len(store.locked) == 9  # at 10, 20, ... 90 s
+        await asyncio.sleep(10)
+    assert sorted(driver.renewed) == ["n0", "n1", "n2"]
+    assert min(driver.renewed.values()) - start >= 100
+    assert len(store.locked) == 10
     store.close()
