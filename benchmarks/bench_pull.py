@@ -135,13 +135,17 @@ def main() -> None:
                       f"{v2.size / 2**20:.1f} MiB; registry push {push_s:.1f} s")  # fmt: skip
                 push_wall, push_bytes = one_run(wd / "push", v1, v2, args.nodes,
                                                 "127.78.0.2", "none", None)  # fmt: skip
-                print(f"push mode (prestage none): wall {push_wall:.1f} s, controller sent "
-                      f"{push_bytes / 2**20:,.1f} MiB ({push_bytes / v2.size:.2f} images)")
+                print(
+                    f"push mode (prestage none): wall {push_wall:.1f} s, controller sent "
+                    f"{push_bytes / 2**20:,.1f} MiB ({push_bytes / v2.size:.2f} images)"
+                )
                 pull_wall, pull_bytes = one_run(wd / "pull", v1, pulled, args.nodes,
                                                 "127.79.0.2", "all", access)  # fmt: skip
-                print(f"pull mode (prestage all):  wall {pull_wall:.1f} s, controller sent "
-                      f"{pull_bytes / 2**10:,.1f} KiB ({100 * pull_bytes / v2.size:.3f}% of "
-                      "one image)")
+                print(
+                    f"pull mode (prestage all):  wall {pull_wall:.1f} s, controller sent "
+                    f"{pull_bytes / 2**10:,.1f} KiB ({100 * pull_bytes / v2.size:.3f}% of "
+                    "one image)"
+                )
                 print(f"pull/push wall time: {pull_wall / push_wall:.2f}")
     finally:
         subprocess.run(["iptables", "-D", *RULE], check=True)
