@@ -35,6 +35,7 @@ from typing import Any
 from bench_http import Fleet, build_images, raise_nofile
 from bytecode import compile_rollout
 
+from rollout.controller import LEASE_TTL
 from rollout.drivers.agent import AgentDriver
 from rollout.drivers.sim import SimDriver, SimFleet
 from rollout.image import load_image
@@ -58,7 +59,7 @@ async def measure(fleet: Fleet, v1: Path, rounds: int, repeat: int) -> dict[str,
     sim = SimDriver(SimFleet(fleet.nodes, load_image(str(v1))))
     calls: dict[str, Call] = {
         "status, pooled": driver.status,
-        "lease, fresh": lambda n: driver.lease(n, 300.0),
+        "lease, fresh": lambda n: driver.lease(n, LEASE_TTL),
         "status, sim": sim.status,
     }
     figures: dict[str, list[float]] = {label: [] for label in calls}
