@@ -85,13 +85,16 @@ class _UtcStamper:
         self._prefix = ""
 
     def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        event["timestamp"] = self.stamp()
+        return event
+
+    def stamp(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
-        return event
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
 
 
 class _KeyValueRenderer:
@@ -102,10 +105,14 @@ class _KeyValueRenderer:
         stamp = event.pop("timestamp", "")
         level = event.pop("level", "")
         message = str(event.pop("event", ""))
-        pairs = " ".join(
-            [f"{k}={v}" if type(v) is str else f"{k}={v!r}" for k, v in sorted(event.items())]
-        )
-        return f"{stamp} [{level:<9}] {message:<30} {pairs}".rstrip()
+        return _key_value_line(stamp, level, message, event)
+
+
+def _key_value_line(stamp: str, level: str, message: str, fields: dict[str, Any]) -> str:
+    pairs = " ".join(
+        [f"{k}={v}" if type(v) is str else f"{k}={v!r}" for k, v in sorted(fields.items())]
+    )
+    return f"{stamp} [{level:<9}] {message:<30} {pairs}".rstrip()
 
 
 class _TurnBuffer:
@@ -160,15 +167,45 @@ class _LineSink:
         self.processors = processors
         self.min_level = min_level
         self.out = out
+        # The chain configure_logging builds off a terminal (level, _UtcStamper, one of
+        # our two renderers) is run as one function: the same line without the merged
+        # dict, the pops and three calls per line.
+        stamper, renderer = ([*processors, None, None])[1:3]
+        self.fused: Any = None
+        if (
+            len(processors) == 3
+            and processors[0] is structlog.processors.add_log_level
+            and isinstance(stamper, _UtcStamper)
+        ):
+            if isinstance(renderer, _KeyValueRenderer):
+                self.fused = self._key_value
+            elif isinstance(renderer, structlog.processors.JSONRenderer):
+                self.fused = self._json
+        self.stamp: Any = stamper.stamp if isinstance(stamper, _UtcStamper) else None
+        self.renderer: Any = renderer
 
     def emit(self, level: int, context: dict[str, Any], event: str, fields: dict[str, Any]) -> None:
         if level < self.min_level:
             return
-        line: Any = {**context, **fields, "event": event}
         name = _LEVEL_NAMES[level]
+        if self.fused is not None:
+            self.out.write(self.fused(name, context, event, fields))
+            return
+        line: Any = {**context, **fields, "event": event}
         for proc in self.processors:
             line = proc(None, name, line)
         self.out.write(f"{line}\n")
+
+    def _key_value(
+        self, name: str, context: dict[str, Any], event: str, fields: dict[str, Any]
+    ) -> str:
+        merged = {**context, **fields} if context else fields
+        return f"{_key_value_line(self.stamp(), name, event, merged)}\n"
+
+    def _json(self, name: str, context: dict[str, Any], event: str, fields: dict[str, Any]) -> str:
+        # The dict add_log_level and the stamper would have left, in their key order.
+        line = {**context, **fields, "event": event, "level": name, "timestamp": self.stamp()}
+        return f"{self.renderer(None, name, line)}\n"
 
 
 _LEVEL_NAMES = {logging.INFO: "info", logging.WARNING: "warning"}

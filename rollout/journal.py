@@ -248,13 +248,21 @@ class SQLiteStore:
             try:
                 held: dict[str, list[str]] = {}
                 expiry: dict[str, float] = {}
-                for node_id in node_ids:
-                    row = self._db.execute(
-                        "SELECT rollout_id, expires_at FROM locks WHERE node_id = ?", (node_id,)
-                    ).fetchone()
-                    if row and row[0] != rollout_id and row[1] > now:
-                        held.setdefault(row[0], []).append(node_id)
-                        expiry[row[0]] = max(expiry.get(row[0], 0.0), row[1])
+                # One query for the live locks of other rollouts (a SELECT per node was
+                # 10,000 statements at 10,000 nodes); the table holds one row per node.
+                others = {
+                    node_id: (holder, until)
+                    for node_id, holder, until in self._db.execute(
+                        "SELECT node_id, rollout_id, expires_at FROM locks "
+                        "WHERE rollout_id != ? AND expires_at > ?",
+                        (rollout_id, now),
+                    )
+                }
+                for node_id in node_ids if others else ():
+                    if node_id in others:
+                        holder, until = others[node_id]
+                        held.setdefault(holder, []).append(node_id)
+                        expiry[holder] = max(expiry.get(holder, 0.0), until)
                 if held:
                     holder, nodes = next(iter(held.items()))
                     raise LockConflict(holder, nodes, expiry[holder] - now)

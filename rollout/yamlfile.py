@@ -9,7 +9,8 @@ parser, so when libyaml is there the file is parsed by its C parser (`_FastLoade
 turned into Python values by `_FastLoader.build`, a small constructor for the plain
 cases (mappings, sequences, strings; other scalars through SafeConstructor's own
 functions, so `0x10`, `1_000`, `yes`, `~` mean what they always did) with the duplicate
-key check built in, and a memo of implicit tags (keys and label values repeat). Anything
+key check built in, and the implicit resolvers looked up once per first character (no
+`resolve` call per scalar, no path resolvers to consult in a SafeLoader). Anything
 else (a syntax error, a duplicate key, a merge key `<<`, a set or omap, a custom tag, a
 recursive alias) makes the fast path give up, and the pure `_UniqueKeyLoader` reads the
 text again: its result, or its error with the precise line and column, is the answer.
@@ -19,6 +20,7 @@ So the fast path only ever returns what the pure loader would have returned.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +65,10 @@ class _CFastLoader(yaml.CSafeLoader):
     PyYAML's composer (even the C one) calls back into the Python resolver three times
     per node and builds a Mark pair for each; for plain documents nothing needs them.
     `build` keeps a stack of open containers instead, resolves implicit tags with the
-    loader's own resolver (memoized: the tag of a plain scalar depends on its text
-    alone here), and constructs scalars other than strings with SafeConstructor's own
-    functions. It raises `_GiveUp` (or a YAMLError) on anything it does not handle.
+    loader's own implicit resolvers (`_RESOLVERS`: the tag of a plain scalar
+    depends on its text alone here), and constructs scalars other than strings with
+    SafeConstructor's own functions. It raises `_GiveUp` (or a YAMLError) on anything it
+    does not handle.
     """
 
     def build(self) -> object:
@@ -79,11 +82,10 @@ class _CFastLoader(yaml.CSafeLoader):
         # `is_list`, and for a mapping the `key` waiting for its value): the hot path,
         # a plain scalar, is a few attribute reads and a dict lookup.
         get = self.get_event
-        tags: dict[str, str] = {}
         values: dict[tuple[str, str], Any] = {}
         anchors: dict[str, Any] = {}
         constructors = self.yaml_constructors
-        resolve: Any = self.resolve  # typeshed leaves it untyped
+        resolvers, everywhere = _RESOLVERS
         scalar_event, mapping_start = yaml.ScalarEvent, yaml.MappingStartEvent
         sequence_start, alias_event = yaml.SequenceStartEvent, yaml.AliasEvent
         ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
@@ -101,12 +103,12 @@ class _CFastLoader(yaml.CSafeLoader):
             if cls is scalar_event:
                 text, tag = ev.value, ev.tag
                 if tag is None or tag == "!":
+                    tag = _STR  # quoted, or plain and no implicit resolver matches
                     if ev.implicit[0]:
-                        tag = tags.get(text)
-                        if tag is None:
-                            tag = tags[text] = resolve(yaml.ScalarNode, text, ev.implicit)
-                    else:
-                        tag = resolve(yaml.ScalarNode, text, ev.implicit)
+                        for candidate, pattern in resolvers.get(text[:1], everywhere):
+                            if pattern.match(text):
+                                tag = candidate
+                                break
                 if tag == _STR:
                     value: Any = text
                 elif (tag, text) in values:
@@ -121,11 +123,9 @@ class _CFastLoader(yaml.CSafeLoader):
                         raise _GiveUp("duplicate anchor")
                     anchors[ev.anchor] = value
             elif cls is mapping_start or cls is sequence_start:
-                kind = yaml.MappingNode if cls is mapping_start else yaml.SequenceNode
+                default = _MAP if cls is mapping_start else _SEQ
                 tag = ev.tag
-                if tag is None or tag == "!":
-                    tag = resolve(kind, None, ev.implicit)
-                if tag != (_MAP if cls is mapping_start else _SEQ):
+                if tag is not None and tag != "!" and tag != default:
                     raise _GiveUp(tag)  # sets, omaps, pairs, custom tags
                 container: Any = {} if cls is mapping_start else []
                 if ev.anchor is not None:
@@ -162,6 +162,26 @@ class _CFastLoader(yaml.CSafeLoader):
         return value
 
 
+_Resolvers = tuple[tuple[str, re.Pattern[str]], ...]
+
+
+def _implicit_resolvers(
+    loader: type[yaml.resolver.BaseResolver],
+) -> tuple[dict[str, _Resolvers], _Resolvers]:
+    """The loader's implicit resolvers by a plain scalar's first character (`""` for the
+    empty scalar), each list followed by the wildcard ones, and the wildcard ones alone
+    for any other first character: `BaseResolver.resolve`'s own lookup, done once. With
+    no path resolvers (SafeLoader has none) an untagged collection is a map or a seq, and
+    a scalar no pattern matches (or a quoted one) is a string, as `resolve` returns.
+    """
+    if loader.yaml_path_resolvers:
+        raise TypeError(f"{loader.__name__} has path resolvers: build cannot skip resolve")
+    table = dict(loader.yaml_implicit_resolvers)
+    everywhere = tuple(table.pop(None, ()))
+    return {c: (*r, *everywhere) for c, r in table.items()}, everywhere
+
+
+_RESOLVERS = _implicit_resolvers(_CFastLoader)
 _FastLoader: type[_CFastLoader] | None = (
     _CFastLoader if getattr(yaml, "__with_libyaml__", False) else None
 )

@@ -47,6 +47,7 @@ def test_the_sink_writes_what_structlog_writes(
     if fmt == "json":
         ours, theirs = [json.loads(x) for x in got[:2]], [json.loads(x) for x in got[2:]]
         for a, b in zip(ours, theirs, strict=True):
+            assert list(a) == list(b)  # the keys in the same order, the timestamp's too
             a.pop("timestamp"), b.pop("timestamp")
             assert list(a.items()) == list(b.items())
         assert ours[1]["level"] == "warning" and ours[1]["reason"] == "unhealthy"
