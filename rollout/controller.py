@@ -29,6 +29,7 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -50,6 +51,7 @@ from rollout.entries import (
 from rollout.errors import InputError
 from rollout.events import Fanout, Observer, Retried, RolloutPhaseChanged, WebhookFailed
 from rollout.gates.handles import SignalKey, signal_path
+from rollout.gates.runner import utc_now
 from rollout.gates.signals import GateBoxes, Signal, parse_signal
 from rollout.journal import (
     FINISHED,
@@ -229,6 +231,7 @@ class Controller:
         reach_timeout: float = REACH_TIMEOUT,
         signal_key: SignalKey | None = None,
         driver_for: DriverFactory | None = None,
+        wall_clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.store = store
         # Each rollout's driver, made for it (lease holder, registry access, retry hook):
@@ -241,6 +244,7 @@ class Controller:
         self.lock_ttl = lock_ttl
         self.lease_ttl = lease_ttl
         self.reach_timeout = reach_timeout
+        self.wall_clock = wall_clock  # window gates' clock: virtual in `rollout simulate`
         self.controls: dict[str, Control] = {}
         self.boxes: dict[str, GateBoxes] = {}
         self.stop_after: dict[str, int] = {}  # rollout id -> stop after this batch (CI)
@@ -440,6 +444,7 @@ class Controller:
             reach_timeout=self.reach_timeout,
             boxes=boxes,
             passed_gates=passed,
+            wall_clock=self.wall_clock,
         )
         self.engines[rollout_id] = engine
         nodes = list(loaded.nodes.values())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 import aiohttp
 
@@ -43,6 +44,7 @@ from rollout.gates.runner import (
     GateOutcome,
     resolve_inconclusive,
     run_gate,
+    utc_now,
     wait_before_batch,
 )
 from rollout.gates.schedule import after_batch as gates_after
@@ -78,6 +80,7 @@ class Engine:
         boxes: GateBoxes | None = None,
         passed_gates: set[tuple[str, int]] | None = None,
         prober_for: Callable[[aiohttp.ClientSession], Probe] | None = None,
+        wall_clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.driver = driver
         self.policy = policy
@@ -93,6 +96,7 @@ class Engine:
         self.passed_gates = set(passed_gates or ())  # (gate, batch) passed before a resume
         self._gate_batch = 0
         self.prober_for = prober_for or (lambda session: Prober(self.driver, session))
+        self.wall_clock = wall_clock  # what window gates judge (virtual in a simulation)
         self.steps = NodeSteps(
             driver, policy, image, self.control, self.journal, self._emit, reach_timeout
         )
@@ -226,6 +230,7 @@ class Engine:
                 on_event=self._on_gate_event,
                 health_interval=self.policy.health.interval,
                 boxes=self.boxes,
+                wall_clock=self.wall_clock,
             )
             for batch in batches:
                 records = [self.records[n.id] for n in batch.nodes]

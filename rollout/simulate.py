@@ -13,11 +13,15 @@ Only the edges are simulated:
   nothing is ready, so hours of boots and bakes pass in the CPU time the controller itself
   needs. A simulation is therefore also the benchmark of the controller's cost
   (benchmarks/bench_scale.py);
+- the wall clock: window gates judge a virtual one, `SimSettings.start` (the real time
+  by default) plus the virtual seconds gone, so a maintenance window delays the batches
+  it would delay in a run started then (a rollout that misses Saturday's window waits,
+  in the prediction, for the next Saturday);
 - what needs the outside world (`simulation_policy`): health checks become the one `agent`
-  check, answered by the simulated agents (no network); wait, approval, analysis, alerts
-  and window gates are taken as passing at once (they wait on signals, people, Prometheus
-  or the wall clock) and listed in the report; webhooks are not sent; node locks and agent
-  leases are taken once and not renewed (nobody else contends for simulated nodes).
+  check, answered by the simulated agents (no network); wait, approval, analysis and
+  alerts gates are taken as passing at once (they wait on signals, people or Prometheus)
+  and listed in the report; webhooks are not sent; node locks and agent leases are taken
+  once and not renewed (nobody else contends for simulated nodes).
 
 `Timeline` is the observer that turns the engine's events into the prediction: each
 batch's start and end, nodes out of service over time, failures and the policy's reaction
@@ -40,6 +44,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +63,7 @@ from rollout.events import (
     RolloutPhaseChanged,
 )
 from rollout.gates.events import GateFinished, GateWaiting
+from rollout.gates.schedule import BEFORE_KINDS
 from rollout.journal import LockConflict, SQLiteStore
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import limits
@@ -89,8 +95,9 @@ TARGET = Image("simulated-target.img", "sha256:" + "7" * 64, "simulated", "targe
 MAX_VIRTUAL = 30 * 86400.0
 # Node locks and agent leases outlive any simulation: taken once, never renewed.
 _SIM_LOCK_TTL = 10 * MAX_VIRTUAL
-# Gate kinds that run as they are; the others are assumed to pass at once.
-_SIMULATED_GATES = frozenset({"bake"})
+# Gate kinds that run as they are (bake on virtual time, window on the virtual wall
+# clock); the others are assumed to pass at once.
+_SIMULATED_GATES = frozenset({"bake", "window"})
 _SERIES_POINTS = 24  # how many points the coarse out-of-service series has
 _FIRST_FAILURES = 20  # failed nodes listed by name in the report
 
@@ -155,13 +162,14 @@ def run_virtual(main: Coroutine[Any, Any, T]) -> T:
 # -- inputs ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SimSettings:
-    """How the simulated nodes behave: seconds, a fraction, a seed."""
+    """How the simulated nodes behave (seconds, a fraction, a seed), and when it starts."""
 
     boot: float = 90.0  # activation to the agent answering again
     healthy_after: float = 20.0  # the workload is `starting` this long after each boot
     fail_rate: float = 0.0  # fraction of nodes whose workload fails on the new image
     seed: int = 1
     stage: float = 0.0  # writing the image into the inactive slot
+    start: datetime | None = None  # the wall-clock start window gates see; None: now
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,7 +178,19 @@ class SimSettings:
             "fail_rate": self.fail_rate,
             "seed": self.seed,
             "stage": self.stage,
+            "start": iso_utc(self.start) if self.start is not None else None,
         }
+
+
+def iso_utc(at: datetime) -> str:
+    """An aware time as ISO 8601 in UTC with Z, to the second (a prediction is no finer).
+
+    >>> from datetime import timezone
+    >>> iso_utc(datetime(2026, 12, 12, 3, 0, 0, 600000, tzinfo=timezone(timedelta(hours=1))))
+    '2026-12-12T02:00:01Z'
+    """
+    whole = (at + timedelta(microseconds=500000)).replace(microsecond=0)
+    return whole.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_labels(text: str | None) -> dict[str, int]:
@@ -235,7 +255,8 @@ def simulation_policy(policy: Policy) -> tuple[Policy, list[str]]:
     """The policy as a simulation runs it, and what it left out (one line each).
 
     Health checks become the `agent` check (the simulated agents answer it), gates other
-    than bake pass at once, webhooks are dropped; everything else is the policy as given.
+    than bake and window pass at once, webhooks are dropped; everything else is the
+    policy as given.
     """
     notes: list[str] = []
     kinds = sorted({c.type for c in policy.health.checks} - {"agent"})
@@ -270,10 +291,15 @@ class BatchRow:
 class GateRow:
     gate: str
     kind: str
-    after_batch: int
+    after_batch: int  # the last batch finished when it began to wait (0: none yet)
     start: float
     end: float | None = None
     result: str | None = None
+
+    @property
+    def before_batch(self) -> int | None:
+        """The batch a before-batch condition (window, alerts) held back; else None."""
+        return self.after_batch + 1 if self.kind in BEFORE_KINDS else None
 
 
 @dataclass
@@ -406,6 +432,13 @@ class SimReport:
     not_simulated: list[str] = field(default_factory=list)
     state_path: str | None = None
 
+    def wall(self, t: float | None) -> str | None:
+        """Virtual seconds from the start as the wall-clock time they stand for (UTC)."""
+        start = self.settings.start
+        if t is None or start is None:
+            return None
+        return iso_utc(start + timedelta(seconds=round(t, 3)))
+
 
 def _r(t: float | None) -> float | None:
     return None if t is None else round(t, 3)
@@ -421,6 +454,7 @@ def report_json(report: SimReport) -> dict[str, Any]:
         "phase": str(report.phase),
         "message": report.message,
         "duration": _r(report.duration),
+        "ends_at": report.wall(report.duration),
         "batches": [
             {
                 "number": b.number,
@@ -438,6 +472,7 @@ def report_json(report: SimReport) -> dict[str, Any]:
                 "gate": g.gate,
                 "kind": g.kind,
                 "after_batch": g.after_batch,
+                "before_batch": g.before_batch,
                 "start": _r(g.start),
                 "end": _r(g.end),
                 "result": g.result,
@@ -503,16 +538,31 @@ def _span(seconds: float) -> str:
 def render_text(report: SimReport) -> list[str]:
     """The prediction as lines for a terminal or a CI log."""
     tl, s = report.timeline, report.settings
+    started = f", starting {iso_utc(s.start)}" if s.start is not None else ""
     lines = [
-        f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}: "
-        f"boot {fmt_duration(s.boot)}, healthy after {fmt_duration(s.healthy_after)}, "
-        f"fail rate {s.fail_rate * 100:g}% (seed {s.seed}, {report.drawn_failing} node(s) "
-        "with a failing workload)"
+        f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}"
+        f"{started}: boot {fmt_duration(s.boot)}, healthy after "
+        f"{fmt_duration(s.healthy_after)}, fail rate {s.fail_rate * 100:g}% (seed {s.seed}, "
+        f"{report.drawn_failing} node(s) with a failing workload)"
     ]
     gates_after: dict[int, list[GateRow]] = {}
+    held: dict[int, list[GateRow]] = {}  # before-batch waits, by the batch they held back
     for g in tl.gates:
-        gates_after.setdefault(g.after_batch, []).append(g)
+        if g.before_batch is not None:
+            held.setdefault(g.before_batch, []).append(g)
+        else:
+            gates_after.setdefault(g.after_batch, []).append(g)
+
+    def gate_line(g: GateRow) -> str:
+        line = f"  gate {g.gate} ({g.kind}): {fmt_t(g.start)} .. {fmt_t(g.end)} "
+        line += g.result or "unfinished"
+        if g.before_batch is None:
+            return line
+        until = report.wall(g.end)
+        return line + f", before batch {g.before_batch}" + (f" (until {until})" if until else "")
+
     for b in sorted(tl.batches.values(), key=lambda b: b.number):
+        lines.extend(gate_line(g) for g in held.pop(b.number, []))
         kind = " (canary)" if b.canary else ""
         end = fmt_t(b.end) if b.end is not None else "(did not finish)"
         tail = f" -> {b.decision}" if b.decision else ""
@@ -520,11 +570,9 @@ def render_text(report: SimReport) -> list[str]:
             f"batch {b.number}{kind}: {fmt_t(b.start)} .. {end}  {b.nodes} node(s), "
             f"{b.failed} failed{tail}"
         )
-        for g in gates_after.get(b.number, []):
-            lines.append(
-                f"  gate {g.gate} ({g.kind}): {fmt_t(g.start)} .. {fmt_t(g.end)} "
-                f"{g.result or 'unfinished'}"
-            )
+        lines.extend(gate_line(g) for g in gates_after.get(b.number, []))
+    for rows in held.values():  # a batch that never started (the window never opened)
+        lines.extend(gate_line(g) for g in rows)
     lines.append(
         f"out of service: at most {tl.peak_out} node(s) at once "
         f"(max_unavailable {report.max_unavailable})"
@@ -545,8 +593,11 @@ def render_text(report: SimReport) -> list[str]:
             lines.append(f"policy: {fmt_t(t)} {p}" + (f" ({m})" if m else ""))
     for note in report.not_simulated:
         lines.append(f"not simulated: {note}")
+    ends = report.wall(report.duration)
     lines.append(
-        f"predicted duration: {_span(report.duration)}, ending {report.phase}"
+        f"predicted duration: {_span(report.duration)}"
+        + (f" (until {ends})" if ends else "")
+        + f", ending {report.phase}"
         + (f": {report.message}" if report.message else "")
     )
     return lines
@@ -577,6 +628,10 @@ def simulate(
     InputError."""
     if not nodes:
         raise InputError("the simulation has no nodes")
+    if settings.start is None:
+        settings = replace(settings, start=datetime.now(UTC))
+    start_at = settings.start
+    assert start_at is not None
     sim_policy, notes = simulation_policy(policy)
     failing = draw_failing([n.id for n in nodes], settings.fail_rate, settings.seed)
     with _scratch(state_path) as (tmp, journal_path):
@@ -601,12 +656,18 @@ def simulate(
             async def run() -> tuple[str, Timeline, float, Any]:
                 timeline = Timeline()
                 observer = Fanout([timeline, *observers])
+                began = clock.now()
+
+                def wall_clock() -> datetime:  # the start plus the virtual seconds gone
+                    return start_at + timedelta(seconds=clock.now() - began)
+
                 controller = Controller(
                     store,
                     observer_for=lambda rid: observer,
                     lock_ttl=_SIM_LOCK_TTL,
                     lease_ttl=_SIM_LOCK_TTL,
                     driver_for=driver_for,
+                    wall_clock=wall_clock,
                 )
                 try:
                     rid = controller.create(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,8 @@ def test_text_output_and_the_journal_kept_with_state(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0, out
     lines = out.splitlines()
-    assert lines[0].startswith("simulated rollout of 8 node(s), policy policy: boot 60s")
+    assert lines[0].startswith("simulated rollout of 8 node(s), policy policy, starting 20")
+    assert ": boot 60s, healthy after 0s" in lines[0]
     assert lines[1].startswith("batch 1 (canary): T+0:00:00 .. T+0:01:20")
     assert "  gate soak (bake): T+0:01:20" in out
     assert "not simulated: gate ok (approval): assumed to pass at once" in out
@@ -171,10 +173,14 @@ def test_json_shape(tmp_path: Path) -> None:
     assert code == 0
     assert set(r) == {
         "rollout", "policy", "nodes", "settings", "phase", "message", "duration", "batches",
-        "gates", "out_of_service", "failures", "phases", "not_simulated", "state",
+        "gates", "out_of_service", "failures", "phases", "not_simulated", "state", "ends_at",
     }  # fmt: skip
+    start = r["settings"].pop("start")  # now, as the run began: an ISO time in UTC
+    assert datetime.fromisoformat(start).utcoffset() == timedelta(0) and start.endswith("Z")
     assert r["settings"] == {"boot": 90.0, "healthy_after": 20.0, "fail_rate": 0.0, "seed": 1,
                              "stage": 0.0}  # fmt: skip
+    ends = datetime.fromisoformat(r["ends_at"]) - datetime.fromisoformat(start)
+    assert abs(ends.total_seconds() - r["duration"]) <= 0.5  # to the second
     assert set(r["batches"][0]) == {"number", "canary", "nodes", "start", "end", "failed",
                                     "decision"}  # fmt: skip
     assert set(r["out_of_service"]) == {"max", "max_unavailable", "series"}
@@ -184,6 +190,9 @@ def test_json_shape(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     ([], "give the fleet as --inventory FILE or --nodes N"),
+    (["--nodes", "3", "--start", "saturday"], "--start: expected an ISO 8601 time like"),
+    (["--nodes", "3", "--start", "2026-12-12T02:00"], "--start: '2026-12-12T02:00' has no time "
+                                                      "zone"),
     (["--nodes", "3", "--inventory", "x.yaml"], "give the fleet as --inventory FILE or --nodes N"),
     (["--nodes", "0"], "--nodes: expected 1 to 10000000 nodes, got 0"),
     (["--nodes", "3", "--fail-rate", "150%"], "--fail-rate: must be between 0% and 100%"),
@@ -220,3 +229,67 @@ def test_coarse_series_keeps_the_peak_of_each_slice() -> None:
     series = [(0.0, 0), (1.0, 5), (1.5, 0), (6.0, 3)]
     assert coarse(series, 8.0, 4) == [(0.0, 5), (2.0, 0), (4.0, 0), (6.0, 3)]
     assert coarse([(0.0, 0)], 0.0, 4) == [(0.0, 0)]
+
+
+# Saturday 12 December 2026; the window is Saturdays 02:00-03:00 UTC.
+WINDOW_POLICY = """\
+batches: {canary: 0, size: 1, max_unavailable: 1}
+health: {checks: [{type: agent}], interval: 5s, min_healthy_time: 0s, deadline: 2m,
+         boot_timeout: 2h}
+failure: {max_failed: 0, action: halt}
+gates:
+  - {name: maint, kind: window, before: every, timezone: UTC, days: [sat],
+     start: "02:00", end: "03:00"}
+"""
+
+
+def test_window_gates_hold_batches_on_the_virtual_wall_clock(tmp_path: Path) -> None:
+    pol = tmp_path / "window.yaml"
+    pol.write_text(WINDOW_POLICY)
+    boot = 40 * 60.0
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "3", "--boot", "40m", "--healthy-after", "0s",
+        "--start", "2026-12-12T01:00:00Z",
+    )  # fmt: skip
+    assert code == 0 and r["phase"] == "succeeded", r
+    assert r["settings"]["start"] == "2026-12-12T01:00:00Z"
+    assert not any("window" in note for note in r["not_simulated"])  # it ran, not assumed
+    one, two, three = r["batches"]
+    hour, week = 3600.0, 7 * 86400.0
+    # An hour early: batch 1 waits for 02:00. Batch 2 starts at 02:40, inside the window;
+    # batch 3 would start at 03:20, after it closed: it waits for next Saturday 02:00.
+    assert one["start"] == pytest.approx(hour, abs=1e-6)
+    assert two["start"] == pytest.approx(one["end"], abs=1e-6) and two["start"] < 2 * hour
+    assert two["end"] > 2 * hour
+    assert three["start"] == pytest.approx(hour + week, abs=1e-6)
+    for b in r["batches"]:
+        assert boot <= b["end"] - b["start"] <= boot + 2 * POLL_INTERVAL + 1e-6
+    waits = [(g["gate"], g["kind"], g["before_batch"], g["result"]) for g in r["gates"]]
+    assert waits == [("maint", "window", 1, "passed"), ("maint", "window", 3, "passed")]
+    assert r["gates"][1]["start"] == pytest.approx(two["end"], abs=1e-6)
+    assert r["gates"][1]["end"] == pytest.approx(three["start"], abs=1e-6)
+    assert r["ends_at"].startswith("2026-12-19T02:40:")  # a week later, to the second
+
+    code, out = simulate(
+        "--policy", str(pol), "--nodes", "3", "--boot", "40m", "--healthy-after", "0s",
+        "--start", "2026-12-12T02:00:00+01:00",  # the same instant, in another zone
+    )  # fmt: skip
+    assert code == 0, out
+    lines = out.splitlines()
+    assert "starting 2026-12-12T01:00:00Z" in lines[0]
+    assert lines[1] == (
+        "  gate maint (window): T+0:00:00 .. T+1:00:00 passed, before batch 1 "
+        "(until 2026-12-12T02:00:00Z)"
+    )
+    assert "before batch 3 (until 2026-12-19T02:00:00Z)" in out
+    assert lines[-1].startswith("predicted duration: 169h40m")
+
+
+def test_inside_the_window_nothing_waits(tmp_path: Path) -> None:
+    pol = tmp_path / "window.yaml"
+    pol.write_text(WINDOW_POLICY)
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "2", "--boot", "10m", "--healthy-after", "0s",
+        "--start", "2026-12-12T02:00:00Z",
+    )  # fmt: skip
+    assert code == 0 and r["gates"] == [] and r["batches"][0]["start"] == 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -39,6 +40,21 @@ def _duration(option: str, value: str) -> float:
         return parse_duration(value)
     except ValueError as exc:
         raise InputError(f"{option}: {exc}") from None
+
+
+def _start(value: str | None) -> datetime | None:
+    """`--start 2026-12-12T01:00:00Z` (or +01:00): an aware time; None: now."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InputError(f"--start: expected an ISO 8601 time like 2026-12-12T01:00:00Z, "
+                         f"got {value!r}") from None  # fmt: skip
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise InputError(f"--start: {value!r} has no time zone; add one, as in "
+                         "2026-12-12T01:00:00Z or 2026-12-12T02:00:00+01:00")  # fmt: skip
+    return at
 
 
 def _fraction(option: str, value: str) -> float:
@@ -71,6 +87,9 @@ def _fraction(option: str, value: str) -> float:
               help="Share of nodes whose workload fails on the new image, e.g. 2%.")  # fmt: skip
 @click.option("--seed", default=1, show_default=True, type=int,
               help="Which nodes fail: the same seed and fleet give the same ones.")  # fmt: skip
+@click.option("--start", metavar="TIME",
+              help="When the simulated rollout starts, for window gates: ISO 8601 with a "
+              "time zone, e.g. 2026-12-12T01:00:00Z [default: now].")  # fmt: skip
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Keep the simulated rollout's journal in this file [default: a temporary "
               "file]. A fresh file is best; no real rollout should be in it.")  # fmt: skip
@@ -87,12 +106,13 @@ def simulate_command(
     stage: str,
     fail_rate: str,
     seed: int,
+    start: str | None,
     state_path: str | None,
     output: str,
     log_format: str,
 ) -> None:
-    """Predict how a rollout under POLICY goes: the real engine, planner, bake gates and
-    journal on simulated nodes and virtual time (hours pass in seconds)."""
+    """Predict how a rollout under POLICY goes: the real engine, planner, bake and window
+    gates and journal on simulated nodes and virtual time (hours pass in seconds)."""
     if (inventory_path is None) == (node_count is None):
         raise InputError("give the fleet as --inventory FILE or --nodes N (one of them)")
     if labels is not None and node_count is None:
@@ -105,6 +125,7 @@ def simulate_command(
         fail_rate=_fraction("--fail-rate", fail_rate),
         seed=seed,
         stage=_duration("--stage", stage),
+        start=_start(start),
     )
     policy = load_policy(policy_path)
     if inventory_path is not None:
