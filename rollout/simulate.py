@@ -30,8 +30,9 @@ batch's start and end, nodes out of service over time, failures and the policy's
 Worked example (50 nodes, policy batches canary 1 / size 25% / max_unavailable 25%,
 health interval 5 s, min_healthy_time 20 s, --boot 90s --healthy-after 20s): the planner
 cuts batches of 1, 12, 12, 12, 12, 1; in each, a node reboots for 90 s, its workload
-starts 20 s later (each seen at the controller's next 0.2 s status poll), and the fifth
-check, 20 s on, commits it: 130 s a batch (up to two polls more), 6 batches, 13 minutes.
+starts 20 s later (seen at the controller's next status poll, about 1.6 s late after a
+110 s wait: rollout.steps.poll_delay), and the fifth check, 20 s on, commits it: 131.6 s
+a batch, 6 batches, 13 minutes.
 """
 
 from __future__ import annotations

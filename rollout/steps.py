@@ -36,8 +36,11 @@ from rollout.record import Journal, NodeFailed, NodeRecord
 
 T = TypeVar("T")
 
-# How often to look at a node that is rebooting; short, it is only a status request.
+# How often to look at a node that is rebooting: every 0.2 s at first (a kexec is back in
+# a second), then a twentieth of the time waited so far, at most every 2 s (`poll_delay`).
 POLL_INTERVAL = 0.2
+BOOT_POLL_SHARE = 0.05
+BOOT_POLL_MAX = 2.0
 # How long a node may be unreachable when the engine first looks at it.
 REACH_TIMEOUT = 15.0
 # Phases that announce a request that changes the node (stage, activate, rollback): their
@@ -45,6 +48,21 @@ REACH_TIMEOUT = 15.0
 # (the next loop turn) without waiting: what it records is re-learnt from the agent after
 # a crash (a commit is idempotent; health checks only read).
 _ACTS_NEXT = frozenset({NodePhase.STAGING, NodePhase.ACTIVATING, NodePhase.ROLLING_BACK})
+
+
+def poll_delay(waited: float) -> float:
+    """Seconds until the next status poll of a node that has been waited for `waited`
+    seconds since its activation (or rollback) was sent.
+
+    A 90 s reboot polled every 0.2 s is 450 requests, most of them connects to a machine
+    that is down: at a batch of 1,000 nodes, 5,000 a second for the controller to make.
+    Backing off with the time waited keeps the lag behind the boot under 5% of it (and
+    under 2 s) with about a fifth of the polls; a quick boot is still seen within 0.2 s.
+
+    >>> [poll_delay(t) for t in (0.0, 3.9, 10.0, 39.0, 600.0)]
+    [0.2, 0.2, 0.5, 1.95, 2.0]
+    """
+    return min(max(POLL_INTERVAL, waited * BOOT_POLL_SHARE), BOOT_POLL_MAX)
 
 
 class NodeSteps:
@@ -247,10 +265,12 @@ class NodeSteps:
 
     async def _wait_boot(self, node: Node, boot_count: int, timeout: float) -> NodeStatus:
         """Poll until the node has booted once more than `boot_count` and its workload is
-        past starting (so health checks judge a started workload, not a starting one)."""
-        deadline = clock.now() + timeout
+        past starting (so health checks judge a started workload, not a starting one),
+        backing off as the wait grows (`poll_delay`)."""
+        start = clock.now()
+        deadline = start + timeout
         last = "no answer"
-        while clock.now() < deadline:
+        while (now := clock.now()) < deadline:
             try:
                 st = await self.driver.status(node)
                 if st.boot_count > boot_count and st.workload != "starting":
@@ -260,7 +280,7 @@ class NodeSteps:
                 last = str(exc)
             except Refused as exc:
                 last = str(exc)
-            await clock.sleep(POLL_INTERVAL)
+            await clock.sleep(min(poll_delay(now - start), max(0.0, deadline - clock.now())))
         raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
 
     async def _verify(self, rec: NodeRecord, prober: Probe) -> None:

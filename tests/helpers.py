@@ -371,3 +371,14 @@ def signed_copy(tmp: Path, image: str, *key_files: Path) -> Path:
         proc = rollout("image", "sign", str(copy), "--key", str(key))
         assert proc.returncode == 0, proc.stderr
     return copy
+
+
+def seen_at(ready: float) -> float:
+    """When the engine's boot polls (rollout.steps.poll_delay) first see a node that is
+    back `ready` seconds after its activation was sent."""
+    from rollout.steps import poll_delay
+
+    t = 0.0
+    while t < ready:
+        t += poll_delay(t)
+    return t

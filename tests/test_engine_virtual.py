@@ -20,12 +20,18 @@ from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
 from rollout.record import RolloutResult
+from rollout.steps import BOOT_POLL_MAX, POLL_INTERVAL, poll_delay
+from tests.helpers import seen_at
 
 pytestmark = pytest.mark.looptime
 
 V1 = Image("v1.img", "sha256:" + "1" * 64, "app", "1.0", 100)
 V2 = Image("v2.img", "sha256:" + "2" * 64, "app", "2.0", 100)
 NODES = tuple(Node(f"n{i}", f"10.0.0.{i}:7000", {"rack": f"r{i % 2}"}) for i in range(1, 7))
+
+
+BOOT = 10.1
+SEEN = seen_at(BOOT)  # 10.108: polls every 0.2 s, then a twentieth of the time waited
 
 
 def policy(**over: Any) -> Policy:
@@ -48,7 +54,7 @@ def policy(**over: Any) -> Policy:
 async def run(
     pol: Policy, healthy: Healthy, nodes: tuple[Node, ...] = NODES
 ) -> tuple[RolloutResult, SimFleet, list[Event], float]:
-    fleet = SimFleet(nodes, V1, boot_seconds=10.1)  # seen at the 0.2 s poll after: 10.2
+    fleet = SimFleet(nodes, V1, boot_seconds=BOOT)  # seen at the boot poll after: SEEN
     driver = SimDriver(fleet)
     events: list[Event] = []
     engine = Engine(driver, pol, V2, events.append, prober_for=lambda _: SimProber(fleet, healthy))
@@ -65,13 +71,14 @@ def always(node: str, digest: str, since_boot: float) -> bool:
 async def test_exact_virtual_duration_of_a_clean_rollout() -> None:
     result, fleet, events, took = await run(policy(), always)
     assert result.phase is RolloutPhase.SUCCEEDED
-    # 4 batches (1 + 2 + 2 + 1): each boots (10 s, seen at the next 0.2 s status poll) and
+    # 4 batches (1 + 2 + 2 + 1): each boots (10.1 s, seen at the next status poll) and
     # is healthy from its first check, so min_healthy_time (20 s, checked every 5 s) holds
-    # at the 5th check: 10.2 + 20 = 30.2 s per batch.
-    assert took == pytest.approx(4 * 30.2, abs=0.05)
+    # at the 5th check: SEEN + 20 s per batch.
+    assert SEEN == pytest.approx(10.108, abs=0.001)
+    assert took == pytest.approx(4 * (SEEN + 20), abs=0.05)
     assert [n.boot_count for n in fleet.nodes.values()] == [2] * 6
     boots = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "boot"]
-    assert boots == [pytest.approx(10.2, abs=0.01)] * 6
+    assert boots == [pytest.approx(SEEN, abs=0.001)] * 6
 
 
 async def test_health_deadline_fails_at_exactly_the_deadline_then_rolls_back() -> None:
@@ -82,7 +89,7 @@ async def test_health_deadline_fails_at_exactly_the_deadline_then_rolls_back() -
     assert canary.reason == "health_deadline" and canary.phase is NodePhase.ROLLED_BACK
     verify = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "verify"]
     assert verify == [pytest.approx(120, abs=0.01)]  # the deadline, not a second more
-    assert took == pytest.approx(10.2 + 120 + 10.2, abs=0.05)  # boot, deadline, boot back
+    assert took == pytest.approx(SEEN + 120 + SEEN, abs=0.05)  # boot, deadline, boot back
     assert fleet["n1"].boot_count == 3 and fleet["n1"].slots[fleet["n1"].booted] == V1.digest
     assert all(fleet[n.id].boot_count == 1 for n in NODES[1:])
 
@@ -145,3 +152,55 @@ async def test_pause_holds_on_virtual_time_until_resumed() -> None:
     result = await task
     assert result.phase is RolloutPhase.SUCCEEDED
     assert [t for _, t in fleet.activations][1] >= 3600  # batch 2 only after the resume
+
+
+@pytest.mark.parametrize(
+    ("waited", "delay"),
+    [
+        pytest.param(0.0, POLL_INTERVAL, id="at-once"),
+        pytest.param(3.9, POLL_INTERVAL, id="a-quick-boot-every-0.2s"),
+        pytest.param(10.0, 0.5, id="a-twentieth-of-the-wait"),
+        pytest.param(39.0, 1.95, id="still-growing"),
+        pytest.param(40.0, BOOT_POLL_MAX, id="capped"),
+        pytest.param(3600.0, BOOT_POLL_MAX, id="an-hour-still-capped"),
+    ],
+)
+def test_boot_polls_back_off_with_the_time_waited(waited: float, delay: float) -> None:
+    assert poll_delay(waited) == pytest.approx(delay)
+
+
+async def test_a_long_reboot_is_polled_a_fifth_as_often_and_seen_within_2s() -> None:
+    boot = 90.0
+    fleet = SimFleet(NODES[:1], V1, boot_seconds=boot)
+    driver = SimDriver(fleet)
+    polls: list[float] = []
+    status = driver.status
+
+    async def counted(node: Node) -> Any:
+        polls.append(clock.now())
+        return await status(node)
+
+    driver.status = counted  # type: ignore[method-assign]
+    events: list[Event] = []
+    pol = policy(health={"boot_timeout": 300, "min_healthy_time": 0})
+    engine = Engine(driver, pol, V2, events.append, prober_for=lambda _: SimProber(fleet, always))
+    result = await engine.run(plan_batches(NODES[:1], pol))
+    assert result.phase is RolloutPhase.SUCCEEDED
+    (took,) = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "boot"]
+    assert boot <= took <= boot + BOOT_POLL_MAX
+    assert took == pytest.approx(seen_at(boot), abs=0.001)
+    in_boot = [t for t in polls if polls[0] < t]  # the boot wait's (after the first look)
+    assert len(in_boot) <= 100 < boot / POLL_INTERVAL  # 450 at a fixed 0.2 s
+
+
+async def test_a_node_not_back_fails_at_exactly_the_boot_timeout() -> None:
+    # Backed-off polls (up to 2 s apart) still end the wait at the timeout, not past it.
+    fleet = SimFleet(NODES[:1], V1, boot_seconds=90.0)
+    driver = SimDriver(fleet)
+    events: list[Event] = []
+    pol = policy(health={"boot_timeout": 61})
+    engine = Engine(driver, pol, V2, events.append, prober_for=lambda _: SimProber(fleet, always))
+    result = await engine.run(plan_batches(NODES[:1], pol))
+    assert result.nodes["n1"].reason == "boot_timeout"
+    boots = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "boot"]
+    assert boots[0] == pytest.approx(61.0, abs=0.001)

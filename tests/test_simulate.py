@@ -3,7 +3,8 @@
 The expected figures are computed from the inputs (the planner's batches, the boot and
 health durations, the seeded draw of failing nodes), never copied from a run: a batch
 takes `boot + healthy_after + min_healthy_time`, give or take the controller's status
-poll (rollout.steps.POLL_INTERVAL) at the two places it waits for a node.
+polls: the boot wait's, which back off with the time waited (rollout.steps.poll_delay),
+and the health rounds on `interval` steps.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from rollout.simulate import (
     VirtualClockLoop,
     coarse,
     draw_failing,
+    fmt_t,
     run_virtual,
     synthetic_nodes,
 )
-from rollout.steps import POLL_INTERVAL
+from rollout.steps import BOOT_POLL_MAX, POLL_INTERVAL, poll_delay
+from tests.helpers import seen_at
 
 POLICY = """\
 batches: {canary: 1, size: "25%", max_unavailable: "25%", spread_by: rack}
@@ -45,6 +48,9 @@ gates:
   - {name: ok, kind: approval, after: every}
 """
 BOOT, HEALTHY_AFTER, MIN_HEALTHY, BAKE = 90.0, 20.0, 20.0, 300.0
+# A batch's lag behind its configured durations: the boot poll's (at most the backed-off
+# poll interval at the time the node is back) and the first health round's.
+LAG = poll_delay(BOOT + HEALTHY_AFTER) + POLL_INTERVAL + 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +92,7 @@ def test_a_clean_rollout_takes_what_boot_and_health_say(tmp_path: Path) -> None:
     assert r["batches"][0]["canary"] and not any(b["canary"] for b in r["batches"][1:])
     per_batch = BOOT + HEALTHY_AFTER + MIN_HEALTHY
     for b in r["batches"]:
-        assert per_batch <= b["end"] - b["start"] <= per_batch + 2 * POLL_INTERVAL + 1e-6
+        assert per_batch <= b["end"] - b["start"] <= per_batch + LAG
         assert b["failed"] == 0 and b["decision"] == "continue"
     # The bake after the canary runs on virtual time; the approval gate is not simulated.
     (bake,) = r["gates"]
@@ -95,7 +101,7 @@ def test_a_clean_rollout_takes_what_boot_and_health_say(tmp_path: Path) -> None:
     assert any("gate ok (approval)" in note for note in r["not_simulated"])
     assert any("http" in note for note in r["not_simulated"])
     total = len(sizes) * per_batch + BAKE
-    assert total <= r["duration"] <= total + len(sizes) * (2 * POLL_INTERVAL + 1e-6)
+    assert total <= r["duration"] <= total + len(sizes) * LAG
     # Batches follow one another: never more out of service than one batch, the cap.
     assert r["out_of_service"]["max"] == max(sizes) == r["out_of_service"]["max_unavailable"]
     assert r["failures"] == {"drawn": 0, "failed": 0, "rolled_back": 0, "by_reason": {},
@@ -145,8 +151,9 @@ def test_text_output_and_the_journal_kept_with_state(tmp_path: Path) -> None:
     lines = out.splitlines()
     assert lines[0].startswith("simulated rollout of 8 node(s), policy policy, starting 20")
     assert ": boot 60s, healthy after 0s" in lines[0]
-    assert lines[1].startswith("batch 1 (canary): T+0:00:00 .. T+0:01:20")
-    assert "  gate soak (bake): T+0:01:20" in out
+    first_end = fmt_t(seen_at(60.0) + MIN_HEALTHY)  # a 60 s boot, then 20 s healthy
+    assert lines[1].startswith(f"batch 1 (canary): T+0:00:00 .. {first_end}")
+    assert f"  gate soak (bake): {first_end}" in out
     assert "not simulated: gate ok (approval): assumed to pass at once" in out
     assert lines[-1].startswith("predicted duration: ") and "ending succeeded" in lines[-1]
     store = SQLiteStore(state)
@@ -263,7 +270,8 @@ def test_window_gates_hold_batches_on_the_virtual_wall_clock(tmp_path: Path) -> 
     assert two["end"] > 2 * hour
     assert three["start"] == pytest.approx(hour + week, abs=1e-6)
     for b in r["batches"]:
-        assert boot <= b["end"] - b["start"] <= boot + 2 * POLL_INTERVAL + 1e-6
+        assert b["end"] - b["start"] == pytest.approx(seen_at(boot), abs=1e-3)
+        assert boot <= b["end"] - b["start"] <= boot + BOOT_POLL_MAX
     waits = [(g["gate"], g["kind"], g["before_batch"], g["result"]) for g in r["gates"]]
     assert waits == [("maint", "window", 1, "passed"), ("maint", "window", 3, "passed")]
     assert r["gates"][1]["start"] == pytest.approx(two["end"], abs=1e-6)
