@@ -32,13 +32,13 @@ NOW = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.UTC)
 
 
 def files(
-    directory: Path, host: str, ca: certs.CertPair | None = None, **kw: dt.datetime
+    directory: Path, host: str, ca: certs.CertPair | None = None, now: dt.datetime | None = None
 ) -> tuple[Path, Path, Path]:
     """ca.pem, and tls.pem / tls-key.pem for `host`, as `fleet up` writes them."""
     ca = ca or certs.make_ca()
     directory.mkdir(parents=True, exist_ok=True)
     certs.write(ca, directory / "ca.pem", directory / "ca-key.pem")
-    certs.write(certs.issue(ca, host, **kw), directory / "tls.pem", directory / "tls-key.pem")
+    certs.write(certs.issue(ca, host, now=now), directory / "tls.pem", directory / "tls-key.pem")
     return directory / "ca.pem", directory / "tls.pem", directory / "tls-key.pem"
 
 

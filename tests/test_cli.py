@@ -75,8 +75,9 @@ def test_missing_image_is_exit_2(tmp_path: Path) -> None:
 
 def test_plan_prints_batches_without_touching_nodes(tmp_path: Path) -> None:
     inventory = tmp_path / "inv.yaml"
+    ids = [f"n{i}" for i in range(6)]
     nodes = [
-        {"id": f"n{i}", "address": f"127.0.0.{i + 2}:7000", "labels": {"rack": f"r{i % 2}"}}
+        {"id": ids[i], "address": f"127.0.0.{i + 2}:7000", "labels": {"rack": f"r{i % 2}"}}
         for i in range(6)
     ]
     inventory.write_text(yaml.safe_dump({"token_file": "t", "nodes": nodes}))
@@ -87,7 +88,7 @@ def test_plan_prints_batches_without_touching_nodes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     batches = json.loads(proc.stdout)["batches"]
     assert batches[0]["size"] == 1
-    assert sorted(n for b in batches for n in b["nodes"]) == sorted(n["id"] for n in nodes)
+    assert sorted(n for b in batches for n in b["nodes"]) == sorted(ids)
 
 
 def test_image_build_prints_digest_and_refuses_escaping_link(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ async def test_threads_and_the_loop_together_lose_no_line() -> None:
         t.start()
     for i in range(500):
         buf.write(f"loop-{i}\n")
-    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    for t in threads:
+        await asyncio.to_thread(t.join)
     await asyncio.sleep(0)
     buf.drain()
     lines = out.getvalue().splitlines()

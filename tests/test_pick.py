@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 import pytest
 
 from rollout.controller import Pick, pick
@@ -17,7 +19,7 @@ TAGGED = Image("", "sha256:" + "3" * 64, "app", "2.1", 100, source="oci://r/a@sh
 NODES = frozenset({"n1", "n2"})
 
 
-def state(rid: str, phase: P, nodes: set[str], digest: str, reference: str | None = None,
+def state(rid: str, phase: P, nodes: AbstractSet[str], digest: str, reference: str | None = None,
           source: str | None = None) -> RolloutState:  # fmt: skip
     image = ImageData(path="", digest=digest, name="app", version="x", size=1,
                       reference=reference, source=source)  # fmt: skip

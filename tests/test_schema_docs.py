@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from rollout import schema
+from rollout import schema, units
 from rollout.errors import InputError
 from rollout.inventory import parse_inventory
 from rollout.policy import HttpCheck, parse_policy
@@ -165,7 +165,7 @@ def test_file_forms_carry_editor_messages() -> None:
 
 def test_unknown_before_validator_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new BeforeValidator without a file form must not yield a silently wrong schema."""
-    monkeypatch.delitem(schema._BEFORE, schema.units.parse_rate)
+    monkeypatch.delitem(schema._BEFORE, units.parse_rate)
     with pytest.raises(TypeError, match="no file form for the BeforeValidator"):
         json_schema("policy")
 

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -36,8 +37,9 @@ def rootfs(tmp: Path, version: str, compatible: str = "test-board") -> Path:
 
 
 def backend(tmp: Path) -> tuple[DiskBackend, Path, Path]:
-    slots = {}
-    for name in ("A", "B"):
+    slots: dict[Literal["A", "B"], str] = {}
+    names: tuple[Literal["A", "B"], ...] = ("A", "B")
+    for name in names:
         path = tmp / f"slot-{name}"
         path.write_bytes(b"\xaa" * SLOT_SIZE)
         slots[name] = str(path)
@@ -51,7 +53,10 @@ def backend(tmp: Path) -> tuple[DiskBackend, Path, Path]:
         compatible="test-board",
         slots=slots,
         grubenv=str(env),
-    )  # type: ignore[arg-type]
+        # Its defaults, spelled out: mypy does not see pydantic's positional Field(default).
+        commit_deadline=300.0,
+        workload_port=8080,
+    )
     config = AgentConfig(host="127.0.0.1", port=7000, state_dir=tmp, token="t", node_id="n1",
                          disk=disk)  # fmt: skip
     booted = device_id(Path(slots["A"]))

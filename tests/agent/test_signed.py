@@ -20,12 +20,8 @@ async def test_an_agent_that_trusts_a_key_refuses_unsigned_and_wrongly_signed_im
     before = await agent.status()
     code, body = await agent.stage(images.v2.path, images.v2.digest)
     assert (code, body["error"]) == (422, "unsigned") and body["written"] is False
-    wrong = (
-        signed_copy(tmp_path / "w", images.v2.path, k2)
-        if (tmp_path / "w").mkdir() is None
-        else None
-    )
-    assert wrong is not None
+    (tmp_path / "w").mkdir()
+    wrong = signed_copy(tmp_path / "w", images.v2.path, k2)
     doc = signing.read_signature(signing.signature_path(wrong))
     code, body = await agent.stage(images.v2.path, images.v2.digest, signature=signing.encode(doc))
     assert (code, body["error"]) == (422, "bad_signature")
@@ -42,4 +38,3 @@ async def test_an_agent_that_trusts_a_key_refuses_unsigned_and_wrongly_signed_im
     doc = signing.read_signature(signing.signature_path(good))
     code, body = await agent.stage(images.v2.path, images.v2.digest, signature=signing.encode(doc))
     assert code == 200 and body["written"] is True, body
-

@@ -30,8 +30,8 @@ def test_docstring_examples() -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
-def b(*args: int) -> datetime:
-    return datetime(*args, tzinfo=BER)  # type: ignore[misc]
+def b(year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=BER)
 
 
 NIGHT = WindowSpec("Europe/Berlin", WEEKDAYS, "22:00", "06:00")  # crosses midnight
