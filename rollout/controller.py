@@ -632,7 +632,7 @@ class Controller:
             while True:
                 await asyncio.sleep(self.lock_ttl / 3)
                 with contextlib.suppress(LockConflict):
-                    self.store.lock(holder, [n.id for n in nodes], self.lock_ttl)
+                    self.store.renew(holder, [n.id for n in nodes], self.lock_ttl)
 
         async def leases() -> None:
             while True:

@@ -122,6 +122,10 @@ class Store(Protocol):
 
     def lock(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None: ...
 
+    def renew(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None:
+        """`lock` again, for a rollout that holds these locks: cheap while it still does."""
+        ...
+
     def unlock(self, rollout_id: str) -> None: ...
 
     def lock_expiry(self, rollout_id: str) -> float | None:
@@ -276,6 +280,25 @@ class SQLiteStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def renew(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None:
+        """Extend every lock the rollout holds in one UPDATE (the renewal every lock_ttl /
+        3: at 100,000 nodes `lock`'s upsert of each row was 0.28 s on the event loop, this
+        0.03 s). If a row is gone (expired and taken, or released) `lock` decides: it takes
+        the free ones back or raises LockConflict."""
+        with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                kept = self._db.execute(
+                    "UPDATE locks SET expires_at = ? WHERE rollout_id = ?",
+                    (time.time() + ttl, rollout_id),
+                ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if kept != len(set(node_ids)):
+            self.lock(rollout_id, node_ids, ttl)
 
     def unlock(self, rollout_id: str) -> None:
         with self._mutex:

@@ -169,6 +169,31 @@ def test_a_dead_controllers_lock_is_taken_over_only_after_it_expires(tmp_path: P
     store.close()
 
 
+def test_renew_extends_held_locks_and_reports_one_taken_meanwhile(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+    store.lock("r1", ["a", "b"], ttl=60)
+    before = store.lock_expiry("r1")
+    assert before is not None
+    store.renew("r1", ["a", "b"], ttl=3600)
+    after = store.lock_expiry("r1")
+    assert after is not None and after > before + 3000  # extended
+    # r1's lock on b lapses and r2 takes it: the next renewal must say so, not extend it.
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE locks SET expires_at = 0 WHERE node_id = 'b'")
+    db.commit()
+    db.close()
+    store.lock("r2", ["b"], ttl=60)
+    with pytest.raises(LockConflict) as err:
+        store.renew("r1", ["a", "b"], ttl=60)
+    assert err.value.holder == "r2" and err.value.nodes == ("b",)
+    # A lock that lapsed and was released (no row) is simply taken back.
+    store.unlock("r2")
+    store.renew("r1", ["a", "b"], ttl=60)
+    with pytest.raises(LockConflict, match="r1"):
+        store.lock("r3", ["b"], ttl=60)
+    store.close()
+
+
 def test_a_corrupt_state_file_is_bad_input(tmp_path: Path) -> None:
     from rollout.errors import InputError
 

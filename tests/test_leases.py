@@ -43,14 +43,19 @@ async def test_lease_renewal_reaches_every_node_within_its_ttl(tmp_path: Path) -
 
 
 class CountingStore(SQLiteStore):
-    """The real store, counting lock renewals."""
+    """The real store, counting lock renewals (and the full takes they fall back on)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.locked: list[float] = []
+        self.taken = 0
+
+    def renew(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None:
+        self.locked.append(asyncio.get_running_loop().time())
+        super().renew(rollout_id, node_ids, ttl)
 
     def lock(self, rollout_id: str, node_ids: Sequence[str], ttl: float) -> None:
-        self.locked.append(asyncio.get_running_loop().time())
+        self.taken += 1
         super().lock(rollout_id, node_ids, ttl)
 
 
@@ -62,6 +67,7 @@ async def test_locks_and_leases_renew_each_on_its_own_cadence(tmp_path: Path) ->
     controller = Controller(store, lock_ttl=30.0, lease_ttl=300.0)
     driver = SlowLeases()
     nodes = [Node(f"n{i}", f"127.0.0.1:{7000 + i}", {}) for i in range(3)]
+    store.lock("r1", [n.id for n in nodes], 30.0)  # as execute takes them first
     start = asyncio.get_running_loop().time()
     async with controller._renewing(driver, nodes, "r1"):  # type: ignore[arg-type]
         await asyncio.sleep(95)
@@ -71,4 +77,5 @@ async def test_locks_and_leases_renew_each_on_its_own_cadence(tmp_path: Path) ->
     assert sorted(driver.renewed) == ["n0", "n1", "n2"]
     assert min(driver.renewed.values()) - start >= 100
     assert len(store.locked) == 10
+    assert store.taken == 1  # every renewal found its locks held: one UPDATE, no re-take
     store.close()
