@@ -63,7 +63,9 @@ from rollout.tokens import read_token
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
 CONNECTIONS = 64  # requests in flight per session (pooled, fresh)
-KEEPALIVE = 2.0  # seconds an idle pooled connection is kept (polls come every 0.2-1 s)
+# Seconds an idle pooled connection is kept: longer than the longest gap between two boot
+# polls (steps.BOOT_POLL_MAX, 2 s), so a node that answers keeps its connection.
+KEEPALIVE = 3.0
 _SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
 _STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 
