@@ -79,6 +79,22 @@ LOCK_TTL = 30.0  # seconds a rollout's node locks (in the state file) live witho
 # that died and never comes back wait up to this long before another rollout may take
 # them (the same rollout, resumed, takes its own leases back at once).
 LEASE_TTL = 300.0
+LEASE_MAX_TTL = 3600.0  # the most an agent grants (docs/agent-api.md, PUT /v1/lease)
+# Lease renewals a sweep may cost per second, on average: at 100,000 nodes a 300 s lease
+# renewed every 100 s would be 1,000 requests a second (on fresh connections, ~0.7 ms of
+# CPU each: most of a core), so a large fleet's leases live longer instead.
+LEASE_RENEW_RATE = 100.0
+
+
+def lease_ttl_for(fleet: int, ttl: float = LEASE_TTL) -> float:
+    """The agent-lease ttl for a rollout of `fleet` nodes: `ttl`, raised for a large fleet
+    so that renewing every lease each ttl / 3 costs at most LEASE_RENEW_RATE requests a
+    second, up to the agent's cap (past 120,000 nodes the rate grows instead).
+
+    >>> [lease_ttl_for(n) for n in (30, 2_000, 10_000, 20_000, 100_000, 1_000_000)]
+    [300.0, 300.0, 300.0, 600.0, 3000.0, 3600.0]
+    """
+    return max(ttl, min(LEASE_MAX_TTL, 3 * fleet / LEASE_RENEW_RATE))
 
 
 class LeasingDriver(Driver, Protocol):
@@ -591,10 +607,11 @@ class Controller:
 
     async def _lease_all(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> None:
         """Take every node's agent lease; refuse the whole rollout if one is held."""
+        ttl = lease_ttl_for(len(nodes), self.lease_ttl)
 
         async def one(node: Node) -> None:
             try:
-                await driver.lease(node, self.lease_ttl)
+                await driver.lease(node, ttl)
             except Refused as exc:
                 if exc.code == "leased":
                     raise LockConflict(exc.holder or "?", [node.id], exc.expires_in) from exc
@@ -626,7 +643,9 @@ class Controller:
     @contextlib.asynccontextmanager
     async def _renewing(self, driver: LeasingDriver, nodes: list[Node], holder: str) -> Any:
         """Renew the store's node locks every lock_ttl / 3 and the agents' leases every
-        lease_ttl / 3, each in a task of its own (a slow sweep never delays the locks)."""
+        third of their ttl (`lease_ttl_for` the fleet), each in a task of its own (a slow
+        sweep never delays the locks)."""
+        ttl = lease_ttl_for(len(nodes), self.lease_ttl)
 
         async def locks() -> None:
             while True:
@@ -636,14 +655,14 @@ class Controller:
 
         async def leases() -> None:
             while True:
-                await asyncio.sleep(self.lease_ttl / 3)
+                await asyncio.sleep(ttl / 3)
                 # All at once (the driver bounds requests in flight): one after another,
                 # a sweep over thousands of nodes outlasts the lease it renews.
                 await asyncio.gather(*(renew_one(n) for n in nodes))
 
         async def renew_one(node: Node) -> None:
             with contextlib.suppress(Refused, TransportError):
-                await driver.lease(node, self.lease_ttl)
+                await driver.lease(node, ttl)
 
         tasks = [asyncio.create_task(locks()), asyncio.create_task(leases())]
         try:

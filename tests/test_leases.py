@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout.controller import Controller
+import rollout.controller as controller_module
+from rollout.controller import LEASE_MAX_TTL, Controller, lease_ttl_for
 from rollout.journal import SQLiteStore
 from rollout.model import Node
 
@@ -20,10 +21,12 @@ class SlowLeases:
 
     def __init__(self) -> None:
         self.renewed: dict[str, float] = {}
+        self.ttls: list[float] = []
 
     async def lease(self, node: Node, ttl: float) -> bool:
         await asyncio.sleep(1.0)
         self.renewed[node.id] = asyncio.get_running_loop().time()
+        self.ttls.append(ttl)
         return False
 
 
@@ -78,4 +81,42 @@ async def test_locks_and_leases_renew_each_on_its_own_cadence(tmp_path: Path) ->
     assert min(driver.renewed.values()) - start >= 100
     assert len(store.locked) == 10
     assert store.taken == 1  # every renewal found its locks held: one UPDATE, no re-take
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("fleet", "ttl", "expected"),
+    [
+        pytest.param(30, 300.0, 300.0, id="a-small-fleet-keeps-300s"),
+        pytest.param(10_000, 300.0, 300.0, id="10k-renews-100-a-second"),
+        pytest.param(20_000, 300.0, 600.0, id="20k-lives-twice-as-long"),
+        pytest.param(100_000, 300.0, 3000.0, id="100k"),
+        pytest.param(10**6, 300.0, LEASE_MAX_TTL, id="capped-at-the-agents-3600s"),
+        pytest.param(10, 10**7, 10**7, id="a-longer-ttl-is-kept"),
+    ],
+)
+def test_a_large_fleets_leases_live_longer(fleet: int, ttl: float, expected: float) -> None:
+    assert lease_ttl_for(fleet, ttl) == pytest.approx(expected)
+
+
+async def test_a_large_fleet_renews_its_leases_at_the_bounded_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 600 nodes and (here) 1 renewal a second allowed, leases are taken for 1800 s
+    and renewed every 600 s: 600 requests per 600 s, not per 100 s."""
+    monkeypatch.setattr(controller_module, "LEASE_RENEW_RATE", 1.0)
+    store = SQLiteStore(tmp_path / "s.db")
+    controller = Controller(store, lease_ttl=300.0)
+    driver = SlowLeases()
+    nodes = [Node(f"n{i}", f"127.0.0.1:{7000 + i}", {}) for i in range(600)]
+    await controller._lease_all(driver, nodes, "r1")  # type: ignore[arg-type]
+    assert set(driver.ttls) == {1800.0}
+    driver.renewed.clear()
+    start = asyncio.get_running_loop().time()
+    async with controller._renewing(driver, nodes, "r1"):  # type: ignore[arg-type]
+        await asyncio.sleep(599)
+        assert driver.renewed == {}  # not at 100 s: the sweep waits a third of 1800 s
+        await asyncio.sleep(5)
+    assert len(driver.renewed) == 600
+    assert min(driver.renewed.values()) - start >= 600
     store.close()
