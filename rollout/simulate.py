@@ -6,9 +6,11 @@ metrics, and the durable SQLite journal (a temporary file unless a state path is
 Only the edges are simulated:
 
 - the nodes: `rollout.drivers.sim`, on the agent's own pure state machine. A boot takes
-  `boot` seconds, the workload is `starting` for `healthy_after` seconds after each boot,
-  and a seeded draw of `fail_rate` of the nodes run a workload that fails on the new image
-  (`draw_failing`: the same seed and inventory give the same nodes);
+  `boot` seconds (or each node its own time in [boot, boot_max], `draw_boot_times`: a
+  batch waits for its slowest node), the workload is `starting` for `healthy_after`
+  seconds after each boot, and a seeded draw of `fail_rate` of the nodes run a workload
+  that fails on the new image (`draw_failing`: the same seed and inventory give the same
+  nodes);
 - the clock: `VirtualClockLoop`, an asyncio loop whose time jumps to the next timer when
   nothing is ready, so hours of boots and bakes pass in the CPU time the controller itself
   needs. A simulation is therefore also the benchmark of the controller's cost
@@ -166,6 +168,7 @@ class SimSettings:
     """How the simulated nodes behave (seconds, a fraction, a seed), and when it starts."""
 
     boot: float = 90.0  # activation to the agent answering again
+    boot_max: float | None = None  # set: each node's boot drawn from [boot, boot_max]
     healthy_after: float = 20.0  # the workload is `starting` this long after each boot
     fail_rate: float = 0.0  # fraction of nodes whose workload fails on the new image
     seed: int = 1
@@ -175,6 +178,7 @@ class SimSettings:
     def to_json(self) -> dict[str, Any]:
         return {
             "boot": self.boot,
+            "boot_max": self.boot_max,
             "healthy_after": self.healthy_after,
             "fail_rate": self.fail_rate,
             "seed": self.seed,
@@ -237,6 +241,23 @@ def synthetic_nodes(count: int, labels: Mapping[str, int] | None = None) -> tupl
         address = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}:{7000 + (i >> 24)}"
         nodes.append(Node(f"node-{i + 1:0{width}d}", address, values))
     return tuple(nodes)
+
+
+def draw_boot_times(
+    node_ids: Sequence[str], low: float, high: float, seed: int
+) -> dict[str, float]:
+    """Each node's boot time, uniform in [low, high], drawn in inventory order from `seed`
+    (a stream of its own: the failing nodes drawn from the same seed stay the same). A
+    node boots that long every time (into the new image, and back on a rollback).
+
+    >>> times = draw_boot_times(["a", "b", "c"], 60.0, 120.0, 7)
+    >>> times == draw_boot_times(["a", "b", "c"], 60.0, 120.0, 7)
+    True
+    >>> all(60 <= t <= 120 for t in times.values()), len(set(times.values()))
+    (True, 3)
+    """
+    rng = random.Random(f"boot/{seed}")
+    return {n: rng.uniform(low, high) for n in node_ids}
 
 
 def draw_failing(node_ids: Sequence[str], rate: float, seed: int) -> frozenset[str]:
@@ -536,13 +557,19 @@ def _span(seconds: float) -> str:
     return f"{m}m{sec}" if m else sec
 
 
+def _boot_text(s: SimSettings) -> str:
+    if s.boot_max is None or s.boot_max <= s.boot:
+        return fmt_duration(s.boot)
+    return f"{fmt_duration(s.boot)}..{fmt_duration(s.boot_max)} (each node its own)"
+
+
 def render_text(report: SimReport) -> list[str]:
     """The prediction as lines for a terminal or a CI log."""
     tl, s = report.timeline, report.settings
     started = f", starting {iso_utc(s.start)}" if s.start is not None else ""
     lines = [
         f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}"
-        f"{started}: boot {fmt_duration(s.boot)}, healthy after "
+        f"{started}: boot {_boot_text(s)}, healthy after "
         f"{fmt_duration(s.healthy_after)}, fail rate {s.fail_rate * 100:g}% (seed {s.seed}, "
         f"{report.drawn_failing} node(s) with a failing workload)"
     ]
@@ -647,6 +674,13 @@ def simulate(
             stage_seconds=settings.stage,
             healthy_after=settings.healthy_after,
             failing=failing,
+            boot_times=(
+                draw_boot_times(
+                    [n.id for n in nodes], settings.boot, settings.boot_max, settings.seed
+                )
+                if settings.boot_max is not None and settings.boot_max > settings.boot
+                else None
+            ),
         )
         store = SQLiteStore(journal_path)
         try:

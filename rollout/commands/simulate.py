@@ -42,6 +42,17 @@ def _duration(option: str, value: str) -> float:
         raise InputError(f"{option}: {exc}") from None
 
 
+def _range(option: str, value: str) -> tuple[float, float | None]:
+    """`90s` -> (90, None); `60s..2m` -> (60, 120), low first."""
+    low, sep, high = value.partition("..")
+    if not sep:
+        return _duration(option, value), None
+    lo, hi = _duration(option, low), _duration(option, high)
+    if hi < lo:
+        raise InputError(f"{option}: the range {value!r} ends before it starts; write LOW..HIGH")
+    return lo, hi
+
+
 def _start(value: str | None) -> datetime | None:
     """`--start 2026-12-12T01:00:00Z` (or +01:00): an aware time; None: now."""
     if value is None:
@@ -78,7 +89,8 @@ def _fraction(option: str, value: str) -> float:
 @click.option("--labels", metavar="NAME=COUNT,...",
               help="With --nodes: labels dealt round-robin, e.g. rack=4.")  # fmt: skip
 @click.option("--boot", default="90s", show_default=True,
-              help="Activation until the node answers again.")  # fmt: skip
+              help="Activation until the node answers again; a range like 60s..2m gives "
+              "each node its own, drawn from --seed.")  # fmt: skip
 @click.option("--healthy-after", default="20s", show_default=True,
               help="After each boot, how long the workload takes to start.")  # fmt: skip
 @click.option("--stage", default="0s", show_default=True,
@@ -119,8 +131,10 @@ def simulate_command(
         raise InputError("--labels: only with --nodes (an inventory has its own labels)")
     if state_path is not None and Path(state_path).is_dir():
         raise InputError(f"--state {state_path}: is a directory, expected a file")
+    boot_low, boot_high = _range("--boot", boot)
     settings = SimSettings(
-        boot=_duration("--boot", boot),
+        boot=boot_low,
+        boot_max=boot_high,
         healthy_after=_duration("--healthy-after", healthy_after),
         fail_rate=_fraction("--fail-rate", fail_rate),
         seed=seed,

@@ -26,7 +26,7 @@ there). The factory boot counts as long ago: an untouched node runs its workload
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from rollout import clock
@@ -126,8 +126,10 @@ class SimFleet:
         stage_seconds: float = 0.0,
         healthy_after: float = 0.0,
         failing: Collection[str] = (),
+        boot_times: Mapping[str, float] | None = None,
     ) -> None:
         self.boot_seconds = boot_seconds
+        self.boot_times = dict(boot_times or {})  # a node's own boot time, over boot_seconds
         self.stage_seconds = stage_seconds  # how long writing an image takes
         self.healthy_after = healthy_after  # workload "starting" this long after a boot
         self.failing = frozenset(failing)  # their workload fails on a new image
@@ -242,9 +244,8 @@ class SimDriver:
             sim.booted_at = clock.now()
 
         # A timer on the loop's clock, not a task: a rollout boots every node once.
-        self._boots[sim.node_id] = clock.running_loop().call_later(
-            max(0.0, self.fleet.boot_seconds), booted
-        )
+        seconds = self.fleet.boot_times.get(sim.node_id, self.fleet.boot_seconds)
+        self._boots[sim.node_id] = clock.running_loop().call_later(max(0.0, seconds), booted)
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Simulated nodes take part in no other rollout: a lease is always granted."""
