@@ -59,7 +59,7 @@ def poll_delay(waited: float) -> float:
     Backing off with the time waited keeps the lag behind the boot under 5% of it (and
     under 2 s) with about a fifth of the polls; a quick boot is still seen within 0.2 s.
 
-    >>> [poll_delay(t) for t in (0.0, 3.9, 10.0, 39.0, 600.0)]
+    >>> [round(poll_delay(t), 3) for t in (0.0, 3.9, 10.0, 39.0, 600.0)]
     [0.2, 0.2, 0.5, 1.95, 2.0]
     """
     return min(max(POLL_INTERVAL, waited * BOOT_POLL_SHARE), BOOT_POLL_MAX)

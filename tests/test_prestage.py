@@ -20,6 +20,7 @@ from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import plan_batches
 from rollout.policy import Policy, parse_policy
 from rollout.record import NodeRecord, RolloutResult
+from tests.helpers import seen_at
 
 pytestmark = pytest.mark.looptime
 
@@ -27,8 +28,8 @@ V1 = Image("v1.img", "sha256:" + "1" * 64, "app", "1.0", 100)
 V2 = Image("v2.img", "sha256:" + "2" * 64, "app", "2.0", 100)
 NODES = tuple(Node(f"n{i}", f"10.0.0.{i}:7000") for i in range(1, 7))
 STAGE = 30.0
-BOOT = 10.1  # seen at the 0.2 s poll after: 10.2
-BATCH = 10.2 + 20  # boot, then min_healthy_time (20 s at a 5 s interval)
+BOOT = 10.1  # seen at the boot poll after (rollout.steps.poll_delay): 10.108
+BATCH = seen_at(BOOT) + 20  # boot, then min_healthy_time (20 s at a 5 s interval)
 
 
 def policy(prestage: Any, **over: Any) -> Policy:
@@ -65,7 +66,7 @@ def activation_order(fleet: SimFleet) -> list[str]:
     [
         # Each batch stages (30 s), then boots and bakes.
         ("none: every batch stages in turn", "none", 4 * (STAGE + BATCH)),
-        # The next batch stages while this one boots and bakes (30 s < 30.2 s): only the
+        # The next batch stages while this one boots and bakes (30 s < 30.1 s): only the
         # canary waits for its own stage.
         ("next-batch: later batches find their image there", "next-batch", STAGE + 4 * BATCH),
         # All later batches stage at once from the start, under the cap of 10.
@@ -126,7 +127,7 @@ async def test_stopping_after_the_canary_keeps_what_was_staged_and_the_next_run_
     assert first.phase is RolloutPhase.PAUSED and first.stopped_as_asked
     assert fleet.discards == []
     staged = [n for n, r in first.nodes.items() if r.phase is NodePhase.STAGED]
-    # The canary took 60.2 s: with the cap of 10 every later node staged in its first 30 s.
+    # The canary took 60.1 s: with the cap of 10 every later node staged in its first 30 s.
     assert sorted(staged) == ["n2", "n3", "n4", "n5", "n6"]
     stages_before = len(fleet.stages)
     second = await engine(first.nodes).run(batches)
