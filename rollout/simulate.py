@@ -5,7 +5,9 @@ execute: rebuild from the journal, leases, the `Engine`), the real planner, the 
 metrics, and the durable SQLite journal (a temporary file unless a state path is given).
 Only the edges are simulated:
 
-- the nodes: `rollout.drivers.sim`, on the agent's own pure state machine. A boot takes
+- the nodes: `rollout.drivers.sim`, on the agent's own pure state machine (a failing
+  node's workload fails on the new image, or with `fail_mode` "boot" the image never
+  comes up and the node falls back to its last good slot after a second boot). A boot takes
   `boot` seconds (or each node its own time in [boot, boot_max], `draw_boot_times`: a
   batch waits for its slowest node), the workload is `starting` for `healthy_after`
   seconds after each boot, and a seeded draw of `fail_rate` of the nodes run a workload
@@ -170,7 +172,8 @@ class SimSettings:
     boot: float = 90.0  # activation to the agent answering again
     boot_max: float | None = None  # set: each node's boot drawn from [boot, boot_max]
     healthy_after: float = 20.0  # the workload is `starting` this long after each boot
-    fail_rate: float = 0.0  # fraction of nodes whose workload fails on the new image
+    fail_rate: float = 0.0  # fraction of nodes that fail on the new image
+    fail_mode: str = "workload"  # how they fail: "workload" (never healthy) or "boot"
     seed: int = 1
     stage: float = 0.0  # writing the image into the inactive slot
     start: datetime | None = None  # the wall-clock start window gates see; None: now
@@ -181,6 +184,7 @@ class SimSettings:
             "boot_max": self.boot_max,
             "healthy_after": self.healthy_after,
             "fail_rate": self.fail_rate,
+            "fail_mode": self.fail_mode,
             "seed": self.seed,
             "stage": self.stage,
             "start": iso_utc(self.start) if self.start is not None else None,
@@ -557,6 +561,9 @@ def _span(seconds: float) -> str:
     return f"{m}m{sec}" if m else sec
 
 
+_FAILING_TEXT = {"workload": "with a failing workload", "boot": "where the new image does not boot"}
+
+
 def _boot_text(s: SimSettings) -> str:
     if s.boot_max is None or s.boot_max <= s.boot:
         return fmt_duration(s.boot)
@@ -571,7 +578,7 @@ def render_text(report: SimReport) -> list[str]:
         f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}"
         f"{started}: boot {_boot_text(s)}, healthy after "
         f"{fmt_duration(s.healthy_after)}, fail rate {s.fail_rate * 100:g}% (seed {s.seed}, "
-        f"{report.drawn_failing} node(s) with a failing workload)"
+        f"{report.drawn_failing} node(s) {_FAILING_TEXT.get(s.fail_mode, 'failing')})"
     ]
     gates_after: dict[int, list[GateRow]] = {}
     held: dict[int, list[GateRow]] = {}  # before-batch waits, by the batch they held back
@@ -673,7 +680,8 @@ def simulate(
             boot_seconds=settings.boot,
             stage_seconds=settings.stage,
             healthy_after=settings.healthy_after,
-            failing=failing,
+            failing=failing if settings.fail_mode == "workload" else (),
+            not_booting=failing if settings.fail_mode == "boot" else (),
             boot_times=(
                 draw_boot_times(
                     [n.id for n in nodes], settings.boot, settings.boot_max, settings.seed

@@ -186,7 +186,8 @@ def test_json_shape(tmp_path: Path) -> None:
     start = r["settings"].pop("start")  # now, as the run began: an ISO time in UTC
     assert datetime.fromisoformat(start).utcoffset() == timedelta(0) and start.endswith("Z")
     assert r["settings"] == {"boot": 90.0, "boot_max": None, "healthy_after": 20.0,
-                             "fail_rate": 0.0, "seed": 1, "stage": 0.0}  # fmt: skip
+                             "fail_rate": 0.0, "fail_mode": "workload", "seed": 1,
+                             "stage": 0.0}  # fmt: skip
     ends = datetime.fromisoformat(r["ends_at"]) - datetime.fromisoformat(start)
     assert abs(ends.total_seconds() - r["duration"]) <= 1.0  # both shown to the second
     assert set(r["batches"][0]) == {"number", "canary", "nodes", "start", "end", "failed",
@@ -331,3 +332,34 @@ def test_a_boot_range_makes_each_batch_as_slow_as_its_slowest_node(tmp_path: Pat
     assert code == 0 and other["duration"] != r["duration"]
     code, out = simulate("--policy", str(pol), "--nodes", "3", "--boot", "1m..90s")
     assert code == 0 and "boot 60s..90s (each node its own)" in out.splitlines()[0]
+
+
+def test_nodes_whose_new_image_does_not_boot_fall_back_and_trigger_the_policy(
+    tmp_path: Path,
+) -> None:
+    pol = policy_file(tmp_path, "rollback")
+    nodes = synthetic_nodes(50, {"rack": 4})
+    failing = draw_failing([n.id for n in nodes], 0.05, 7)
+    batches = plan_batches(nodes, parse_policy(__import__("yaml").safe_load(pol.read_text()), "p"))
+    first_bad = next(b for b in batches if failing & set(b.node_ids))
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "50", "--labels", "rack=4", "--boot", "90s",
+        "--healthy-after", "20s", "--fail-rate", "5%", "--fail-mode", "boot", "--seed", "7",
+    )  # fmt: skip
+    assert code == 1 and r["phase"] == "rolled_back"
+    assert r["settings"]["fail_mode"] == "boot"
+    bad = r["batches"][-1]
+    assert bad["number"] == first_bad.index and bad["decision"] == "rollback_batch"
+    first = r["failures"]["first"]
+    assert {f["node"] for f in first} == failing & set(first_bad.node_ids)
+    # Not a health failure: the node booted its old image again (two boots, then the
+    # workload's start), and the controller saw it come back on the wrong image.
+    assert {f["reason"] for f in first} == {"fell_back"}
+    ready = 2 * BOOT + HEALTHY_AFTER
+    for f in first:
+        assert ready <= f["at"] - bad["start"] <= ready + poll_delay(ready) + 1e-6
+    code, out = simulate(
+        "--policy", str(pol), "--nodes", "50", "--fail-rate", "5%", "--fail-mode", "boot",
+        "--seed", "7",
+    )  # fmt: skip
+    assert "where the new image does not boot" in out.splitlines()[0]

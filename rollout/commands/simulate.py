@@ -97,6 +97,10 @@ def _fraction(option: str, value: str) -> float:
               help="How long writing the image into a node's inactive slot takes.")  # fmt: skip
 @click.option("--fail-rate", default="0%", show_default=True,
               help="Share of nodes whose workload fails on the new image, e.g. 2%.")  # fmt: skip
+@click.option("--fail-mode", type=click.Choice(["workload", "boot"]), default="workload",
+              show_default=True,
+              help="How the --fail-rate nodes fail: their workload on the new image, or the "
+              "image does not boot and they fall back.")  # fmt: skip
 @click.option("--seed", default=1, show_default=True, type=int,
               help="Which nodes fail: the same seed and fleet give the same ones.")  # fmt: skip
 @click.option("--start", metavar="TIME",
@@ -117,6 +121,7 @@ def simulate_command(
     healthy_after: str,
     stage: str,
     fail_rate: str,
+    fail_mode: str,
     seed: int,
     start: str | None,
     state_path: str | None,
@@ -137,6 +142,7 @@ def simulate_command(
         boot_max=boot_high,
         healthy_after=_duration("--healthy-after", healthy_after),
         fail_rate=_fraction("--fail-rate", fail_rate),
+        fail_mode=fail_mode,
         seed=seed,
         stage=_duration("--stage", stage),
         start=_start(start),

@@ -20,7 +20,10 @@ its boot wait read, with no prober injected: `rollout simulate`) follows two fle
 settings: after each boot it is `starting` for `healthy_after` seconds, as a real agent's
 is until the workload has come up; then `running`, except on the nodes in `failing`,
 whose workload fails on any image but the one they were installed with (a bad image
-there). The factory boot counts as long ago: an untouched node runs its workload.
+there). The nodes in `not_booting` never come up on such an image: the boot into it
+spends its try, the machine boots again (another `boot_seconds`) and falls back to its
+last good slot, as a real A/B bootloader does. The factory boot counts as long ago: an
+untouched node runs its workload.
 """
 
 from __future__ import annotations
@@ -127,12 +130,14 @@ class SimFleet:
         healthy_after: float = 0.0,
         failing: Collection[str] = (),
         boot_times: Mapping[str, float] | None = None,
+        not_booting: Collection[str] = (),
     ) -> None:
         self.boot_seconds = boot_seconds
         self.boot_times = dict(boot_times or {})  # a node's own boot time, over boot_seconds
         self.stage_seconds = stage_seconds  # how long writing an image takes
         self.healthy_after = healthy_after  # workload "starting" this long after a boot
         self.failing = frozenset(failing)  # their workload fails on a new image
+        self.not_booting = frozenset(not_booting)  # a new image never comes up on them
         self.factory_digest = image.digest
         self.stages: list[tuple[str, float]] = []  # (node, clock time a stage began)
         self.discards: list[str] = []
@@ -236,16 +241,30 @@ class SimDriver:
     def _boot(self, sim: SimNode, planned: AgentState) -> None:
         sim.state = planned
         sim.busy = "booting"
+        seconds = max(0.0, self.fleet.boot_times.get(sim.node_id, self.fleet.boot_seconds))
 
         def booted() -> None:
             self._boots.pop(sim.node_id, None)
+            plan = sm.plan_boot(sim.state)
+            image = sim.state.slot(plan.slot)
+            if (
+                sim.node_id in self.fleet.not_booting
+                and plan.consumes_try
+                and image is not None
+                and image.digest != self.fleet.factory_digest
+            ):
+                # The new image never comes up (a kernel that panics): the try is spent,
+                # the machine resets, and the next boot falls back to the last good slot,
+                # as GRUB's try counter does (state.plan_boot: tries exhausted).
+                sim.state = sm.begin_boot(sim.state, plan)
+                self._boots[sim.node_id] = clock.running_loop().call_later(seconds, booted)
+                return
             sim.state = _boot(sim.state, clock.now())
             sim.busy = None
             sim.booted_at = clock.now()
 
         # A timer on the loop's clock, not a task: a rollout boots every node once.
-        seconds = self.fleet.boot_times.get(sim.node_id, self.fleet.boot_seconds)
-        self._boots[sim.node_id] = clock.running_loop().call_later(max(0.0, seconds), booted)
+        self._boots[sim.node_id] = clock.running_loop().call_later(seconds, booted)
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Simulated nodes take part in no other rollout: a lease is always granted."""
