@@ -172,6 +172,7 @@ class SimSettings:
     boot: float = 90.0  # activation to the agent answering again
     boot_max: float | None = None  # set: each node's boot drawn from [boot, boot_max]
     healthy_after: float = 20.0  # the workload is `starting` this long after each boot
+    healthy_after_max: float | None = None  # set: each node's drawn from the range
     fail_rate: float = 0.0  # fraction of nodes that fail on the new image
     fail_mode: str = "workload"  # how they fail: "workload" (never healthy) or "boot"
     seed: int = 1
@@ -183,6 +184,7 @@ class SimSettings:
             "boot": self.boot,
             "boot_max": self.boot_max,
             "healthy_after": self.healthy_after,
+            "healthy_after_max": self.healthy_after_max,
             "fail_rate": self.fail_rate,
             "fail_mode": self.fail_mode,
             "seed": self.seed,
@@ -248,11 +250,12 @@ def synthetic_nodes(count: int, labels: Mapping[str, int] | None = None) -> tupl
 
 
 def draw_boot_times(
-    node_ids: Sequence[str], low: float, high: float, seed: int
+    node_ids: Sequence[str], low: float, high: float, seed: int, stream: str = "boot"
 ) -> dict[str, float]:
-    """Each node's boot time, uniform in [low, high], drawn in inventory order from `seed`
-    (a stream of its own: the failing nodes drawn from the same seed stay the same). A
-    node boots that long every time (into the new image, and back on a rollback).
+    """Each node's boot time (or with `stream` "healthy", its workload's start time),
+    uniform in [low, high], drawn in inventory order from `seed` in a stream of its own:
+    the failing nodes drawn from the same seed stay the same. A node boots (starts) that
+    long every time (into the new image, and back on a rollback).
 
     >>> times = draw_boot_times(["a", "b", "c"], 60.0, 120.0, 7)
     >>> times == draw_boot_times(["a", "b", "c"], 60.0, 120.0, 7)
@@ -260,7 +263,7 @@ def draw_boot_times(
     >>> all(60 <= t <= 120 for t in times.values()), len(set(times.values()))
     (True, 3)
     """
-    rng = random.Random(f"boot/{seed}")
+    rng = random.Random(f"{stream}/{seed}")
     return {n: rng.uniform(low, high) for n in node_ids}
 
 
@@ -564,10 +567,10 @@ def _span(seconds: float) -> str:
 _FAILING_TEXT = {"workload": "with a failing workload", "boot": "where the new image does not boot"}
 
 
-def _boot_text(s: SimSettings) -> str:
-    if s.boot_max is None or s.boot_max <= s.boot:
-        return fmt_duration(s.boot)
-    return f"{fmt_duration(s.boot)}..{fmt_duration(s.boot_max)} (each node its own)"
+def _range_text(low: float, high: float | None) -> str:
+    if high is None or high <= low:
+        return fmt_duration(low)
+    return f"{fmt_duration(low)}..{fmt_duration(high)} (each node its own)"
 
 
 def render_text(report: SimReport) -> list[str]:
@@ -576,8 +579,9 @@ def render_text(report: SimReport) -> list[str]:
     started = f", starting {iso_utc(s.start)}" if s.start is not None else ""
     lines = [
         f"simulated rollout of {report.nodes} node(s), policy {report.policy_name or '?'}"
-        f"{started}: boot {_boot_text(s)}, healthy after "
-        f"{fmt_duration(s.healthy_after)}, fail rate {s.fail_rate * 100:g}% (seed {s.seed}, "
+        f"{started}: boot {_range_text(s.boot, s.boot_max)}, healthy after "
+        f"{_range_text(s.healthy_after, s.healthy_after_max)}, "
+        f"fail rate {s.fail_rate * 100:g}% (seed {s.seed}, "
         f"{report.drawn_failing} node(s) {_FAILING_TEXT.get(s.fail_mode, 'failing')})"
     ]
     gates_after: dict[int, list[GateRow]] = {}
@@ -680,6 +684,18 @@ def simulate(
             boot_seconds=settings.boot,
             stage_seconds=settings.stage,
             healthy_after=settings.healthy_after,
+            healthy_times=(
+                draw_boot_times(
+                    [n.id for n in nodes],
+                    settings.healthy_after,
+                    settings.healthy_after_max,
+                    settings.seed,
+                    stream="healthy",
+                )
+                if settings.healthy_after_max is not None
+                and settings.healthy_after_max > settings.healthy_after
+                else None
+            ),
             failing=failing if settings.fail_mode == "workload" else (),
             not_booting=failing if settings.fail_mode == "boot" else (),
             boot_times=(

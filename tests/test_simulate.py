@@ -186,8 +186,8 @@ def test_json_shape(tmp_path: Path) -> None:
     start = r["settings"].pop("start")  # now, as the run began: an ISO time in UTC
     assert datetime.fromisoformat(start).utcoffset() == timedelta(0) and start.endswith("Z")
     assert r["settings"] == {"boot": 90.0, "boot_max": None, "healthy_after": 20.0,
-                             "fail_rate": 0.0, "fail_mode": "workload", "seed": 1,
-                             "stage": 0.0}  # fmt: skip
+                             "healthy_after_max": None, "fail_rate": 0.0,
+                             "fail_mode": "workload", "seed": 1, "stage": 0.0}  # fmt: skip
     ends = datetime.fromisoformat(r["ends_at"]) - datetime.fromisoformat(start)
     assert abs(ends.total_seconds() - r["duration"]) <= 1.0  # both shown to the second
     assert set(r["batches"][0]) == {"number", "canary", "nodes", "start", "end", "failed",
@@ -363,3 +363,22 @@ def test_nodes_whose_new_image_does_not_boot_fall_back_and_trigger_the_policy(
         "--seed", "7",
     )  # fmt: skip
     assert "where the new image does not boot" in out.splitlines()[0]
+
+
+def test_a_workload_start_range_is_drawn_per_node_apart_from_the_boot(tmp_path: Path) -> None:
+    pol = policy_file(tmp_path)
+    nodes = synthetic_nodes(50, {"rack": 4})
+    starts = draw_boot_times([n.id for n in nodes], 10.0, 60.0, 5, stream="healthy")
+    boots = draw_boot_times([n.id for n in nodes], 10.0, 60.0, 5)
+    assert starts != boots  # a stream of its own
+    batches = plan_batches(nodes, parse_policy(__import__("yaml").safe_load(pol.read_text()), "p"))
+    code, r = simulate_json(
+        "--policy", str(pol), "--nodes", "50", "--labels", "rack=4", "--boot", "90s",
+        "--healthy-after", "10s..1m", "--seed", "5",
+    )  # fmt: skip
+    assert code == 0 and r["phase"] == "succeeded", r["message"]
+    assert (r["settings"]["healthy_after"], r["settings"]["healthy_after_max"]) == (10.0, 60.0)
+    for planned_batch, b in zip(batches, r["batches"], strict=True):
+        ready = BOOT + max(starts[n.id] for n in planned_batch.nodes)
+        took = b["end"] - b["start"]
+        assert ready + MIN_HEALTHY <= took <= ready + MIN_HEALTHY + poll_delay(ready) + 5.0

@@ -92,7 +92,8 @@ def _fraction(option: str, value: str) -> float:
               help="Activation until the node answers again; a range like 60s..2m gives "
               "each node its own, drawn from --seed.")  # fmt: skip
 @click.option("--healthy-after", default="20s", show_default=True,
-              help="After each boot, how long the workload takes to start.")  # fmt: skip
+              help="After each boot, how long the workload takes to start; a range like "
+              "10s..1m gives each node its own.")  # fmt: skip
 @click.option("--stage", default="0s", show_default=True,
               help="How long writing the image into a node's inactive slot takes.")  # fmt: skip
 @click.option("--fail-rate", default="0%", show_default=True,
@@ -137,10 +138,12 @@ def simulate_command(
     if state_path is not None and Path(state_path).is_dir():
         raise InputError(f"--state {state_path}: is a directory, expected a file")
     boot_low, boot_high = _range("--boot", boot)
+    healthy_low, healthy_high = _range("--healthy-after", healthy_after)
     settings = SimSettings(
         boot=boot_low,
         boot_max=boot_high,
-        healthy_after=_duration("--healthy-after", healthy_after),
+        healthy_after=healthy_low,
+        healthy_after_max=healthy_high,
         fail_rate=_fraction("--fail-rate", fail_rate),
         fail_mode=fail_mode,
         seed=seed,

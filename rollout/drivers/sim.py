@@ -131,11 +131,13 @@ class SimFleet:
         failing: Collection[str] = (),
         boot_times: Mapping[str, float] | None = None,
         not_booting: Collection[str] = (),
+        healthy_times: Mapping[str, float] | None = None,
     ) -> None:
         self.boot_seconds = boot_seconds
         self.boot_times = dict(boot_times or {})  # a node's own boot time, over boot_seconds
         self.stage_seconds = stage_seconds  # how long writing an image takes
         self.healthy_after = healthy_after  # workload "starting" this long after a boot
+        self.healthy_times = dict(healthy_times or {})  # a node's own, over healthy_after
         self.failing = frozenset(failing)  # their workload fails on a new image
         self.not_booting = frozenset(not_booting)  # a new image never comes up on them
         self.factory_digest = image.digest
@@ -151,7 +153,8 @@ class SimFleet:
 
     def workload(self, sim: SimNode) -> str:
         """The workload state the node's agent reports now (see the module docstring)."""
-        if sim.state.boot_count > 1 and clock.now() - sim.booted_at < self.healthy_after:
+        starting = self.healthy_times.get(sim.node_id, self.healthy_after)
+        if sim.state.boot_count > 1 and clock.now() - sim.booted_at < starting:
             return "starting"
         if sim.node_id in self.failing and sim.state.booted_image.digest != self.factory_digest:
             return "failed"
