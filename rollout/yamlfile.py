@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,9 @@ class _CFastLoader(yaml.CSafeLoader):
                 if tag is None or tag == "!":
                     tag = _STR  # quoted, or plain and no implicit resolver matches
                     if ev.implicit[0]:
-                        for candidate, pattern in resolvers.get(text[:1], everywhere):
-                            if pattern.match(text):
-                                tag = candidate
-                                break
+                        pattern, candidates = resolvers.get(text[:1], everywhere)
+                        if candidates and (found := pattern.match(text)) is not None:
+                            tag = candidates[found.lastindex - 1 if found.lastindex else 0]
                 if tag == _STR:
                     value: Any = text
                 elif (tag, text) in values:
@@ -162,7 +162,23 @@ class _CFastLoader(yaml.CSafeLoader):
         return value
 
 
-_Resolvers = tuple[tuple[str, re.Pattern[str]], ...]
+# One regular expression for a first character's resolvers, and their tags in order.
+_Resolvers = tuple[re.Pattern[str], tuple[str, ...]]
+_PLAIN_FLAGS = re.VERBOSE | re.UNICODE
+
+
+def _alternation(resolvers: Sequence[tuple[str, re.Pattern[str]]]) -> _Resolvers:
+    """The resolvers' patterns as one alternation, each in a capturing group of its own:
+    `match` tries them left to right and takes the first that matches, as `resolve`'s
+    loop does, and `lastindex` says which (the patterns have no groups of their own; one
+    that has, or other flags, is tried alone after the ones before it failed)."""
+    tags = tuple(tag for tag, _ in resolvers)
+    if not resolvers:
+        return re.compile("(?!)"), tags  # matches nothing
+    if all(p.groups == 0 and not p.flags & ~_PLAIN_FLAGS for _, p in resolvers):
+        parts = [f"({'(?x:' if p.flags & re.VERBOSE else '(?:'}{p.pattern}))" for _, p in resolvers]
+        return re.compile("|".join(parts)), tags
+    raise TypeError("implicit resolvers with groups or flags: build cannot combine them")
 
 
 def _implicit_resolvers(
@@ -170,21 +186,29 @@ def _implicit_resolvers(
 ) -> tuple[dict[str, _Resolvers], _Resolvers]:
     """The loader's implicit resolvers by a plain scalar's first character (`""` for the
     empty scalar), each list followed by the wildcard ones, and the wildcard ones alone
-    for any other first character: `BaseResolver.resolve`'s own lookup, done once. With
-    no path resolvers (SafeLoader has none) an untagged collection is a map or a seq, and
-    a scalar no pattern matches (or a quoted one) is a string, as `resolve` returns.
+    for any other first character: `BaseResolver.resolve`'s own lookup, done once, each
+    list made one regular expression (`_alternation`: one match per scalar instead of up
+    to three). With no path resolvers (SafeLoader has none) an untagged collection is a
+    map or a seq, and a scalar no pattern matches (or a quoted one) is a string, as
+    `resolve` returns.
     """
     if loader.yaml_path_resolvers:
         raise TypeError(f"{loader.__name__} has path resolvers: build cannot skip resolve")
     table = dict(loader.yaml_implicit_resolvers)
     everywhere = tuple(table.pop(None, ()))
-    return {c: (*r, *everywhere) for c, r in table.items()}, everywhere
+    return (
+        {c: _alternation((*r, *everywhere)) for c, r in table.items()},
+        _alternation(everywhere),
+    )
 
 
-_RESOLVERS = _implicit_resolvers(_CFastLoader)
 _FastLoader: type[_CFastLoader] | None = (
     _CFastLoader if getattr(yaml, "__with_libyaml__", False) else None
 )
+try:
+    _RESOLVERS = _implicit_resolvers(_CFastLoader)
+except TypeError:  # another PyYAML's resolvers: the pure loader reads every file
+    _FastLoader = None
 
 
 def read_yaml(path: str | os.PathLike[str], *, kind: str, hint: str = "") -> object:

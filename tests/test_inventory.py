@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -344,3 +345,29 @@ def test_plain_documents_take_the_fast_path() -> None:
         expected = yaml.load(text, Loader=yamlfile._UniqueKeyLoader)
         assert expected is not None
         assert yamlfile._FastLoader(text).build() == expected
+
+
+IMPLICIT_SCALARS = [
+    "", "~", "null", "Null", "NULL", "nul", "yes", "Yes", "YES", "no", "No", "NO", "on", "off",
+    "On", "OFF", "true", "False", "y", "n", "0", "00", "07", "08", "0x1F", "0b101", "-0b11",
+    "+12", "1_000", "1:30", "190:20:30", "1.5", "1.", ".5", "-.inf", ".NaN", "1e3", "1.0e+3",
+    "2024-01-02", "2024-1-2 10:20:30", "2024-01-02T10:20:30Z", "2024-01-02 10:20:30.5 +01:00",
+    "<<", "=", "node-1", "10.0.0.1:7000", "r1", "12a", "0.1.2", "-", "+", ".",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", IMPLICIT_SCALARS)
+def test_the_fast_paths_resolver_table_tags_a_plain_scalar_as_resolve_does(text: str) -> None:
+    import yaml
+
+    from rollout import yamlfile
+
+    if yamlfile._FastLoader is None:
+        pytest.skip("PyYAML without libyaml")
+    resolve: Any = yamlfile._CFastLoader("").resolve  # typeshed leaves it untyped
+    want = resolve(yaml.ScalarNode, text, (True, False))
+    table, everywhere = yamlfile._RESOLVERS
+    pattern, tags = table.get(text[:1], everywhere)
+    found = pattern.match(text) if tags else None
+    got = tags[found.lastindex - 1] if found is not None and found.lastindex else yamlfile._STR
+    assert got == want
