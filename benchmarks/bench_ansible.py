@@ -17,6 +17,10 @@ agent's documented HTTP API with the uri module (stage, activate, wait for the n
 on the target with its workload running, wait for /healthz, stay healthy, commit),
 connection local, no facts, 10 forks, pipelining (benchmarks/ansible/ansible.cfg).
 
+Each tool starts on a settled fleet: every workload answers /healthz and the CPUs are
+quiet (`settle`). Without it the first tool ran while 30 workloads were still starting
+and paid about 1.5 s more start-up than the second.
+
 For each tool it measures the wall time and the CPU (user + sys from the child's rusage,
 which covers its own children too: ansible's forks) and checks that every node ends on v2,
 committed. The fixed waits are what no tool can shorten, batch after batch: the agents'
@@ -69,6 +73,7 @@ class Run:
     node_time: float  # sum over batches of the slowest node's activate -> workload_running
     agents_cpu: float  # the agents' CPU during the run, their workloads included
     phases: str = ""  # rollout only: where its wall time went, from its event log
+    settled: float = 0.0  # seconds the fresh fleet took to be ready and quiet
 
 
 def ensure_ansible(venv: Path) -> Path:
@@ -122,6 +127,39 @@ def on_target(nodes: list[Node], version: str) -> int:
         if status["booted"]["version"] == version and status["committed"]:
             done += 1
     return done
+
+
+def busy_fraction(span: float) -> float:
+    """How busy the machine's CPUs were over the next `span` seconds (0 to 1), from
+    /proc/stat: everything but idle and iowait."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            fields = [int(f) for f in fh.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]
+
+    total0, idle0 = ticks()
+    time.sleep(span)
+    total1, idle1 = ticks()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(nodes: list[Node], workload_port: int, timeout: float = 60.0) -> float:
+    """Wait until the fresh fleet is ready and quiet before a tool starts: fleet.up
+    returns once the agents answer, while their workloads (a Python server each) are
+    still starting and keep both CPUs busy for a second or two, which the first tool to
+    run would pay in its start-up and the second would not. Every workload must answer
+    /healthz, then the CPUs must be under 15% busy over a quarter second. Returns the
+    seconds waited."""
+    t0 = time.monotonic()
+    targets = {
+        n.id: (f"http://{n.address.rsplit(':', 1)[0]}:{workload_port}/healthz", None) for n in nodes
+    }
+    fleet.wait_healthz(targets, timeout, "workloads", "see nodes/<id>/agent.log")
+    while busy_fraction(0.25) > 0.15:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the machine stayed busy for {timeout:g} s after fleet up")
+    return time.monotonic() - t0
 
 
 def batches(nodes: list[Node]) -> list[list[Node]]:
@@ -211,6 +249,7 @@ def run_tool(
     inventory = fleet.up(fleet_dir, v1, opts)
     try:
         nodes = list(load_inventory(inventory).nodes)
+        settled = settle(nodes, opts.workload_port)
         env = dict(os.environ)
         if tool == "rollout":
             policy = wd / tool / "policy.yaml"
@@ -251,7 +290,7 @@ def run_tool(
         spent = node_time(fleet_dir, batches(nodes))
     finally:
         fleet.down(fleet_dir)
-    return Run(tool, wall, cpu, code, done, spent, agents, phases)
+    return Run(tool, wall, cpu, code, done, spent, agents, phases, settled)
 
 
 def ratio(a: float, b: float) -> str:
@@ -325,6 +364,10 @@ def main() -> None:
     ro, an = runs
     if ro.phases:
         print(ro.phases)
+    print(
+        "before each tool, the fresh fleet's workloads answered and the CPUs were quiet "
+        f"after {ro.settled:.2f} s (rollout) and {an.settled:.2f} s (ansible)"
+    )
     print()
     print(
         f"ansible / rollout: wall {ratio(an.wall, ro.wall)}, CPU {ratio(an.cpu, ro.cpu)}, "

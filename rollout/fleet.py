@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +175,7 @@ def _wait_ready(nodes: list[Node], timeout: float) -> None:
 
 
 def wait_healthz(
-    targets: dict[str, tuple[str, ssl.SSLContext | None]],
+    targets: Mapping[str, tuple[str, ssl.SSLContext | None]],
     timeout: float,
     what: str,
     hint: str,
