@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from rollout.drivers.agent import AgentDriver
+from rollout.drivers.agent import URL_CACHE, AgentDriver, _agent_url
 from rollout.drivers.base import NotSent, TransportError
 from rollout.model import ActivationMode, Node
 
@@ -64,3 +64,23 @@ async def test_a_switch_that_may_have_arrived_is_not_sent_again(tmp_path: Path, 
         await driver.close()
         await runner.cleanup()
     assert hits == [f"/v1/{call}"]  # once: the agent got it, whatever it then did
+
+
+@pytest.mark.parametrize(
+    ("scheme", "address", "host", "port"),
+    [
+        ("http", "127.0.0.5:7000", "127.0.0.5", 7000),
+        ("https", "[::1]:7443", "::1", 7443),
+        ("http", "node-7.example:80", "node-7.example", 80),
+    ],
+    ids=["ipv4", "ipv6_tls", "dns_name"],
+)
+def test_agent_urls_are_parsed_once_and_the_cache_stays_bounded(
+    scheme: str, address: str, host: str, port: int
+) -> None:
+    url = _agent_url(scheme, address, "/v1/status")
+    assert (url.scheme, url.host, url.port, url.path) == (scheme, host, port, "/v1/status")
+    assert _agent_url(scheme, address, "/v1/status") is url  # cached, not parsed again
+    for i in range(URL_CACHE + 10):
+        _agent_url("http", f"127.1.{i // 250}.{i % 250}:7000", "/v1/status")
+    assert _agent_url.cache_info().currsize == URL_CACHE
