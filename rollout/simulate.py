@@ -22,10 +22,13 @@ Only the edges are simulated:
   it would delay in a run started then (a rollout that misses Saturday's window waits,
   in the prediction, for the next Saturday);
 - what needs the outside world (`simulation_policy`): health checks become the one `agent`
-  check, answered by the simulated agents (no network); wait, approval, analysis and
-  alerts gates are taken as passing at once (they wait on signals, people or Prometheus)
-  and listed in the report; webhooks are not sent; node locks and agent leases are taken
-  once and not renewed (nobody else contends for simulated nodes).
+  check, answered by the simulated agents (no network); wait and approval gates run as
+  they are when a `GateScript` (`--gate NAME=pass|fail|timeout[@AFTER]`) says what their
+  outside world does: `GateScripter` sends, AFTER virtual seconds into each wait, the
+  signals or the decision through the controller's own commands (journaled as a real one
+  is); unscripted ones, and analysis and alerts gates (Prometheus), are taken as passing
+  at once and listed in the report; webhooks are not sent; node locks and agent leases
+  are taken once and not renewed (nobody else contends for simulated nodes).
 
 `Timeline` is the observer that turns the engine's events into the prediction: each
 batch's start and end, nodes out of service over time, failures and the policy's reaction
@@ -72,16 +75,19 @@ from rollout.gates.schedule import BEFORE_KINDS
 from rollout.journal import LockConflict, SQLiteStore
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import limits
-from rollout.policy import AgentCheck, Policy
+from rollout.policy import AgentCheck, ApprovalGate, Gate, Policy, WaitGate
 from rollout.pull import PullAccess
-from rollout.units import fmt_duration
+from rollout.units import fmt_duration, parse_duration
 
 __all__ = [
+    "GateScript",
+    "GateScripter",
     "SimReport",
     "SimSettings",
     "Timeline",
     "VirtualClockLoop",
     "draw_failing",
+    "parse_gate_script",
     "parse_labels",
     "render_text",
     "report_json",
@@ -103,6 +109,9 @@ _SIM_LOCK_TTL = 10 * MAX_VIRTUAL
 # Gate kinds that run as they are (bake on virtual time, window on the virtual wall
 # clock); the others are assumed to pass at once.
 _SIMULATED_GATES = frozenset({"bake", "window"})
+# Gate kinds a `GateScript` can play (the others need Prometheus, or run as they are).
+_SCRIPTABLE_GATES = frozenset({"wait", "approval"})
+GATE_OUTCOMES = ("pass", "fail", "timeout")
 _SERIES_POINTS = 24  # how many points the coarse out-of-service series has
 _FIRST_FAILURES = 20  # failed nodes listed by name in the report
 
@@ -157,6 +166,19 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def advance(self, seconds: float) -> None:
         self._virtual += seconds
 
+    def _run_once(self) -> None:
+        # asyncio also runs a timer due within its clock resolution (1 ns) of now. On a
+        # real clock time has moved past it by then; this one must be moved, or a wait
+        # that re-arms for what is left of its deadline (one float ulp, say) gets its
+        # timer run at once, finds time left, re-arms, and spins forever.
+        timers: list[asyncio.TimerHandle] = self._scheduled  # type: ignore[attr-defined]
+        resolution: float = self._clock_resolution  # type: ignore[attr-defined]
+        if timers:
+            when = timers[0].when()
+            if self._virtual < when < self._virtual + resolution:
+                self._virtual = when
+        super()._run_once()  # type: ignore[misc]
+
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` to its end on a fresh `VirtualClockLoop` (as `asyncio.run` does)."""
@@ -165,6 +187,63 @@ def run_virtual(main: Coroutine[Any, Any, T]) -> T:
 
 
 # -- inputs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateScript:
+    """What a wait or approval gate's outside world does in a simulation, each time the
+    gate waits: `outcome` "pass" (a wait gate gets its `count` SUCCESS signals, an approval
+    is approved), "fail" (one FAILURE signal, a rejection) or "timeout" (nothing comes:
+    the gate's own timeout decides), `after` virtual seconds into the wait."""
+
+    outcome: str
+    after: float = 0.0
+
+    def describe(self, kind: str) -> str:
+        if self.outcome == "timeout":
+            return "scripted: nothing arrives, so it times out"
+        what = {
+            ("wait", "pass"): "its SUCCESS signals arrive",
+            ("wait", "fail"): "a FAILURE signal arrives",
+            ("approval", "pass"): "approved",
+            ("approval", "fail"): "rejected",
+        }[(kind, self.outcome)]
+        return f"scripted: {what} {_span(self.after)} after it starts waiting"
+
+
+def parse_gate_script(text: str) -> tuple[str, GateScript]:
+    """`--gate NAME=OUTCOME[@AFTER]`: the gate's name and its script.
+
+    >>> parse_gate_script("approve=pass@2h")
+    ('approve', GateScript(outcome='pass', after=7200.0))
+    >>> parse_gate_script(" smoke = fail ")
+    ('smoke', GateScript(outcome='fail', after=0.0))
+    >>> parse_gate_script("x=ok")
+    Traceback (most recent call last):
+    rollout.errors.InputError: --gate x=ok: outcome must be pass, fail or timeout, e.g. a=pass@2h
+    """
+    name, sep, rest = (part.strip() for part in text.partition("="))
+    outcome, at, after = (part.strip() for part in rest.partition("@"))
+    example = "e.g. a=pass@2h"
+    if not sep or not name or not outcome:
+        raise InputError(f"--gate {text.strip()}: expected NAME=OUTCOME[@AFTER], {example}")
+    if outcome not in GATE_OUTCOMES:
+        raise InputError(
+            f"--gate {text.strip()}: outcome must be {', '.join(GATE_OUTCOMES[:-1])} or "
+            f"{GATE_OUTCOMES[-1]}, {example}"
+        )
+    seconds = 0.0
+    if at:
+        if outcome == "timeout":
+            raise InputError(
+                f"--gate {text.strip()}: a timeout comes when the gate's own timeout says; "
+                "drop the @AFTER"
+            )
+        try:
+            seconds = parse_duration(after)
+        except ValueError as exc:
+            raise InputError(f"--gate {text.strip()}: after @: {exc}") from None
+    return name, GateScript(outcome, seconds)
+
+
 @dataclass(frozen=True)
 class SimSettings:
     """How the simulated nodes behave (seconds, a fraction, a seed), and when it starts."""
@@ -178,6 +257,7 @@ class SimSettings:
     seed: int = 1
     stage: float = 0.0  # writing the image into the inactive slot
     start: datetime | None = None  # the wall-clock start window gates see; None: now
+    gates: tuple[tuple[str, GateScript], ...] = ()  # scripted wait and approval gates
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,6 +270,10 @@ class SimSettings:
             "seed": self.seed,
             "stage": self.stage,
             "start": iso_utc(self.start) if self.start is not None else None,
+            "gates": {
+                name: {"outcome": script.outcome, "after": script.after}
+                for name, script in self.gates
+            },
         }
 
 
@@ -280,28 +364,110 @@ def draw_failing(node_ids: Sequence[str], rate: float, seed: int) -> frozenset[s
     return frozenset(n for n in node_ids if rng.random() < rate)
 
 
-def simulation_policy(policy: Policy) -> tuple[Policy, list[str]]:
-    """The policy as a simulation runs it, and what it left out (one line each).
+def simulation_policy(
+    policy: Policy, scripts: Mapping[str, GateScript] | None = None
+) -> tuple[Policy, list[str]]:
+    """The policy as a simulation runs it, and what it left out or scripted (one line
+    each).
 
-    Health checks become the `agent` check (the simulated agents answer it), gates other
-    than bake and window pass at once, webhooks are dropped; everything else is the
-    policy as given.
+    Health checks become the `agent` check (the simulated agents answer it), bake and
+    window gates and the `scripts`' wait and approval gates stay, the other gates pass at
+    once, webhooks are dropped; everything else is the policy as given. A script for a
+    gate the policy lacks, for a kind that cannot be scripted, or a timeout for a gate
+    that never times out is an InputError.
     """
+    scripts = scripts or {}
+    by_name = {g.name: g for g in policy.gates}
+    for name, script in scripts.items():
+        gate = by_name.get(name)
+        if gate is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise InputError(f"--gate {name}: the policy has no gate {name!r} (gates: {known})")
+        if gate.kind not in _SCRIPTABLE_GATES:
+            raise InputError(
+                f"--gate {name}: {gate.kind} gates cannot be scripted; only wait and approval "
+                "gates can (bake and window gates run as they are, on virtual time and "
+                "--start; analysis and alerts gates are taken as passing)"
+            )
+        if script.outcome == "timeout" and gate_timeout(gate) is None:
+            raise InputError(
+                f"--gate {name}=timeout: the approval gate {name} has no timeout (it waits as "
+                "long as it takes); give it one in the policy, or script pass or fail"
+            )
     notes: list[str] = []
     kinds = sorted({c.type for c in policy.health.checks} - {"agent"})
     if kinds:
         notes.append(
             f"health checks ({', '.join(kinds)}): answered by the simulated nodes' workload"
         )
-    kept = tuple(g for g in policy.gates if g.kind in _SIMULATED_GATES)
+    kept = tuple(g for g in policy.gates if g.kind in _SIMULATED_GATES or g.name in scripts)
     for gate in policy.gates:
-        if gate.kind not in _SIMULATED_GATES:
-            notes.append(f"gate {gate.name} ({gate.kind}): assumed to pass at once")
+        if gate.name in scripts:
+            notes.append(
+                f"gate {gate.name} ({gate.kind}): {scripts[gate.name].describe(gate.kind)}"
+            )
+        elif gate.kind not in _SIMULATED_GATES:
+            hint = " (script it with --gate)" if gate.kind in _SCRIPTABLE_GATES else ""
+            notes.append(f"gate {gate.name} ({gate.kind}): assumed to pass at once{hint}")
     if policy.notify:
         notes.append(f"webhooks ({len(policy.notify)}): not sent")
     health = policy.health.model_copy(update={"checks": (AgentCheck(),)})
     simulated = policy.model_copy(update={"health": health, "gates": kept, "notify": ()})
     return simulated, notes
+
+
+def gate_timeout(gate: Gate) -> float | None:
+    """How long a wait or approval gate waits at most (None: as long as it takes)."""
+    return gate.timeout if isinstance(gate, WaitGate | ApprovalGate) else None
+
+
+class GateScripter:
+    """Observer that plays the outside world of the scripted gates: when one starts
+    waiting it sends, `after` virtual seconds later, what its outcome needs, through the
+    controller's own commands (`signal`, `decide`: journaled and counted as an operator's
+    or a `cfn-signal` would be). A wait gate that passes gets its `count` SUCCESS signals
+    with ids of their own (each wait of an `every` gate new ones), one that fails a
+    FAILURE; an approval is approved or rejected by "simulate". A gate that ends first
+    (its timeout) is left alone, so nothing spills into its next wait."""
+
+    def __init__(self, scripts: Mapping[str, GateScript], policy: Policy) -> None:
+        self.scripts = dict(scripts)
+        self._gates = {g.name: g for g in policy.gates if g.name in self.scripts}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._waits: Counter[str] = Counter()
+        self.controller: Controller | None = None  # set once the rollout exists
+        self.rollout_id = ""
+
+    def __call__(self, event: Event) -> None:
+        if type(event) is NodeChanged:  # the frequent event: out at once
+            return
+        if isinstance(event, GateWaiting):
+            script = self.scripts.get(event.gate)
+            if script is None or event.gate in self._timers or script.outcome == "timeout":
+                return
+            self._waits[event.gate] += 1
+            self._timers[event.gate] = clock.running_loop().call_later(
+                script.after, self._act, event.gate, self._waits[event.gate]
+            )
+        elif isinstance(event, GateFinished):
+            timer = self._timers.pop(event.gate, None)
+            if timer is not None:
+                timer.cancel()
+
+    def _act(self, name: str, wait: int) -> None:
+        self._timers.pop(name, None)
+        assert self.controller is not None, "GateScripter.controller is set after create"
+        gate, passed = self._gates[name], self.scripts[name].outcome == "pass"
+        if isinstance(gate, WaitGate):
+            if passed:
+                for k in range(gate.count):
+                    body = {"status": "SUCCESS", "id": f"simulate-{wait}-{k + 1}"}
+                    self.controller.signal(self.rollout_id, name, body)
+            else:
+                body = {"status": "FAILURE", "id": f"simulate-{wait}", "reason": "scripted"}
+                self.controller.signal(self.rollout_id, name, body)
+        else:
+            self.controller.decide(self.rollout_id, name, passed, "simulate", "scripted")
 
 
 # -- the prediction ----------------------------------------------------------------------
@@ -671,7 +837,8 @@ def simulate(
         settings = replace(settings, start=datetime.now(UTC))
     start_at = settings.start
     assert start_at is not None
-    sim_policy, notes = simulation_policy(policy)
+    scripts = dict(settings.gates)
+    sim_policy, notes = simulation_policy(policy, scripts)
     failing = draw_failing([n.id for n in nodes], settings.fail_rate, settings.seed)
     with _scratch(state_path) as (tmp, journal_path):
         token = tmp / "token"
@@ -714,7 +881,8 @@ def simulate(
 
             async def run() -> tuple[str, Timeline, float, Any]:
                 timeline = Timeline()
-                observer = Fanout([timeline, *observers])
+                scripter = GateScripter(scripts, sim_policy)
+                observer = Fanout([timeline, scripter, *observers])
                 began = clock.now()
 
                 def wall_clock() -> datetime:  # the start plus the virtual seconds gone
@@ -734,6 +902,7 @@ def simulate(
                     ).rollout_id
                 except LockConflict as exc:
                     raise InputError(f"--state {journal_path}: {exc}") from None
+                scripter.controller, scripter.rollout_id = controller, rid
                 try:
                     result = await asyncio.wait_for(controller.execute(rid), MAX_VIRTUAL)
                 except TimeoutError:

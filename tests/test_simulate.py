@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from click.testing import CliRunner
 
 import rollout.commands.simulate as command
 from rollout.cli import main
+from rollout.gates.signals import SignalBox
 from rollout.journal import SQLiteStore, load_state
 from rollout.plan import plan_batches
 from rollout.policy import parse_policy
@@ -187,7 +190,8 @@ def test_json_shape(tmp_path: Path) -> None:
     assert datetime.fromisoformat(start).utcoffset() == timedelta(0) and start.endswith("Z")
     assert r["settings"] == {"boot": 90.0, "boot_max": None, "healthy_after": 20.0,
                              "healthy_after_max": None, "fail_rate": 0.0,
-                             "fail_mode": "workload", "seed": 1, "stage": 0.0}  # fmt: skip
+                             "fail_mode": "workload", "seed": 1, "stage": 0.0,
+                             "gates": {}}  # fmt: skip
     ends = datetime.fromisoformat(r["ends_at"]) - datetime.fromisoformat(start)
     assert abs(ends.total_seconds() - r["duration"]) <= 1.0  # both shown to the second
     assert set(r["batches"][0]) == {"number", "canary", "nodes", "start", "end", "failed",
@@ -382,3 +386,144 @@ def test_a_workload_start_range_is_drawn_per_node_apart_from_the_boot(tmp_path: 
         ready = BOOT + max(starts[n.id] for n in planned_batch.nodes)
         took = b["end"] - b["start"]
         assert ready + MIN_HEALTHY <= took <= ready + MIN_HEALTHY + poll_delay(ready) + 5.0
+
+
+# Five nodes in batches of 1, 2, 2; every wait is on virtual time, so exact.
+GATED_POLICY = """\
+batches: {canary: 1, size: 2, max_unavailable: 2}
+health: {checks: [{type: agent}], interval: 5s, min_healthy_time: 0s, deadline: 2m,
+         boot_timeout: 10m}
+failure: {max_failed: 0, action: ACTION}
+gates:
+  - {name: ci, kind: wait, after: canary, count: 3, timeout: 30m}
+  - {name: ok, kind: approval, after: every, timeout: 1h}
+  - {name: soak, kind: bake, after: canary, duration: 5m}
+"""
+
+
+def gated(tmp_path: Path, action: str = "halt") -> Path:
+    path = tmp_path / "gated.yaml"
+    path.write_text(GATED_POLICY.replace("ACTION", action))
+    return path
+
+
+def gate_entries(state: Path) -> list[dict[str, Any]]:
+    store = SQLiteStore(state)
+    try:
+        (rid,) = store.rollout_ids()
+        return [e.data for e in store.entries(rid) if e.kind == "gate"]
+    finally:
+        store.close()
+
+
+def test_scripted_gates_pass_after_their_delay_through_the_real_commands(tmp_path: Path) -> None:
+    state = tmp_path / "sim.db"
+    code, r = simulate_json(
+        "--policy", str(gated(tmp_path)), "--nodes", "5", "--boot", "1m", "--healthy-after",
+        "0s", "--gate", "ci=pass@10m", "--gate", "ok=pass@20m", "--state", str(state),
+    )  # fmt: skip
+    assert code == 0 and r["phase"] == "succeeded", r
+    assert r["settings"]["gates"] == {
+        "ci": {"outcome": "pass", "after": 600.0},
+        "ok": {"outcome": "pass", "after": 1200.0},
+    }
+    rows = [(g["gate"], g["after_batch"], g["result"]) for g in r["gates"]]
+    assert sorted(rows) == sorted(
+        [("ci", 1, "passed"), ("soak", 1, "passed"),
+         ("ok", 1, "passed"), ("ok", 2, "passed"), ("ok", 3, "passed")]
+    )  # fmt: skip
+    waited = {"ci": 600.0, "ok": 1200.0, "soak": 300.0}
+    for g in r["gates"]:
+        assert g["end"] - g["start"] == pytest.approx(waited[g["gate"]], abs=1e-6), g
+    batches = sum(b["end"] - b["start"] for b in r["batches"])
+    assert r["duration"] == pytest.approx(batches + 600 + 300 + 3 * 1200, abs=1e-3)
+    # What a CI system and an operator would have sent, journaled as theirs would be:
+    # three distinct SUCCESS ids for ci, one approval per wait of ok.
+    entries = gate_entries(state)
+    signals = [e["signal"] for e in entries if e["event"] == "received_signal"]
+    assert [s["status"] for s in signals] == ["SUCCESS"] * 3
+    assert len({s["id"] for s in signals}) == 3
+    decisions = [e for e in entries if e["event"] == "received_decision"]
+    assert [(d["gate"], d["approved"], d["by"]) for d in decisions] == [
+        ("ok", True, "simulate")
+    ] * 3
+    assert any("gate ci (wait): scripted: its SUCCESS signals arrive 10m" in n
+               for n in r["not_simulated"])  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "action", "phase", "gate", "after", "result", "why"), [
+    ("ci=fail@5m", "rollback", "rolled_back", "ci", 300.0, "failed", "FAILURE"),
+    ("ok=fail@7m", "halt", "halted", "ok", 420.0, "failed", "rejected"),
+    ("ok=timeout", "halt", "halted", "ok", 3600.0, "timeout", "timeout"),
+    ("ci=timeout", "rollback", "rolled_back", "ci", 1800.0, "timeout", "timed out"),
+])  # fmt: skip
+def test_a_scripted_gate_that_fails_or_times_out_triggers_the_policy(
+    tmp_path: Path, script: str, action: str, phase: str, gate: str, after: float,
+    result: str, why: str,
+) -> None:  # fmt: skip
+    others = [] if gate == "ok" else ["--gate", "ok=pass"]
+    code, r = simulate_json(
+        "--policy", str(gated(tmp_path, action)), "--nodes", "5", "--boot", "1m",
+        "--healthy-after", "0s", "--gate", script, *(["--gate", "ci=pass"] if gate == "ok"
+                                                      else others),
+    )  # fmt: skip
+    assert code == 1 and r["phase"] == phase, r
+    assert len(r["batches"]) == 1  # the canary only: the gate after it ended the rollout
+    (row,) = [g for g in r["gates"] if g["gate"] == gate]
+    assert row["result"] == result and row["end"] - row["start"] == pytest.approx(after, abs=1e-6)
+    assert why in r["message"], r["message"]
+
+
+def test_a_decision_due_after_the_gate_timed_out_is_never_sent(tmp_path: Path) -> None:
+    state = tmp_path / "sim.db"
+    code, r = simulate_json(
+        "--policy", str(gated(tmp_path)), "--nodes", "5", "--boot", "1m", "--healthy-after",
+        "0s", "--gate", "ci=pass", "--gate", "ok=pass@2h", "--state", str(state),
+    )  # fmt: skip
+    assert code == 1 and r["phase"] == "halted"
+    (ok,) = [g for g in r["gates"] if g["gate"] == "ok"]
+    assert ok["result"] == "timeout" and ok["end"] - ok["start"] == pytest.approx(3600, abs=1e-6)
+    assert [e for e in gate_entries(state) if e["event"] == "received_decision"] == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gate", "nope=pass"], "--gate nope: the policy has no gate 'nope' (gates: ci, ok, soak)"),
+    (["--gate", "ok=maybe"], "--gate ok=maybe: outcome must be pass, fail or timeout"),
+    (["--gate", "ok"], "--gate ok: expected NAME=OUTCOME[@AFTER]"),
+    (["--gate", "ci=pass@soon"], "--gate ci=pass@soon: after @: expected a duration"),
+    (["--gate", "ci=timeout@5m"], "--gate ci=timeout@5m: a timeout comes when the gate's own"),
+    (["--gate", "soak=pass"], "--gate soak: bake gates cannot be scripted"),
+    (["--gate", "ci=pass", "--gate", "ci=fail"], "--gate ci: given more than once"),
+])  # fmt: skip
+def test_bad_gate_scripts_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    code, out = simulate("--policy", str(gated(tmp_path)), "--nodes", "3", *args)
+    assert code == 2, out
+    assert out.startswith("error: ") and message in out, out
+
+
+def test_an_approval_without_timeout_cannot_be_scripted_to_time_out(tmp_path: Path) -> None:
+    code, out = simulate("--policy", str(policy_file(tmp_path)), "--nodes", "3",
+                         "--gate", "ok=timeout")  # fmt: skip
+    assert code == 2 and "--gate ok=timeout: the approval gate ok has no timeout" in out, out
+
+
+def test_a_wait_left_with_one_ulp_of_its_deadline_ends_on_virtual_time() -> None:
+    # A wait woken before its deadline re-arms for what is left: here one float ulp,
+    # which asyncio's clock resolution runs at once. The virtual clock must move to the
+    # timer's time, or the wait finds time left, re-arms, and spins forever (it did: a
+    # wait gate that got fewer signals than its count never timed out in a simulation).
+    start = 1861.6050785877683
+    ulp = math.nextafter(start, math.inf) - start
+    out: list[tuple[str, float]] = []
+
+    async def wait_out() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop)
+        loop.advance(start)
+        result = await SignalBox("g").wait(1, ulp)
+        out.append((result.status, loop.time()))
+
+    worker = threading.Thread(target=lambda: run_virtual(wait_out()), daemon=True)
+    worker.start()
+    worker.join(60)  # a bound on a regression: it would spin, not fail
+    assert out == [("timeout", start + ulp)]

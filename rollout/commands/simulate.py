@@ -26,6 +26,7 @@ from rollout.policy import load_policy
 from rollout.runtime import settle_heap
 from rollout.simulate import (
     SimSettings,
+    parse_gate_script,
     parse_labels,
     render_text,
     report_json,
@@ -107,6 +108,10 @@ def _fraction(option: str, value: str) -> float:
 @click.option("--start", metavar="TIME",
               help="When the simulated rollout starts, for window gates: ISO 8601 with a "
               "time zone, e.g. 2026-12-12T01:00:00Z [default: now].")  # fmt: skip
+@click.option("--gate", "gates", metavar="NAME=OUTCOME[@AFTER]", multiple=True,
+              help="How a wait or approval gate goes, each time it waits: pass, fail or "
+              "timeout, AFTER into the wait (e.g. approve=pass@2h, smoke=fail@5m); "
+              "repeatable. Unscripted ones pass at once.")  # fmt: skip
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Keep the simulated rollout's journal in this file [default: a temporary "
               "file]. A fresh file is best; no real rollout should be in it.")  # fmt: skip
@@ -125,18 +130,25 @@ def simulate_command(
     fail_mode: str,
     seed: int,
     start: str | None,
+    gates: tuple[str, ...],
     state_path: str | None,
     output: str,
     log_format: str,
 ) -> None:
     """Predict how a rollout under POLICY goes: the real engine, planner, bake and window
-    gates and journal on simulated nodes and virtual time (hours pass in seconds)."""
+    gates (and the wait and approval gates --gate scripts) and journal on simulated nodes
+    and virtual time (hours pass in seconds)."""
     if (inventory_path is None) == (node_count is None):
         raise InputError("give the fleet as --inventory FILE or --nodes N (one of them)")
     if labels is not None and node_count is None:
         raise InputError("--labels: only with --nodes (an inventory has its own labels)")
     if state_path is not None and Path(state_path).is_dir():
         raise InputError(f"--state {state_path}: is a directory, expected a file")
+    scripts = dict(parse_gate_script(g) for g in gates)
+    if len(scripts) < len(gates):
+        names = [parse_gate_script(g)[0] for g in gates]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"--gate {twice[0]}: given more than once; script each gate once")
     boot_low, boot_high = _range("--boot", boot)
     healthy_low, healthy_high = _range("--healthy-after", healthy_after)
     settings = SimSettings(
@@ -149,6 +161,7 @@ def simulate_command(
         seed=seed,
         stage=_duration("--stage", stage),
         start=_start(start),
+        gates=tuple(scripts.items()),
     )
     policy = load_policy(policy_path)
     if inventory_path is not None:

@@ -100,8 +100,9 @@ def fetch_body(store: Store, name: str, digest: str, size: int, **over: Any) -> 
 async def fetched(agent: AgentProc, digest: str) -> dict[str, Any]:
     """The status once the fetch of `digest` ended (staged or failed)."""
     return await agent.wait_status(
-        lambda s: (s.get("fetch") or {}).get("digest") == digest
-        and s["fetch"]["state"] != "fetching",
+        lambda s: (
+            (s.get("fetch") or {}).get("digest") == digest and s["fetch"]["state"] != "fetching"
+        ),
         what=f"the fetch of {digest} to end",
     )
 
