@@ -75,7 +75,7 @@ from rollout.gates.schedule import BEFORE_KINDS
 from rollout.journal import LockConflict, SQLiteStore
 from rollout.model import Image, Node, NodePhase, RolloutPhase
 from rollout.plan import limits
-from rollout.policy import AgentCheck, ApprovalGate, Gate, Policy, WaitGate
+from rollout.policy import AgentCheck, ApprovalGate, Policy, WaitGate
 from rollout.pull import PullAccess
 from rollout.units import fmt_duration, parse_duration
 
@@ -389,7 +389,7 @@ def simulation_policy(
                 "gates can (bake and window gates run as they are, on virtual time and "
                 "--start; analysis and alerts gates are taken as passing)"
             )
-        if script.outcome == "timeout" and gate_timeout(gate) is None:
+        if script.outcome == "timeout" and isinstance(gate, ApprovalGate) and gate.timeout is None:
             raise InputError(
                 f"--gate {name}=timeout: the approval gate {name} has no timeout (it waits as "
                 "long as it takes); give it one in the policy, or script pass or fail"
@@ -414,11 +414,6 @@ def simulation_policy(
     health = policy.health.model_copy(update={"checks": (AgentCheck(),)})
     simulated = policy.model_copy(update={"health": health, "gates": kept, "notify": ()})
     return simulated, notes
-
-
-def gate_timeout(gate: Gate) -> float | None:
-    """How long a wait or approval gate waits at most (None: as long as it takes)."""
-    return gate.timeout if isinstance(gate, WaitGate | ApprovalGate) else None
 
 
 class GateScripter:

@@ -63,9 +63,9 @@ def _no_gc_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(command, "settle_heap", lambda: None)
 
 
-def policy_file(tmp_path: Path, action: str = "rollback") -> Path:
+def policy_file(tmp_path: Path, action: str = "rollback", text: str = POLICY) -> Path:
     path = tmp_path / "policy.yaml"
-    path.write_text(POLICY.replace("ACTION", action))
+    path.write_text(text.replace("ACTION", action))
     return path
 
 
@@ -402,9 +402,7 @@ gates:
 
 
 def gated(tmp_path: Path, action: str = "halt") -> Path:
-    path = tmp_path / "gated.yaml"
-    path.write_text(GATED_POLICY.replace("ACTION", action))
-    return path
+    return policy_file(tmp_path, action, GATED_POLICY)
 
 
 def gate_entries(state: Path) -> list[dict[str, Any]]:

@@ -144,11 +144,12 @@ def simulate_command(
         raise InputError("--labels: only with --nodes (an inventory has its own labels)")
     if state_path is not None and Path(state_path).is_dir():
         raise InputError(f"--state {state_path}: is a directory, expected a file")
-    scripts = dict(parse_gate_script(g) for g in gates)
-    if len(scripts) < len(gates):
-        names = [parse_gate_script(g)[0] for g in gates]
-        twice = sorted({n for n in names if names.count(n) > 1})
+    parsed = [parse_gate_script(g) for g in gates]
+    names = [name for name, _ in parsed]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
         raise InputError(f"--gate {twice[0]}: given more than once; script each gate once")
+    scripts = dict(parsed)
     boot_low, boot_high = _range("--boot", boot)
     healthy_low, healthy_high = _range("--healthy-after", healthy_after)
     settings = SimSettings(
