@@ -212,6 +212,8 @@ class NodeStatus:
     root_device: str | None = None  # a real node: the device `/` is mounted from
     last_good_digest: str | None = None  # the image a fallback or rollback returns to
     last_good_version: str | None = None
+    # The agent's ETag of this status: a long poll waits for the next (Driver.watch).
+    tag: str | None = field(default=None, compare=False)
 
     def runs(self, digest: str) -> bool:
         return self.booted_digest == digest

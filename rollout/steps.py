@@ -41,6 +41,8 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.2
 BOOT_POLL_SHARE = 0.05
 BOOT_POLL_MAX = 2.0
+# The longest status long poll (the agent allows 60 s): a lost answer costs at most this.
+WATCH_MAX = 30.0
 # How long a node may be unreachable when the engine first looks at it.
 REACH_TIMEOUT = 15.0
 # Phases that announce a request that changes the node (stage, activate, rollback): their
@@ -63,6 +65,36 @@ def poll_delay(waited: float) -> float:
     [0.2, 0.2, 0.5, 1.95, 2.0]
     """
     return min(max(POLL_INTERVAL, waited * BOOT_POLL_SHARE), BOOT_POLL_MAX)
+
+
+async def wait_boot(driver: Driver, node: Node, boot_count: int, timeout: float) -> NodeStatus:
+    """Poll until the node has booted once more than `boot_count` and its workload is
+    past starting (so health checks judge a started workload, not a starting one),
+    backing off as the wait grows (`poll_delay`). Once it answers on its new boot,
+    wait for its workload with status long polls (`Driver.watch`), which answer the
+    moment it is up, where polls would lag up to `poll_delay` behind."""
+    start = clock.now()
+    deadline = start + timeout
+    last = "no answer"
+    while (now := clock.now()) < deadline:
+        try:
+            st = await driver.status(node)
+            while st.boot_count > boot_count and st.workload == "starting":
+                # Up, its workload coming: a long poll answers when that changes.
+                wait = min(WATCH_MAX, deadline - clock.now())
+                seen = await driver.watch(node, st, wait) if wait > 0 else None
+                if seen is None:
+                    break
+                st = seen
+            if st.boot_count > boot_count and st.workload != "starting":
+                return st
+            last = f"boot {st.boot_count}, workload {st.workload}"
+        except TransportError as exc:
+            last = str(exc)
+        except Refused as exc:
+            last = str(exc)
+        await clock.sleep(min(poll_delay(now - start), max(0.0, deadline - clock.now())))
+    raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
 
 
 class NodeSteps:
@@ -253,7 +285,7 @@ class NodeSteps:
         st = await self._timed(
             rec,
             Step.BOOT,
-            lambda: self._wait_boot(rec.node, start, timeout),
+            lambda: wait_boot(self.driver, rec.node, start, timeout),
             lambda s: s.runs(self.image.digest),
         )
         rec.boot_count, rec.version = st.boot_count, st.booted_version
@@ -262,26 +294,6 @@ class NodeSteps:
                 Reason.FELL_BACK,
                 f"node booted {st.booted_version} instead of the target (it fell back)",
             )
-
-    async def _wait_boot(self, node: Node, boot_count: int, timeout: float) -> NodeStatus:
-        """Poll until the node has booted once more than `boot_count` and its workload is
-        past starting (so health checks judge a started workload, not a starting one),
-        backing off as the wait grows (`poll_delay`)."""
-        start = clock.now()
-        deadline = start + timeout
-        last = "no answer"
-        while (now := clock.now()) < deadline:
-            try:
-                st = await self.driver.status(node)
-                if st.boot_count > boot_count and st.workload != "starting":
-                    return st
-                last = f"boot {st.boot_count}, workload {st.workload}"
-            except TransportError as exc:
-                last = str(exc)
-            except Refused as exc:
-                last = str(exc)
-            await clock.sleep(min(poll_delay(now - start), max(0.0, deadline - clock.now())))
-        raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
 
     async def _verify(self, rec: NodeRecord, prober: Probe) -> None:
         await self.set(rec, NodePhase.VERIFYING)
@@ -374,7 +386,7 @@ class NodeSteps:
         st = await self._reach(node, self.policy.health.boot_timeout)
         timeout = self.policy.health.boot_timeout
         if st.busy is not None:  # a boot is under way (perhaps our rollback before a crash)
-            st = await self._wait_boot(node, st.boot_count, timeout)
+            st = await wait_boot(self.driver, node, st.boot_count, timeout)
         if st.booted_digest == rec.previous_digest and st.committed:
             rec.boot_count, rec.version = st.boot_count, st.booted_version
             return True  # already back (the agent fell back, or an earlier request did it)
@@ -384,6 +396,6 @@ class NodeSteps:
             raise NodeFailed(Reason.ACTIVATE_FAILED, f"agent refused: {exc}") from exc
         except TransportError:
             pass  # may have arrived; the boot count tells
-        st = await self._wait_boot(node, st.boot_count, timeout)
+        st = await wait_boot(self.driver, node, st.boot_count, timeout)
         rec.boot_count, rec.version = st.boot_count, st.booted_version
         return st.booted_digest == rec.previous_digest and st.committed

@@ -10,12 +10,17 @@ endpoints pass the `X-Rollout-Lease` header to the agent, which refuses them wit
 `leased` (409) while someone else's lease is live; the check runs before anything else
 (before the body is read), so a refused request changes nothing.
 
+`GET /v1/status` answers with an `ETag`; sent back in `If-None-Match` with `?wait=S`, it
+makes the request a long poll: answered as soon as the status changes, else `304` after
+S seconds. The controller waits for a booted node's workload this way, instead of polling.
+
 Activate and rollback answer 202 first: the handler writes and finishes the response,
 and only then starts the switch (which may end this process with a re-exec).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +34,7 @@ from rollout.agent.fetch import FetchRequest
 from rollout.agent.node import DIGEST_RE, Agent
 from rollout.agent.openapi import document as openapi_document
 from rollout.agent.state import AgentError
+from rollout.agent.status import WAIT_MAX, status_tag
 from rollout.httpauth import bearer_ok
 from rollout.model import ActivationMode
 
@@ -37,6 +43,7 @@ log = structlog.get_logger("rollout.agent.http")
 AGENT_KEY = web.AppKey("agent", Agent)
 TOKEN_KEY = web.AppKey("token", bytes)
 LEASE_HEADER = "X-Rollout-Lease"
+RECHECK = 1.0  # a long poll looks at the status at least this often
 
 STATUS_OF: dict[str, int] = {
     "bad_request": 400,
@@ -120,8 +127,42 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+def _wait(request: web.Request) -> float:
+    """`?wait=SECONDS` of a status long poll: a number from 0 to WAIT_MAX."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= WAIT_MAX:  # also NaN
+        raise AgentError(
+            "bad_request", f"wait: expected seconds from 0 to {WAIT_MAX:g}, got {raw!r}",
+            field="wait",
+        )  # fmt: skip
+    return wait
+
+
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].status())
+    """The status with its ETag. With `If-None-Match` naming the current tag, the answer
+    waits up to `?wait` seconds for a change (a long poll: the agent wakes its waiters on
+    every change, and looks again every RECHECK s for what nothing announces, such as a
+    lease running out), then answers `304 Not Modified` if there was none."""
+    agent = request.app[AGENT_KEY]
+    wait = _wait(request)
+    seen = request.headers.get("If-None-Match")
+    body = agent.status()
+    tag = status_tag(body)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    while tag == seen and (left := until - loop.time()) > 0 and not agent.stopping.is_set():
+        await agent.next_change(min(left, RECHECK))
+        body = agent.status()
+        tag = status_tag(body)
+    if tag == seen:
+        return web.Response(status=304, headers={"ETag": tag})
+    return web.json_response(body, headers={"ETag": tag})
 
 
 def _lease(request: web.Request) -> str | None:

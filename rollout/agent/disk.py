@@ -201,10 +201,17 @@ def workload_state(units: dict[str, str]) -> str:
 class UnitWatcher:
     """Polls the image's systemd units; reports a failure before commit once."""
 
-    def __init__(self, port: int, is_committed: IsCommitted, on_failed: OnWorkloadFailed) -> None:
+    def __init__(
+        self,
+        port: int,
+        is_committed: IsCommitted,
+        on_failed: OnWorkloadFailed,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.port = port
         self._is_committed = is_committed
         self._on_failed = on_failed
+        self._on_change = on_change  # a poll saw new unit states: wake status long polls
         self.units: dict[str, str] = {}
         self.system = "unknown"
         self._task: asyncio.Task[None] | None = None
@@ -218,8 +225,11 @@ class UnitWatcher:
         started = loop.time()
         reported = False
         while True:
+            seen = (self.units, self.system)
             self.units = await _unit_states(units)
             self.system = await _system_state()
+            if (self.units, self.system) != seen:
+                self._on_change()
             state = workload_state(self.units)
             if state == "failed" and not reported and not self._is_committed():
                 reported = True
@@ -296,6 +306,7 @@ class DiskBackend:
         *,
         is_committed: IsCommitted,
         on_workload_failed: OnWorkloadFailed,
+        on_change: Callable[[], None] = lambda: None,
         root_id: Callable[[], DevId] = root_device_id,
     ) -> None:
         self.config = config
@@ -303,7 +314,7 @@ class DiskBackend:
         self.store = store
         self.grubenv = Path(disk.grubenv)
         self._root_id = root_id
-        self.units = UnitWatcher(disk.workload_port, is_committed, on_workload_failed)
+        self.units = UnitWatcher(disk.workload_port, is_committed, on_workload_failed, on_change)
         self._touched = False  # the slot being staged was written to (or its env changed)
 
     # --- slots and manifests -----------------------------------------------------------

@@ -13,7 +13,7 @@ which slot boots (`booted_slot` is None): this is the simulated firmware.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -42,6 +42,7 @@ class EmulatedBackend:
         *,
         is_committed: IsCommitted,
         on_workload_failed: OnWorkloadFailed,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self.store = store
@@ -52,6 +53,7 @@ class EmulatedBackend:
             grace=config.workload_grace,
             should_restart=is_committed,
             on_failed=on_workload_failed,
+            on_change=on_change,
         )
 
     def factory_state(self) -> AgentState:

@@ -106,7 +106,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = Store(config.state_dir)
-        self.busy: Busy | None = None
+        self._changed = asyncio.Event()  # set and replaced on every change (`changed`)
+        self._busy: Busy | None = None
         self.stopping = asyncio.Event()
         self.exit_action = ExitAction.EXIT
         self.backend: Backend = self._make_backend()
@@ -130,12 +131,14 @@ class Agent:
                 self.store,
                 is_committed=committed,
                 on_workload_failed=self._workload_failed,
+                on_change=self.changed,
             )
         return EmulatedBackend(
             self.config,
             self.store,
             is_committed=committed,
             on_workload_failed=self._workload_failed,
+            on_change=self.changed,
         )
 
     @property
@@ -147,6 +150,34 @@ class Agent:
     def _save(self, new: AgentState) -> None:
         self.store.save(new)
         self._state = new
+        self.changed()
+
+    @property
+    def busy(self) -> Busy | None:
+        return self._busy
+
+    @busy.setter
+    def busy(self, what: Busy | None) -> None:
+        self._busy = what
+        self.changed()
+
+    def changed(self) -> None:
+        """Something `status()` shows may have changed: wake the long polls
+        (`next_change`)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def next_change(self, timeout: float) -> None:
+        """Return at the next `changed()`, when the agent starts stopping (a long poll
+        must not hold its shutdown), or after `timeout` seconds."""
+        if self.stopping.is_set():
+            return
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._changed, self.stopping)]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

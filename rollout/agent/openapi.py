@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from rollout import __version__
 from rollout.agent.fetch import FetchRequest
 from rollout.agent.state import LEASE_HOLDER_RE, LEASE_TTL_MAX, LEASE_TTL_MIN
-from rollout.agent.status import AgentStatus
+from rollout.agent.status import WAIT_MAX, AgentStatus
 from rollout.model import ActivationMode
 
 _ERR = {"$ref": "#/components/schemas/Error"}
@@ -81,8 +81,21 @@ def document() -> dict[str, Any]:
                              "responses": _answers(200, auth=False)}},
         "/v1/openapi.json": {"get": {"summary": "This document", "security": [],
                                      "responses": _answers(200, auth=False)}},
-        "/v1/status": {"get": {"summary": "Slots, boot count, workload, lease, backend",
-                               "responses": _answers(200, schema=_schema(AgentStatus))}},
+        "/v1/status": {"get": {
+            "summary": "Slots, boot count, workload, lease, backend; a long poll with "
+                       "If-None-Match and wait",
+            "parameters": [
+                {"name": "wait", "in": "query", "required": False,
+                 "schema": {"type": "number", "minimum": 0, "maximum": WAIT_MAX},
+                 "description": "seconds to wait for the status to differ from "
+                                "If-None-Match's tag"},
+                {"name": "If-None-Match", "in": "header", "required": False,
+                 "schema": {"type": "string"},
+                 "description": "the ETag of the status the caller has"},
+            ],
+            "responses": _answers(200, 400, schema=_schema(AgentStatus))
+            | {"304": {"description": "unchanged (the ETag still matches) after wait"}},
+        }},
         "/v1/image": {"put": {
             "summary": "Stream an image into the inactive slot (hashed while written)",
             "parameters": [

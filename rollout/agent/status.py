@@ -8,13 +8,25 @@ answer from this model's JSON Schema, and the fuzz test checks the agent against
 Extra fields are ignored when reading, so a controller reads a newer agent's status;
 the parts whose content depends on the backend (workload details, the machine under the
 agent) keep their extra fields.
+
+Every answer carries an `ETag` (`status_tag`): a digest of the status without the
+lease's countdown, the one field that changes on every call while nothing happens. A
+caller that sends it back in `If-None-Match` with `?wait=S` is answered as soon as the
+status differs, or `304 Not Modified` after S seconds: a long poll (app.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from rollout.model import NodeStatus
+
+WAIT_MAX = 60.0  # a status long poll's longest wait (seconds)
 
 _READ = ConfigDict(frozen=True, extra="ignore")
 _OPEN = ConfigDict(frozen=True, extra="allow")
@@ -94,8 +106,8 @@ class AgentStatus(BaseModel):
     backend: BackendStatus
     fetch: FetchStatus | None = None
 
-    def node_status(self) -> NodeStatus:
-        """What the controller's core decides on."""
+    def node_status(self, tag: str | None = None) -> NodeStatus:
+        """What the controller's core decides on; `tag` is the answer's ETag."""
         return NodeStatus(
             node_id=self.node_id,
             booted_slot=self.booted.slot,
@@ -109,4 +121,22 @@ class AgentStatus(BaseModel):
             root_device=self.backend.root_device,
             last_good_digest=self.last_good.digest if self.last_good is not None else None,
             last_good_version=self.last_good.version if self.last_good is not None else None,
+            tag=tag,
         )
+
+
+def status_tag(body: Mapping[str, Any]) -> str:
+    """The ETag of a status answer (quoted, as RFC 9110 writes entity tags): the same for
+    two answers that differ only in the lease's `expires_in`.
+
+    >>> a = {"boot_count": 2, "lease": {"holder": "r1", "expires_in": 29.5}}
+    >>> status_tag(a) == status_tag(a | {"lease": {"holder": "r1", "expires_in": 3.0}})
+    True
+    >>> status_tag(a) == status_tag(a | {"boot_count": 3})
+    False
+    """
+    lease = body.get("lease")
+    if isinstance(lease, Mapping):
+        body = {**body, "lease": {k: v for k, v in lease.items() if k != "expires_in"}}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return '"' + hashlib.blake2b(text.encode(), digest_size=12).hexdigest() + '"'

@@ -73,6 +73,7 @@ class Supervisor:
         grace: float,
         should_restart: Callable[[], bool],
         on_failed: Callable[[int, float], None],
+        on_change: Callable[[], None] = lambda: None,
         stop_timeout: float = 5.0,
     ) -> None:
         self.log_path = log_path
@@ -82,12 +83,23 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self._should_restart = should_restart
         self._on_failed = on_failed
-        self.state = WorkloadState.STOPPED
+        self._on_change = on_change
+        self._state = WorkloadState.STOPPED
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> WorkloadState:
+        return self._state
+
+    @state.setter
+    def state(self, new: WorkloadState) -> None:
+        changed, self._state = new != self._state, new
+        if changed:
+            self._on_change()  # the agent's status long polls wake
 
     def snapshot(self) -> dict[str, Any]:
         return {

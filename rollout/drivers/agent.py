@@ -69,20 +69,22 @@ from rollout.tokens import read_token
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
 CONNECTIONS = 64  # requests in flight per session (pooled, fresh)
+WATCHES = 256  # status long polls open at once (each holds a connection); more nodes poll
 # Seconds an idle pooled connection is kept: longer than the longest gap between two boot
 # polls (steps.BOOT_POLL_MAX, 2 s), so a node that answers keeps its connection.
 KEEPALIVE = 3.0
 URL_CACHE = 8192  # parsed URLs kept: a few per node in flight, bounded at any fleet size
-_SHORT = aiohttp.ClientTimeout(total=10, sock_connect=3)
+_ANSWER = 10.0  # seconds an agent has to answer a request (beyond a long poll's wait)
+_SHORT = aiohttp.ClientTimeout(total=_ANSWER, sock_connect=3)
 _STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 
 RetryHook = Callable[[Node, str, int, BaseException], None]
 
 
-def parse_status(body: dict[str, Any]) -> NodeStatus:
+def parse_status(body: dict[str, Any], tag: str | None = None) -> NodeStatus:
     """An agent's status answer (agent/status.py, the model both ends share), reduced to
-    what the core decides on; ValueError when it is not one."""
-    return AgentStatus.model_validate(body).node_status()
+    what the core decides on, with the answer's ETag; ValueError when it is not one."""
+    return AgentStatus.model_validate(body).node_status(tag)
 
 
 class AgentDriver:
@@ -101,6 +103,7 @@ class AgentDriver:
         self.fetch_poll = fetch_poll
         self._pooled: _Pool | None = None  # keep-alive
         self._once: _Pool | None = None  # a connection per request
+        self._watching: _Pool | None = None  # status long polls
         self._tokens: dict[str, str] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         self.attempts = attempts
@@ -118,6 +121,13 @@ class AgentDriver:
         if self._pooled is None or self._pooled.session.closed:
             self._pooled = _Pool(force_close=False)
         return self._pooled
+
+    def _http_watch(self) -> _Pool:
+        """The long polls' own pool: they hold their connection while they wait, so in the
+        keep-alive pool they would starve the other requests of its CONNECTIONS."""
+        if self._watching is None or self._watching.session.closed:
+            self._watching = _Pool(force_close=False, limit=WATCHES)
+        return self._watching
 
     def _token(self, node: Node) -> str:
         if node.token_file is None:
@@ -156,7 +166,22 @@ class AgentDriver:
         *,
         fresh: bool = False,
     ) -> dict[str, Any]:
-        pool = self._http(fresh)
+        return (await self._exchange(self._http(fresh), node, method, path, json))[1]
+
+    async def _exchange(
+        self,
+        pool: _Pool,
+        node: Node,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout = _SHORT,
+    ) -> tuple[aiohttp.ClientResponse, dict[str, Any]]:
+        """One request through `pool`: the response (its status and headers) and its JSON
+        object body ({} for none); errors as `_answer` maps them."""
         try:
             async with (
                 pool.slots,
@@ -164,12 +189,13 @@ class AgentDriver:
                     method,
                     self._url(node, path),
                     json=json,
-                    headers=self._headers(node),
-                    timeout=_SHORT,
+                    params=params,
+                    headers=self._headers(node) | headers if headers else self._headers(node),
+                    timeout=timeout,
                     ssl=self._ssl(node),
                 ) as resp,
             ):
-                return await _answer(node, resp)
+                return resp, await _answer(node, resp)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Connecting failed: nothing of the request was sent.
             raise NotSent(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
@@ -196,7 +222,26 @@ class AgentDriver:
     # -- Driver -------------------------------------------------------------------------
     async def status(self, node: Node) -> NodeStatus:
         """One status request, not retried: callers poll (a rebooting node is expected)."""
-        return parse_status(await self._call(node, "GET", "/v1/status"))
+        resp, body = await self._exchange(self._http(), node, "GET", "/v1/status")
+        return parse_status(body, resp.headers.get("ETag"))
+
+    async def watch(self, node: Node, seen: NodeStatus, wait: float) -> NodeStatus | None:
+        """A status long poll (docs/agent-api.md): the node's status as soon as it differs
+        from `seen`, or `seen` again after `wait` seconds. None, at once, when it cannot
+        be waited for: `seen` has no ETag (an agent from before long polls), or WATCHES
+        polls are open already (each holds a connection); the caller polls instead."""
+        pool = self._http_watch()
+        if seen.tag is None or wait <= 0 or pool.slots.locked():
+            return None
+        resp, body = await self._exchange(
+            pool, node, "GET", "/v1/status",
+            headers={"If-None-Match": seen.tag},
+            params={"wait": f"{wait:.3f}"},
+            timeout=aiohttp.ClientTimeout(total=wait + _ANSWER, sock_connect=3),
+        )  # fmt: skip
+        if resp.status == 304:
+            return seen
+        return parse_status(body, resp.headers.get("ETag"))
 
     async def status_retrying(self, node: Node) -> NodeStatus:
         async for attempt in self._retrying(node, "status"):
@@ -335,7 +380,7 @@ class AgentDriver:
             )
 
     async def close(self) -> None:
-        for pool in (self._pooled, self._once):
+        for pool in (self._pooled, self._once, self._watching):
             if pool is not None:
                 await pool.session.close()
 
@@ -349,13 +394,13 @@ class _Pool:
     keeps the event loop's turns short, so that a connect is not timed out by a loop busy
     setting up a herd of requests."""
 
-    def __init__(self, *, force_close: bool) -> None:
+    def __init__(self, *, force_close: bool, limit: int = CONNECTIONS) -> None:
         keepalive = None if force_close else KEEPALIVE
         connector = aiohttp.TCPConnector(
-            limit=CONNECTIONS, force_close=force_close, keepalive_timeout=keepalive
+            limit=limit, force_close=force_close, keepalive_timeout=keepalive
         )
         self.session = aiohttp.ClientSession(connector=connector)
-        self.slots = asyncio.Semaphore(CONNECTIONS)
+        self.slots = asyncio.Semaphore(limit)
 
 
 @functools.lru_cache(maxsize=URL_CACHE)

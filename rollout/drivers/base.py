@@ -51,6 +51,12 @@ class Refused(DriverError):
 class Driver(Protocol):
     async def status(self, node: Node) -> NodeStatus: ...
 
+    async def watch(self, node: Node, seen: NodeStatus, wait: float) -> NodeStatus | None:
+        """The node's status as soon as it differs from `seen` (read by `status` or
+        `watch`), or `seen` again after `wait` seconds; None at once when this node or
+        driver cannot wait for a change, and the caller polls instead."""
+        ...
+
     async def stage(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
     ) -> bool:

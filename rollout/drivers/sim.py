@@ -153,12 +153,22 @@ class SimFleet:
 
     def workload(self, sim: SimNode) -> str:
         """The workload state the node's agent reports now (see the module docstring)."""
-        starting = self.healthy_times.get(sim.node_id, self.healthy_after)
-        if sim.state.boot_count > 1 and clock.now() - sim.booted_at < starting:
+        if self.starting_left(sim) > 0:
             return "starting"
         if sim.node_id in self.failing and sim.state.booted_image.digest != self.factory_digest:
             return "failed"
         return "running"
+
+    def starting_left(self, sim: SimNode) -> float:
+        """Seconds until the node's workload is past `starting` (0 when it is)."""
+        starting = self.healthy_times.get(sim.node_id, self.healthy_after)
+        if sim.state.boot_count <= 1:
+            return 0.0
+        left = sim.booted_at + starting - clock.now()
+        return left if left > _SLACK else 0.0  # a sleep of `left` may land an ulp short
+
+
+_SLACK = 1e-6  # seconds: clock sums are off by ulps (see starting_left)
 
 
 def _refused(exc: AgentError) -> Refused:
@@ -181,6 +191,15 @@ class SimDriver:
     async def status(self, node: Node) -> NodeStatus:
         sim = self._node(node)
         return sim.status(self.fleet.workload(sim))
+
+    async def watch(self, node: Node, seen: NodeStatus, wait: float) -> NodeStatus | None:
+        """A long poll on virtual time: it waits while the workload is starting (the one
+        change a simulated node makes on its own while it answers), else None."""
+        left = self.fleet.starting_left(self._node(node))
+        if left <= 0 or wait <= 0:
+            return None
+        await clock.sleep(min(left, wait))
+        return await self.status(node)
 
     async def stage(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
