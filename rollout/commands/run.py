@@ -17,6 +17,7 @@ import json
 import signal
 import ssl
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from rollout.model import Batch, Image, NodePhase, RolloutPhase
 from rollout.plan import describe, plan_batches
 from rollout.policy import Policy, load_policy
 from rollout.pull import PullAccess
-from rollout.record import RolloutResult
+from rollout.record import NodeRecord, RolloutResult
 from rollout.runtime import settle_heap
 from rollout.tls import optional_server_context
 from rollout.tokens import read_token
@@ -292,9 +293,42 @@ async def _run_controller(
             await runner.cleanup()
 
 
+# The summary lists every node up to this many; past it, it counts the nodes by phase and
+# lists only those that need a look (rich lays a table out at about 0.3 ms a row: 3 s of
+# CPU, and 10,000 lines nobody reads, at 10,000 nodes). `--output json` has them all.
+SUMMARY_ROWS = 50
+# Which of a large fleet's nodes the summary lists, most urgent first: not settled, then
+# failed, then returned to their old image; done, pending and staged ones are only counted.
+_URGENCY = {
+    NodePhase.ROLLBACK_FAILED: 0,
+    **{phase: 1 for phase in NodePhase if phase.in_flight},
+    NodePhase.FAILED: 2,
+    NodePhase.ROLLED_BACK: 3,
+}
+
+
+def summary_records(result: RolloutResult, limit: int = SUMMARY_ROWS) -> list[NodeRecord]:
+    """The nodes the summary lists: all of them when there are at most `limit`; else the
+    first `limit` of those that need a look (`_URGENCY`), most urgent first, each phase
+    in plan order."""
+    records = list(result.nodes.values())
+    if len(records) <= limit:
+        return records
+    notable = [r for r in records if r.phase in _URGENCY]
+    notable.sort(key=lambda r: _URGENCY[r.phase])  # stable: plan order within a phase
+    return notable[:limit]
+
+
+def phase_counts(result: RolloutResult) -> str:
+    """The nodes counted by phase, the most first: "9,990 committed, 10 failed"."""
+    counts = Counter(str(r.phase) for r in result.nodes.values())
+    return ", ".join(f"{n:,} {phase}" for phase, n in counts.most_common())
+
+
 def print_result(result: RolloutResult, console: Console) -> None:
+    listed = summary_records(result)
     rows = []
-    for rec in result.nodes.values():
+    for rec in listed:
         rows.append({
             "node": rec.node.id,
             "batch": rec.batch,
@@ -303,7 +337,19 @@ def print_result(result: RolloutResult, console: Console) -> None:
             "reason": str(rec.reason) if rec.reason else "",
             "detail": rec.detail,
         })  # fmt: skip
-    console.print(node_table(rows, f"rollout {result.rollout_id}: {result.phase}"))
+    title = f"rollout {result.rollout_id}: {result.phase}"
+    if len(listed) < len(result.nodes):
+        console.print(f"{title}, {len(result.nodes):,} nodes: {phase_counts(result)}")
+        if rows:
+            notable = sum(1 for r in result.nodes.values() if r.phase in _URGENCY)
+            more = f" (the first {len(rows)} of {notable:,})" if notable > len(rows) else ""
+            console.print(node_table(rows, f"nodes that need a look{more}"))
+        console.print(
+            f"every node: --output json, or `rollout show {result.rollout_id} --state FILE`",
+            markup=False,
+        )
+    else:
+        console.print(node_table(rows, title))
     style = "green" if result.succeeded else "red"
     console.print(f"[{style}]{result.phase}[/]: {result.message}")
     unsettled = [r.node.id for r in result.nodes.values()
