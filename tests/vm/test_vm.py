@@ -197,6 +197,59 @@ def test_soft_reboot_rollout_changes_root_but_not_the_kernel(vms: VMFleet, tmp_p
         assert st["backend"]["kernel_boot_id"] == old["backend"]["kernel_boot_id"]  # same kernel
 
 
+def status_with_tag(vms: VMFleet, node: str, tag: str | None = None,
+                    wait: float | None = None) -> tuple[int, str, dict[str, Any]]:  # fmt: skip
+    """GET /v1/status (a long poll when `tag` and `wait` are given): code, ETag, body."""
+    req = urllib.request.Request(
+        vms.url(node, "/v1/status" + (f"?wait={wait}" if wait is not None else ""))
+    )
+    req.add_header("Authorization", f"Bearer {vms.token}")
+    if tag is not None:
+        req.add_header("If-None-Match", tag)
+    try:
+        with urllib.request.urlopen(req, timeout=(wait or 0) + 30) as r:
+            return r.status, r.headers["ETag"], json.loads(r.read())
+    except urllib.error.HTTPError as exc:  # 304 has no body
+        return exc.code, exc.headers["ETag"], {}
+
+
+def test_status_long_poll_on_a_real_node(vms: VMFleet) -> None:
+    """The disk agent (a systemd service on a real kernel) holds a status long poll until
+    its status changes, or answers 304 with the same tag when nothing did."""
+    node = "vm-01"
+    # Settled: the workload runs and systemd has finished booting (`system` moves from
+    # "starting" or "unknown" to "running" a while after the agent answers).
+    vms.wait(
+        node,
+        lambda s: (
+            s["workload"]["state"] == "running"
+            and s["workload"]["system"] in ("running", "degraded")
+        ),
+        "settled",
+    )
+    code, tag, first = status_with_tag(vms, node)
+    assert code == 200 and tag
+    code, again, body = status_with_tag(vms, node, tag, wait=1.5)
+    changed = {k: (first.get(k), body[k]) for k in body if body[k] != first.get(k)}
+    assert (code, again) == (304, tag), f"changed while settled: {changed}"
+    answers: list[tuple[int, str, dict[str, Any]]] = []
+    poll = threading.Thread(target=lambda: answers.append(status_with_tag(vms, node, tag, 60)))
+    poll.start()
+    try:
+        lease = json.dumps({"holder": "vm-long-poll", "ttl": 120}).encode()
+        code, body = vms.call(node, "PUT", "/v1/lease", lease)
+        assert code == 200 and body["acquired"], body
+        poll.join(timeout=45)  # answered by the change, well before the poll's 60 s
+        assert not poll.is_alive(), "the long poll did not answer the lease"
+        code, new_tag, st = answers[0]
+        assert code == 200 and new_tag != tag and st["lease"]["holder"] == "vm-long-poll"
+    finally:
+        release = json.dumps({"holder": "vm-long-poll"}).encode()
+        code, body = vms.call(node, "DELETE", "/v1/lease", release)
+        assert code == 200 and body["released"], body
+        poll.join(timeout=70)
+
+
 def test_incompatible_image_is_refused_before_a_byte_is_written(
     vms: VMFleet, tmp_path: Path
 ) -> None:
