@@ -50,7 +50,7 @@ from rollout.gates.runner import (
 from rollout.gates.schedule import after_batch as gates_after
 from rollout.gates.schedule import before_batch
 from rollout.gates.signals import GateBoxes
-from rollout.health import Probe, Prober
+from rollout.health import Probe, Prober, probe_session
 from rollout.model import Batch, Image, Node, NodePhase, RolloutPhase
 from rollout.plan import limits
 from rollout.policy import Policy
@@ -221,7 +221,7 @@ class Engine:
         if not self.control.paused:
             self._phase(RolloutPhase.RUNNING)
         tolerated = limits(self.policy, len(fleet)).max_failed
-        async with aiohttp.ClientSession() as session:
+        async with probe_session() as session:
             prober = self.prober_for(session)
             env = GateEnv(
                 self.rollout_id,

@@ -5,6 +5,14 @@ port, `agent` asks the node's agent that the booted digest is the target and the
 runs. A probe's failure is information, never an exception, and is never retried: the
 watcher simply looks again at the next interval.
 
+At most `PROBES` http and tcp probes are open at once (the agent check goes through the
+driver, which bounds its own requests), and a probe takes its slot before its timeout
+starts. So a batch of thousands of nodes holds a bounded number of sockets, and nodes
+that hang until their timeout delay the others' checks but never fail them. (aiohttp's
+own connection limit, 100 by default, counts the wait for a free connection against the
+request's timeout: behind 100 hanging workloads a healthy node's check timed out while it
+waited, tests/test_probe_slots.py.)
+
 `HealthTracker` (pure) turns a sequence of (time, all-checks-ok) observations into a
 verdict. A node is healthy only after passing continuously for `min_healthy_time`; any
 failed round resets that clock. It fails early after `failure_threshold` consecutive
@@ -32,6 +40,8 @@ from rollout import clock
 from rollout.drivers.base import Driver, DriverError
 from rollout.model import Node
 from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
+
+PROBES = 64  # http and tcp probes open at once, per rollout
 
 # Clocks add up floats: 24 rounds of 5 s may read 119.99999999999999 s. Durations are
 # compared with this much slack so that a check due at the deadline counts as at it.
@@ -87,18 +97,27 @@ class Probe(Protocol):
     ) -> list[CheckResult]: ...
 
 
+def probe_session() -> aiohttp.ClientSession:
+    """The session of a rollout's probes (and gates): no connection limit of its own, for
+    `Prober`'s slots bound the probes outside their timeouts."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
 class Prober:
     """Runs a policy's checks against one node."""
 
-    def __init__(self, driver: Driver, session: aiohttp.ClientSession) -> None:
+    def __init__(self, driver: Driver, session: aiohttp.ClientSession, slots: int = PROBES) -> None:
         self.driver = driver
-        self.session = session
+        self.session = session  # its connector unbounded (`probe_session`): slots bound it
+        self.slots = asyncio.Semaphore(slots)
 
     async def check(self, check: Check, node: Node, target_digest: str) -> CheckResult:
         if isinstance(check, HttpCheck):
-            return await self._http(check, node)
+            async with self.slots:  # before the timeout starts: waiting is not the node's fault
+                return await self._http(check, node)
         if isinstance(check, TcpCheck):
-            return await self._tcp(check, node)
+            async with self.slots:
+                return await self._tcp(check, node)
         if isinstance(check, AgentCheck):
             return await self._agent(node, target_digest)
         raise TypeError(f"unknown check {check!r}")
