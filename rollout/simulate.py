@@ -714,14 +714,18 @@ def fmt_t(seconds: float | None) -> str:
 
 
 def _span(seconds: float) -> str:
-    """A duration for people: 13m2.4s, 1h2m5s, 4.2s."""
+    """A duration for people, to a tenth of a second, zero units left out after the first.
+
+    >>> [_span(t) for t in (4.2, 0, 720, 782.4, 3600, 3605, 3720.04)]
+    ['4.2s', '0s', '12m', '13m2.4s', '1h', '1h0m5s', '1h2m']
+    """
     tenths = round(seconds * 10)
     whole, frac = divmod(tenths, 10)
     h, rest = divmod(whole, 3600)
     m, s = divmod(rest, 60)
-    sec = f"{s}.{frac}s" if frac else f"{s}s"
+    sec = f"{s}.{frac}s" if frac else f"{s}s" if s or not (h or m) else ""
     if h:
-        return f"{h}h{m}m{sec}"
+        return f"{h}h" + (f"{m}m{sec}" if m or sec else "")
     return f"{m}m{sec}" if m else sec
 
 
