@@ -89,9 +89,7 @@ async def wait_boot(driver: Driver, node: Node, boot_count: int, timeout: float)
             if st.boot_count > boot_count and st.workload != "starting":
                 return st
             last = f"boot {st.boot_count}, workload {st.workload}"
-        except TransportError as exc:
-            last = str(exc)
-        except Refused as exc:
+        except (TransportError, Refused) as exc:
             last = str(exc)
         await clock.sleep(min(poll_delay(now - start), max(0.0, deadline - clock.now())))
     raise NodeFailed(Reason.BOOT_TIMEOUT, f"not back within {timeout:g}s ({last})")
