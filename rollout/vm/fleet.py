@@ -159,6 +159,7 @@ def up(workdir: str | os.PathLike[str], image_path: str | None, opts: VMFleetOpt
             "host": host,
             "disk": str(vm_disk),
             "console": str(nd / "console.log"),
+            "journal": str(nd / "journal.log"),
             "memory": opts.memory,
             "accel": accel,
             "pid": 0,
@@ -204,6 +205,7 @@ def _spec(node_id: str, vm: dict[str, Any]) -> qemu.VMSpec:
     return qemu.VMSpec(
         name=node_id, disk=Path(vm["disk"]), host=vm["host"], memory=int(vm["memory"]),
         accel=str(vm["accel"]), console=Path(vm["console"]),
+        journal=Path(vm["journal"]) if vm.get("journal") else None,
     )  # fmt: skip
 
 
@@ -241,8 +243,8 @@ def wait_ready(wd: Path, timeout: float) -> None:
     targets: dict[str, tuple[str, ssl.SSLContext | None]] = {
         n: (f"http://{v['host']}:{guest.AGENT_PORT}/healthz", None) for n, v in vms.items()
     }
-    wait_healthz(targets, timeout, "VMs", "see nodes/<id>/console.log in the workdir",
-                 interval=0.5, alive=alive)  # fmt: skip
+    hint = "see nodes/<id>/console.log and journal.log in the workdir"
+    wait_healthz(targets, timeout, "VMs", hint, interval=0.5, alive=alive)
 
 
 def down(workdir: str | os.PathLike[str]) -> int:

@@ -103,6 +103,27 @@ TimeoutStopSec=10
 WantedBy=multi-user.target
 """
 
+# The guest's journal for the agent and the workload, copied as it is written to the
+# second serial port (ttyS1): the host keeps it in nodes/<id>/journal.log, across reboots
+# and power cuts, so a failed run can be read without logging in to the guest.
+JOURNAL_UNIT = "rollout-journal-tap.service"
+JOURNAL_SERVICE = f"""\
+[Unit]
+Description=copy the rollout agent's journal to ttyS1 (the host's journal.log)
+After=systemd-journald.service
+
+[Service]
+ExecStart=/bin/sh -c 'echo "-- boot $$(cat /proc/sys/kernel/random/boot_id) --" >/dev/ttyS1; \\
+  exec journalctl --follow --boot --output=short-monotonic \\
+  --cursor-file=/run/rollout-journal-tap.cursor \\
+  --unit={AGENT_UNIT} --unit={SERVICE} >/dev/ttyS1'
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 WEB_SERVICE = """\
 [Unit]
 Description=rollout sample web service
@@ -283,11 +304,13 @@ def sample_tree(dest: Path, version: str, *, bad: bool = False) -> Path:
     (units / SERVICE).write_text(
         WEB_SERVICE.format(mode="crash" if bad else "good", version=version, port=WORKLOAD_PORT)
     )
+    (units / JOURNAL_UNIT).write_text(JOURNAL_SERVICE)
     wants = units / "multi-user.target.wants"
     wants.mkdir(exist_ok=True)
-    link = wants / SERVICE
-    link.unlink(missing_ok=True)
-    os.symlink(f"/etc/systemd/system/{SERVICE}", link)
+    for unit in (SERVICE, JOURNAL_UNIT):
+        link = wants / unit
+        link.unlink(missing_ok=True)
+        os.symlink(f"/etc/systemd/system/{unit}", link)
     (dest / "etc/rollout-release").write_text(f"sample-os {version}\n")
     return dest
 

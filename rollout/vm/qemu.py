@@ -98,6 +98,7 @@ class VMSpec:
     memory: int = MEMORY_MIB
     accel: str = "tcg"
     console: Path = field(default=Path("console.log"))
+    journal: Path | None = None  # ttyS1, appended to: the guest's journal tap
 
 
 def command(spec: VMSpec) -> list[str]:
@@ -110,6 +111,9 @@ def command(spec: VMSpec) -> list[str]:
         "-drive", f"file={spec.disk},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         "-netdev", f"user,id=net0,{fwd}", "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
+        *([] if spec.journal is None else [
+            "-chardev", f"file,id=journal,path={spec.journal},append=on",
+            "-device", "isa-serial,chardev=journal,index=1"]),
     ]  # fmt: skip
 
 

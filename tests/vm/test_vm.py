@@ -76,8 +76,16 @@ class VMFleet:
                 ignore=(OSError, AssertionError, ValueError),
             )  # fmt: skip
         except AssertionError as exc:
-            console = (self.workdir / "nodes" / node / "console.log").read_text(errors="replace")
-            raise AssertionError(f"{exc}\n{console[-3000:]}") from None
+            raise AssertionError(f"{exc}\n{self.logs(node)}") from None
+
+    def logs(self, node: str) -> str:
+        """The tails of the node's serial console and of its agent's journal."""
+        tails = []
+        for name, size in (("console.log", 1500), ("journal.log", 4000)):
+            path = self.workdir / "nodes" / node / name
+            text = path.read_text(errors="replace") if path.exists() else "(none)"
+            tails.append(f"--- {name} ---\n{text[-size:]}")
+        return "\n".join(tails)
 
     def stage(self, node: str, image: Path) -> tuple[int, dict[str, Any]]:
         digest = sha256_file(image)
@@ -354,12 +362,19 @@ def test_power_cut_mid_stage_boots_the_good_slot_and_claims_nothing(vms: VMFleet
     def upload() -> None:
         try:
             result["answer"] = vms.stage(node, image)
-        except OSError as exc:  # the VM died under the upload
+        except Exception as exc:  # OSError: the VM died under the upload; else, reported
             result["error"] = exc
 
     thread = threading.Thread(target=upload, daemon=True)
     thread.start()
-    vms.wait(node, lambda s: s["busy"] == "staging", "staging", timeout=60)
+    # Staging, or the upload already ended (then it says why it never staged).
+    try:
+        st = vms.wait(
+            node, lambda s: s["busy"] == "staging" or not thread.is_alive(), "staging", timeout=60
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"upload still running, not staging: {exc}") from None
+    assert st["busy"] == "staging", f"upload ended: {result}\n{vms.logs(node)}"
     inactive = "B" if start["booted"]["slot"] == "A" else "A"
     # Wait until the slot is being written (GRUB already told not to boot it).
     vms.wait(
@@ -372,6 +387,12 @@ def test_power_cut_mid_stage_boots_the_good_slot_and_claims_nothing(vms: VMFleet
     assert st["booted"] == start["booted"] and st["committed"] and st["staged"] is None
     assert st["backend"]["grubenv"][f"{inactive}_OK"] == "0"
     assert st["boot_count"] == start["boot_count"] + 1
+    # The host kept the guest's journal through the cut: the stage begun, then this boot.
+    journal = vms.workdir / "nodes" / node / "journal.log"
+    marker = f"-- boot {st['backend']['kernel_boot_id']} --"
+    text = wait_for(journal.read_text, 60, 1, what="the new boot in journal.log",
+                    done=lambda t: marker in t)  # fmt: skip
+    assert "stage_begin" in text[: text.index(marker)]
     code, body = vms.stage(node, image)
     assert code == 200 and body["written"] is True and body["slot"] == inactive, body
     assert vms.status(node)["staged"]["digest"] == digest(image)
