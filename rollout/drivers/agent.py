@@ -33,6 +33,13 @@ subjectAltNames); a node without one over plain HTTP. A certificate that does no
 is a `TransportError` ("TLS certificate verification failed: ..."), so the engine treats
 the node as unreachable, never as a crash; there is no way to skip verification.
 
+A node that is down: once a status poll could not connect (the node is rebooting), the
+next polls first try a bare TCP connect to its address, when that is an IP address, and
+send the request only once that connects. A refused connect costs the client about a
+third of a refused aiohttp request (37 µs against 128 here), and a reboot is 15-20 such
+polls a node, thousands a second in a big batch. A host name goes the usual way (its
+DNS answer is cached by aiohttp; the probe would resolve it each time).
+
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
 with tenacity's explicit stop and wait. `activate` and `rollback` are sent again only when
 the connection could not even be made (`NotSent`: nothing left); once the request may have
@@ -44,6 +51,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -77,6 +86,7 @@ URL_CACHE = 8192  # parsed URLs kept: a few per node in flight, bounded at any f
 _ANSWER = 10.0  # seconds an agent has to answer a request (beyond a long poll's wait)
 _SHORT = aiohttp.ClientTimeout(total=_ANSWER, sock_connect=3)
 _STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+_PROBE_CONNECT = 3.0  # seconds for the bare connect to a node that is down (sock_connect)
 
 RetryHook = Callable[[Node, str, int, BaseException], None]
 
@@ -110,6 +120,7 @@ class AgentDriver:
         self.wait_max = wait_max
         self.on_retry = on_retry
         self.lease_holder = lease_holder  # sent on mutating calls (X-Rollout-Lease)
+        self._down: set[str] = set()  # ids of nodes whose last status could not connect
 
     # -- plumbing -----------------------------------------------------------------------
     def _http(self, fresh: bool = False) -> _Pool:
@@ -221,9 +232,39 @@ class AgentDriver:
 
     # -- Driver -------------------------------------------------------------------------
     async def status(self, node: Node) -> NodeStatus:
-        """One status request, not retried: callers poll (a rebooting node is expected)."""
-        resp, body = await self._exchange(self._http(), node, "GET", "/v1/status")
+        """One status request, not retried: callers poll (a rebooting node is expected).
+        A node found down is probed with a bare connect first (module docstring)."""
+        pool = self._http()
+        if node.id in self._down:
+            await self._connectable(pool, node, "GET /v1/status")
+        try:
+            resp, body = await self._exchange(pool, node, "GET", "/v1/status")
+        except NotSent:
+            self._down.add(node.id)
+            raise
+        self._down.discard(node.id)
         return parse_status(body, resp.headers.get("ETag"))
+
+    async def _connectable(self, pool: _Pool, node: Node, what: str) -> None:
+        """Return once a TCP connection to `node` can be made (and closed at once); raise
+        NotSent as the request would when it cannot. Host names are not probed."""
+        target = _ip_target(node.address)
+        if target is None:
+            return
+        family, host, port = target
+        loop = asyncio.get_running_loop()
+        async with pool.slots:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await asyncio.wait_for(loop.sock_connect(sock, (host, port)), _PROBE_CONNECT)
+            except (OSError, TimeoutError) as exc:
+                why = str(exc) or type(exc).__name__
+                raise NotSent(
+                    f"{node.id}: {what}: cannot connect to {node.address}: {why}"
+                ) from exc
+            finally:
+                sock.close()
 
     async def watch(self, node: Node, seen: NodeStatus, wait: float) -> NodeStatus | None:
         """A status long poll (docs/agent-api.md): the node's status as soon as it differs
@@ -401,6 +442,25 @@ class _Pool:
         )
         self.session = aiohttp.ClientSession(connector=connector)
         self.slots = asyncio.Semaphore(limit)
+
+
+@functools.lru_cache(maxsize=URL_CACHE)
+def _ip_target(address: str) -> tuple[socket.AddressFamily, str, int] | None:
+    """(family, host, port) of an agent address whose host is an IP address, else None.
+
+    >>> _ip_target("127.0.0.5:7000")
+    (<AddressFamily.AF_INET: 2>, '127.0.0.5', 7000)
+    >>> _ip_target("[::1]:7000"), _ip_target("node-1:7000"), _ip_target("10.0.0.1:x")
+    ((<AddressFamily.AF_INET6: 10>, '::1', 7000), None, None)
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        number = int(port)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, str(ip), number
 
 
 @functools.lru_cache(maxsize=URL_CACHE)
