@@ -16,11 +16,13 @@ curious user's way to pull the plug on one node and start it again on the same d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 import ssl
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +64,50 @@ def _code_key() -> str:
     return h.hexdigest()[:12]
 
 
+# Builds kept in the cache: a sample image is 340 MB and a base disk about 0.5 GB on
+# disk, and every change to the package's code makes a new set (a machine running CI
+# for each commit filled 17 GB in a day). The newest few stay: a fleet or test session
+# started from a checkout a few commits back still finds its files.
+KEEP_BUILDS = 3
+
+
+def stale(entries: list[tuple[str, str, float]], keep: int) -> list[str]:
+    """Names of cached files to delete, given (name, build key, mtime) of each: those of
+    every build but the `keep` most recently written (a build's time is its newest file's).
+
+    >>> stale([("a1", "k1", 1.0), ("a2", "k2", 2.0), ("a3", "k3", 3.0), ("b1", "k3", 0.5)], 2)
+    ['a1']
+    >>> stale([("a1", "k1", 1.0)], 1), stale([("a1", "k1", 1.0), ("a2", "k2", 2.0)], 0)
+    ([], ['a1', 'a2'])
+    """
+    newest: dict[str, float] = {}
+    for _, key, mtime in entries:
+        newest[key] = max(mtime, newest.get(key, mtime))
+    kept = set(sorted(newest, key=lambda k: newest[k], reverse=True)[:keep])
+    return sorted(name for name, key, _ in entries if key not in kept)
+
+
+def _prune(directory: Path, pattern: str, key: Callable[[str], str]) -> None:
+    """Delete the files matching `pattern` in `directory` that `stale` names."""
+    entries = []
+    for path in directory.glob(pattern):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            entries.append((path.name, key(path.name), path.stat().st_mtime))
+    for name in stale(entries, KEEP_BUILDS):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+
+
 def sample_image(version: str, *, bad: bool = False) -> Path:
-    """A cached sample root-filesystem image of `version` (built on first use)."""
+    """A cached sample root-filesystem image of `version` (built on first use; building
+    one drops the images of all but the KEEP_BUILDS newest code versions)."""
     suffix = "-bad" if bad else ""
-    path = guest.cache_dir() / "images" / f"sample-{version}{suffix}-{_code_key()}.img"
+    images = guest.cache_dir() / "images"
+    path = images / f"sample-{version}{suffix}-{_code_key()}.img"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         guest.sample_image(path, version, bad=bad)
+        _prune(images, "sample-*.img", lambda name: name.rsplit("-", 1)[-1])
     return path
 
 
@@ -82,6 +121,7 @@ def base_disk(image_path: Path) -> tuple[Path, str]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         disk.build_base(image_path, path)
+        _prune(path.parent, "base-*.raw", lambda name: name)  # each disk its own build
     return path, image.digest
 
 
