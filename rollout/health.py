@@ -13,6 +13,16 @@ own connection limit, 100 by default, counts the wait for a free connection agai
 request's timeout: behind 100 hanging workloads a healthy node's check timed out while it
 waited, tests/test_probe_slots.py.)
 
+Held rounds: when every check of the policy is `agent` and a round passed, the watcher
+does not poll again every `interval`: it holds one status long poll (`Driver.watch`) for
+the rest of `min_healthy_time` (at most `HOLD_MAX` seconds at a time). The agent answers
+it the moment the node's status changes, so a workload that crashes during that time is
+seen at once rather than at the next round, and a node costs one request where it cost a
+round per interval (13 of them for 5 s rounds over 60 s). Unchanged at the end means it
+passed throughout. A failed round goes back to rounds every `interval`, so
+`failure_threshold` still counts rounds that far apart. A probe that cannot hold (an
+agent without ETags, the driver's long polls all taken) falls back to rounds.
+
 `HealthTracker` (pure) turns a sequence of (time, all-checks-ok) observations into a
 verdict. A node is healthy only after passing continuously for `min_healthy_time`; any
 failed round resets that clock. It fails early after `failure_threshold` consecutive
@@ -31,17 +41,18 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiohttp
 
 from rollout import clock
 from rollout.drivers.base import Driver, DriverError
-from rollout.model import Node
+from rollout.model import Node, NodeStatus
 from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
 
 PROBES = 64  # http and tcp probes open at once, per rollout
+HOLD_MAX = 30.0  # seconds one held round waits at most (the agent allows 60)
 
 # Clocks add up floats: 24 rounds of 5 s may read 119.99999999999999 s. Durations are
 # compared with this much slack so that a check due at the deadline counts as at it.
@@ -80,12 +91,27 @@ class HealthTracker:
             return Verdict.DEADLINE
         return Verdict.PENDING
 
+    def until_due(self, now: float) -> float:
+        """Seconds from `now` until time alone could give a verdict: the node healthy for
+        long enough (when it is passing), or the deadline.
+
+        >>> t = HealthTracker(started=0.0, min_healthy_time=3.0, deadline=10.0)
+        >>> t.until_due(1.0), t.observe(2.0, True), t.until_due(2.5), t.until_due(6.0)
+        (9.0, <Verdict.PENDING: 'pending'>, 2.5, 0.0)
+        """
+        due = self.started + self.deadline
+        if self.healthy_since is not None:
+            due = min(due, self.healthy_since + self.min_healthy_time)
+        return max(0.0, due - now)
+
 
 @dataclass(frozen=True)
 class CheckResult:
     kind: str
     ok: bool
     detail: str
+    # The agent check's status, which a held round waits on (None for other checks).
+    status: NodeStatus | None = field(default=None, compare=False)
 
 
 class Probe(Protocol):
@@ -95,6 +121,16 @@ class Probe(Protocol):
     async def check_all(
         self, checks: Sequence[Check], node: Node, target_digest: str
     ) -> list[CheckResult]: ...
+
+    async def hold(
+        self, checks: Sequence[Check], node: Node, target_digest: str, results: list[CheckResult],
+        wait: float, interval: float,
+    ) -> list[CheckResult] | None:  # fmt: skip
+        """`results` just passed: wait up to `wait` seconds for the node to change, then
+        the checks' results (at once on a change; `results` again after `wait` when
+        nothing did). None when this cannot be waited for: the caller runs rounds. A
+        prober that is not told of changes (the simulation) looks every `interval`."""
+        ...
 
 
 def probe_session() -> aiohttp.ClientSession:
@@ -121,6 +157,25 @@ class Prober:
         if isinstance(check, AgentCheck):
             return await self._agent(node, target_digest)
         raise TypeError(f"unknown check {check!r}")
+
+    async def hold(
+        self, checks: Sequence[Check], node: Node, target_digest: str, results: list[CheckResult],
+        wait: float, interval: float,
+    ) -> list[CheckResult] | None:  # fmt: skip
+        """A status long poll for a policy of `agent` checks only (module docstring); the
+        agent tells of a change, so `interval` plays no part."""
+        seen = results[0].status if results else None
+        if seen is None or not all(isinstance(c, AgentCheck) for c in checks):
+            return None
+        try:
+            st = await self.driver.watch(node, seen, min(wait, HOLD_MAX))
+        except DriverError as exc:
+            return [CheckResult("agent", False, f"status: {exc}") for _ in checks]
+        if st is None:
+            return None
+        if st is seen:  # unchanged (304)
+            return results
+        return [_agent_result(st, target_digest) for _ in checks]
 
     async def check_all(
         self, checks: Sequence[Check], node: Node, target_digest: str
@@ -160,11 +215,16 @@ class Prober:
             st = await self.driver.status(node)
         except DriverError as exc:
             return CheckResult("agent", False, f"status: {exc}")
-        if st.booted_digest != target_digest:
-            return CheckResult("agent", False, f"booted {st.booted_version} is not the target")
-        if st.workload != "running":
-            return CheckResult("agent", False, f"workload {st.workload}")
-        return CheckResult("agent", True, "on target, workload running")
+        return _agent_result(st, target_digest)
+
+
+def _agent_result(st: NodeStatus, target_digest: str) -> CheckResult:
+    """The `agent` check's verdict on a status: on the target, its workload running."""
+    if st.booted_digest != target_digest:
+        return CheckResult("agent", False, f"booted {st.booted_version} is not the target")
+    if st.workload != "running":
+        return CheckResult("agent", False, f"workload {st.workload}")
+    return CheckResult("agent", True, "on target, workload running", st)
 
 
 async def watch(
@@ -185,8 +245,18 @@ async def watch(
         failure_threshold=health.failure_threshold,
     )
     last_failure = ""
+    passed: list[CheckResult] | None = None  # the last round, when it passed
     while True:
-        results = await prober.check_all(health.checks, node, target_digest)
+        results = None
+        wait = tracker.until_due(clock.now())
+        if passed is not None and wait > 0:
+            results = await prober.hold(
+                health.checks, node, target_digest, passed, wait, health.interval
+            )
+            if results is None:  # cannot be held: a round after the interval
+                await clock.sleep(health.interval)
+        if results is None:
+            results = await prober.check_all(health.checks, node, target_digest)
         for r in results:
             if on_result is not None:
                 on_result(r)
@@ -196,4 +266,6 @@ async def watch(
         verdict = tracker.observe(clock.now(), ok)
         if verdict is not Verdict.PENDING:
             return verdict, "" if verdict is Verdict.HEALTHY else last_failure
-        await clock.sleep(health.interval)
+        passed = results if ok else None
+        if passed is None:
+            await clock.sleep(health.interval)

@@ -108,8 +108,27 @@ async def test_a_flap_restarts_min_healthy_time() -> None:
     result, _, events, _ = await run(policy(), flappy, NODES[:1])
     assert result.phase is RolloutPhase.SUCCEEDED
     verify = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "verify"]
-    # checks at 0,5,10 (ok) 15 (fail) 20 ok ... 40 ok: healthy since 20 -> done at 40 s
+    # checks at 0 (ok), held: looks at 5, 10 (ok), 15 (fail), rounds: 20 ok, held: 40 ok;
+    # healthy since 20 -> done at 40 s
     assert verify == [pytest.approx(40, abs=0.01)]
+
+
+@pytest.mark.parametrize(
+    ("checks", "verified"),
+    [
+        # Held: one look after the first passing round, over the rest of the 12 s.
+        ([{"type": "agent"}], 12),
+        # An http check is not held: rounds at 0, 5, 10 and 15 s.
+        ([{"type": "agent"}, {"type": "http", "port": 8080}], 15),
+    ],
+    ids=["agent_only_held", "with_http_rounds"],
+)
+async def test_min_healthy_time_between_rounds(checks: list[Any], verified: float) -> None:
+    pol = policy(health={"checks": checks, "min_healthy_time": 12})
+    result, _, events, _ = await run(pol, always, NODES[:1])
+    assert result.phase is RolloutPhase.SUCCEEDED
+    verify = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "verify"]
+    assert verify == [pytest.approx(verified, abs=0.01)]
 
 
 @pytest.mark.parametrize(

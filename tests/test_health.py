@@ -41,3 +41,21 @@ def test_tracker(
     t = HealthTracker(started=0, min_healthy_time=min_healthy, deadline=deadline,
                       failure_threshold=threshold)  # fmt: skip
     assert [t.observe(now, ok) for now, ok in rounds] == expected
+
+
+@pytest.mark.parametrize(
+    ("rounds", "now", "due"),
+    [
+        ([], 1.0, 9.0),  # never passed: only the deadline (10 s)
+        ([(2.0, True)], 2.5, 2.5),  # passing since 2: healthy at 5
+        ([(2.0, True), (3.0, False)], 3.0, 7.0),  # a failure: the deadline again
+        ([(9.0, True)], 9.5, 0.5),  # the deadline comes before 12
+        ([(2.0, True)], 6.0, 0.0),  # past due: never negative
+    ],
+    ids=["failing", "passing", "reset", "deadline_first", "past_due"],
+)
+def test_until_due(rounds: list[tuple[float, bool]], now: float, due: float) -> None:
+    t = HealthTracker(started=0, min_healthy_time=3, deadline=10)
+    for at, ok in rounds:
+        t.observe(at, ok)
+    assert t.until_due(now) == pytest.approx(due)

@@ -36,9 +36,9 @@ from rollout import clock
 from rollout.agent import state as sm
 from rollout.agent.state import AgentError, AgentState, FallbackReason, Slot, SlotImage
 from rollout.drivers.base import Refused, TransportError
-from rollout.health import CheckResult
+from rollout.health import HOLD_MAX, CheckResult
 from rollout.model import ActivationMode, Image, Node, NodeStatus
-from rollout.policy import Check
+from rollout.policy import AgentCheck, Check
 
 Healthy = Callable[[str, str, float], bool]
 _NO_DEADLINE = 1e12  # the commit deadline timer is not simulated
@@ -316,3 +316,21 @@ class SimProber:
         digest = sim.slots[sim.booted] or ""
         ok = sim.busy is None and self.healthy(node.id, digest, clock.now() - sim.booted_at)
         return [CheckResult(c.type, ok, "simulated") for c in checks]
+
+    async def hold(
+        self, checks: Sequence[Check], node: Node, target_digest: str, results: list[CheckResult],
+        wait: float, interval: float,
+    ) -> list[CheckResult] | None:  # fmt: skip
+        """`Prober.hold` on virtual time, for `agent` checks only: the scripted health has
+        no status to watch, so it looks every `interval` and answers at the first look
+        that fails, else after `wait` (at most HOLD_MAX). A real agent answers at the
+        change itself, up to an interval sooner."""
+        if not all(isinstance(c, AgentCheck) for c in checks):
+            return None
+        end = clock.now() + min(wait, HOLD_MAX)
+        while True:
+            left = end - clock.now()
+            await clock.sleep(min(interval, left))
+            now = await self.check_all(checks, node, target_digest)
+            if not all(r.ok for r in now) or left <= interval:  # not `now >= end`: floats
+                return now
