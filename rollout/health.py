@@ -15,7 +15,8 @@ waited, tests/test_probe_slots.py.)
 
 Held rounds: when every check of the policy is `agent` and a round passed, the watcher
 does not poll again every `interval`: it holds one status long poll (`Driver.watch`) for
-the rest of `min_healthy_time` (at most `HOLD_MAX` seconds at a time). The agent answers
+the rest of `min_healthy_time` (at most `HOLD_MAX` seconds at a time), when that stands
+for at least `HOLD_ROUNDS` rounds (fewer are cheaper as rounds). The agent answers
 it the moment the node's status changes, so a workload that crashes during that time is
 seen at once rather than at the next round, and a node costs one request where it cost a
 round per interval (13 of them for 5 s rounds over 60 s). Unchanged at the end means it
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +55,10 @@ from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
 
 PROBES = 64  # http and tcp probes open at once, per rollout
 HOLD_MAX = 30.0  # seconds one held round waits at most (the agent allows 60)
+# Rounds a held poll must stand for. It opens a connection of its own (a pooled status
+# rides the node's kept one), about three pooled requests' client CPU: held in place of
+# two rounds, 2,000 real agents cost the controller 15% more (benchmarks/bench_http.py).
+HOLD_ROUNDS = 3
 
 # Clocks add up floats: 24 rounds of 5 s may read 119.99999999999999 s. Durations are
 # compared with this much slack so that a check due at the deadline counts as at it.
@@ -248,12 +254,13 @@ async def watch(
     passed: list[CheckResult] | None = None  # the last round, when it passed
     while True:
         results = None
-        wait = tracker.until_due(clock.now())
-        if passed is not None and wait > 0:
-            results = await prober.hold(
-                health.checks, node, target_digest, passed, wait, health.interval
-            )
-            if results is None:  # cannot be held: a round after the interval
+        if passed is not None:
+            wait = tracker.until_due(clock.now())
+            if math.ceil(wait / health.interval - _EPSILON) >= HOLD_ROUNDS:
+                results = await prober.hold(
+                    health.checks, node, target_digest, passed, wait, health.interval
+                )
+            if results is None:  # not held: a round after the interval
                 await clock.sleep(health.interval)
         if results is None:
             results = await prober.check_all(health.checks, node, target_digest)

@@ -41,13 +41,13 @@ async def test_a_passing_node_is_held_not_polled(
 async def test_a_crash_during_the_hold_is_seen_at_once(
     start_agent: StartAgent, images: SampleImages, tmp_path: Path
 ) -> None:
-    """Rounds a minute apart: only the held poll can see the crash within the test's
-    deadline (20 s), and it fails the node at the first failed round (threshold 1)."""
+    """Rounds 20 s apart: only the held poll can see the crash within the test's
+    deadline (15 s), and it fails the node at the first failed round (threshold 1)."""
     agent = await start_agent()
     st = await agent.wait_status(lambda s: s["workload"]["state"] == "running", "running")
     node = Node("n1", f"{agent.host}:{AGENT_PORT}", {}, str(tmp_path / "token"))
     health = Health(
-        checks=(AgentCheck(),), interval=60, min_healthy_time=30, deadline=120,
+        checks=(AgentCheck(),), interval=20, min_healthy_time=60, deadline=120,
         failure_threshold=1,
     )  # fmt: skip
     driver = CountingDriver()
@@ -58,7 +58,7 @@ async def test_a_crash_during_the_hold_is_seen_at_once(
             )
             await wait_for_async(lambda: _true("watch" in driver.calls), 10, what="the hold")
             os.kill(st["workload"]["pid"], signal.SIGKILL)
-            verdict, detail = await asyncio.wait_for(task, 20)
+            verdict, detail = await asyncio.wait_for(task, 15)
         finally:
             await driver.close()
     assert verdict is Verdict.UNHEALTHY
@@ -84,6 +84,25 @@ async def test_other_checks_keep_their_rounds(
             await driver.close()
     assert verdict is Verdict.HEALTHY
     assert driver.calls == ["status"] * 3  # rounds at 0, 0.25 and 0.5 s
+
+
+async def test_a_short_hold_stays_rounds(
+    start_agent: StartAgent, images: SampleImages, tmp_path: Path
+) -> None:
+    """Two rounds left (0.5 s of 0.25 s rounds) are cheaper than a held poll's own
+    connection: rounds at 0, 0.25 and 0.5 s."""
+    agent = await start_agent()
+    await agent.wait_status(lambda s: s["workload"]["state"] == "running", "workload running")
+    node = Node("n1", f"{agent.host}:{AGENT_PORT}", {}, str(tmp_path / "token"))
+    health = Health(checks=(AgentCheck(),), interval=0.25, min_healthy_time=0.5, deadline=30)
+    driver = CountingDriver()
+    async with probe_session() as session:
+        try:
+            verdict, _ = await watch(Prober(driver, session), health, node, images.v1.digest)
+        finally:
+            await driver.close()
+    assert verdict is Verdict.HEALTHY
+    assert driver.calls == ["status"] * 3
 
 
 async def _true(value: bool) -> bool:
