@@ -240,7 +240,8 @@ async def watch(
     target_digest: str,
     on_result: Callable[[CheckResult], None] | None = None,
 ) -> tuple[Verdict, str]:
-    """Check `node` every interval until it is healthy long enough, or fails.
+    """Check `node` every interval, or hold it once it passes (held rounds, module
+    docstring), until it is healthy long enough, or fails.
 
     Returns the verdict and the detail of the last failed check (empty when healthy).
     """
