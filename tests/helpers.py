@@ -382,3 +382,10 @@ def seen_at(ready: float) -> float:
     while t < ready:
         t += poll_delay(t)
     return t
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on (bound once, then closed)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -3,7 +3,6 @@ left (no connection could be made), never once it may have arrived."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,7 @@ from aiohttp import web
 from rollout.drivers.agent import URL_CACHE, AgentDriver, _agent_url
 from rollout.drivers.base import NotSent, TransportError
 from rollout.model import ActivationMode, Node
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 def node(tmp_path: Path, address: str) -> Node:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -42,17 +41,11 @@ from rollout.plan import plan_batches
 from rollout.policy import parse_policy
 from rollout.record import RolloutResult
 from tests.conftest import LocalFleet, SampleImages
-from tests.helpers import FAST_POLICY, ROOT, wait_for, write_policy
+from tests.helpers import FAST_POLICY, ROOT, free_port, wait_for, write_policy
 
 SCRAPE = "250ms"
 RULES = ROOT / "charts" / "prometheus" / "rules.yaml"
 DASHBOARD = ROOT / "charts" / "grafana" / "rollout.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

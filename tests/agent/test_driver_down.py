@@ -7,7 +7,6 @@ Against a real agent process, stopped and started again on its own address. The 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from rollout.drivers.base import NotSent
 from rollout.model import Node
 from tests.agent.conftest import StartAgent
 from tests.agent.harness import AGENT_PORT
+from tests.helpers import free_port
 
 
 def counting(driver: AgentDriver) -> list[str]:
@@ -63,11 +63,8 @@ async def test_a_down_node_is_probed_by_connect_until_it_listens(
 
 async def test_a_node_named_by_host_name_is_polled_over_http(tmp_path: Path) -> None:
     """No bare connect for a host name: it would resolve the name on every poll."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "token").write_text("t0ken\n")
-    node = Node("n1", f"localhost:{port}", {}, str(tmp_path / "token"))
+    node = Node("n1", f"localhost:{free_port()}", {}, str(tmp_path / "token"))
     driver = AgentDriver()
     sent = counting(driver)
     try:

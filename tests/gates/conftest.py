@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 PROBE_ERRORS = (OSError, ValueError)  # Prometheus not up yet, or a partial answer
 RULES = {
@@ -53,12 +52,6 @@ RULES = {
         }
     ]
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -13,8 +13,7 @@ from aiohttp import web
 
 from rollout.policy import Notify
 from rollout.webhooks import Notifier
-from tests.gates.conftest import free_port
-from tests.helpers import wait_for_async
+from tests.helpers import free_port, wait_for_async
 
 
 @dataclass
