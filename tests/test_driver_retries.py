@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from rollout.drivers.agent import URL_CACHE, AgentDriver, _agent_url
+from rollout.drivers.agent import ADDRESS_CACHE, AgentDriver, _address
 from rollout.drivers.base import NotSent, TransportError
 from rollout.model import ActivationMode, Node
 from tests.helpers import free_port
@@ -61,20 +61,27 @@ async def test_a_switch_that_may_have_arrived_is_not_sent_again(tmp_path: Path, 
 
 
 @pytest.mark.parametrize(
-    ("scheme", "address", "host", "port"),
+    ("address", "host", "port"),
     [
-        ("http", "127.0.0.5:7000", "127.0.0.5", 7000),
-        ("https", "[::1]:7443", "::1", 7443),
-        ("http", "node-7.example:80", "node-7.example", 80),
+        ("127.0.0.5:7000", "127.0.0.5", 7000),
+        ("[::1]:7443", "::1", 7443),
+        ("node-7.example:80", "node-7.example", 80),
     ],
-    ids=["ipv4", "ipv6_tls", "dns_name"],
+    ids=["ipv4", "ipv6", "dns_name"],
 )
-def test_agent_urls_are_parsed_once_and_the_cache_stays_bounded(
-    scheme: str, address: str, host: str, port: int
+def test_agent_addresses_are_parsed_once_and_the_cache_stays_bounded(
+    address: str, host: str, port: int
 ) -> None:
-    url = _agent_url(scheme, address, "/v1/status")
-    assert (url.scheme, url.host, url.port, url.path) == (scheme, host, port, "/v1/status")
-    assert _agent_url(scheme, address, "/v1/status") is url  # cached, not parsed again
-    for i in range(URL_CACHE + 10):
-        _agent_url("http", f"127.1.{i // 250}.{i % 250}:7000", "/v1/status")
-    assert _agent_url.cache_info().currsize == URL_CACHE
+    assert _address(address) == (host, port)
+    hits = _address.cache_info().hits
+    assert _address(address) == (host, port)
+    assert _address.cache_info().hits == hits + 1  # cached, not parsed again
+    for i in range(ADDRESS_CACHE + 10):
+        _address(f"127.1.{i // 250}.{i % 250}:7000")
+    assert _address.cache_info().currsize == ADDRESS_CACHE
+
+
+@pytest.mark.parametrize("address", ["node-7", "node-7:", ":7000", "node-7:http"])
+def test_an_address_without_a_port_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="not host:port"):
+        _address(address)

@@ -3,42 +3,42 @@
 Each node's bearer token is read from its token file once and kept in memory; it never
 appears in logs or errors.
 
-Connections: two aiohttp sessions serve all nodes, so the cost stays per request, not per
-node, at thousands of nodes (benchmarks/bench_http.py):
+HTTP: the driver's own small client (`rollout.drivers.wire`, on asyncio transports and
+httptools), not aiohttp's, whose request path was three quarters of a request's CPU: at
+thousands of nodes the controller's cost is its requests (benchmarks/bench_http.py).
 
-- a keep-alive pool for the calls a node makes in a row while it is being updated
-  (status polls, stage, commit, discard, fetch): a new TCP connection per request costs
-  about 3x the client CPU of a reused one. Idle connections are dropped after
-  `KEEPALIVE` seconds, so the pool holds about one per node in flight, not one per node
-  of the fleet: the open files stay bounded by the batch, not the fleet, under the usual
-  1,024 soft limit. A connection the agent closed meanwhile (it rebooted) is not reused;
-  aiohttp resends an idempotent request (GET, PUT, DELETE) once if the agent closed it
-  just as it was sent, and `commit` is retried here.
+Connections:
+
+- a node's calls in a row while it is being updated (status polls and long polls, stage,
+  commit, discard, fetch) share one keep-alive connection, dropped after `KEEPALIVE`
+  seconds idle, so the open connections stay bounded by the nodes in flight, not the
+  fleet, under the usual 1,024 soft limit. A connection the agent closed meanwhile (it
+  rebooted) is not reused; an idempotent request (GET, PUT, DELETE) is sent once more on
+  a fresh connection if the agent closed the reused one just as it was written, and
+  `commit` is retried here.
 - a fresh connection, closed after the answer, for the rest: `activate` and `rollback`,
   which are not idempotent, so they never ride a reused connection that could fail
   without telling whether the request arrived; and the leases, taken, renewed and
-  released for every node of the fleet at once or in a sweep, which in the pool would
-  leave one idle socket per node behind.
+  released for every node of the fleet at once or in a sweep, which kept would leave one
+  idle socket per node behind.
 
-Each session has at most `CONNECTIONS` requests in flight; more wait for a free slot
-before their timeout starts (`_Pool`).
+At most `CONNECTIONS` requests are in flight on kept connections and as many on fresh
+ones, and `WATCHES` long polls (each holds its connection while it waits); more wait for a
+slot before their timeout starts, so a timeout measures the agent, not this process's
+queue (2,000 leases taken at once), and a loop busy setting up a herd of requests does
+not time out its own connects.
 
-URLs: a node's request URLs are parsed once and kept in a bounded LRU cache (`_agent_url`),
-since parsing a URL string is about a tenth of a pooled request's client CPU and the nodes
-in flight ask for the same few URLs again and again (boot polls, health rounds).
-
-TLS: a node with a `ca_file` is reached at `https://host:port`, and the agent's certificate
-must chain to that CA and name the address's host (an IP address in its IP
-subjectAltNames); a node without one over plain HTTP. A certificate that does not verify
-is a `TransportError` ("TLS certificate verification failed: ..."), so the engine treats
-the node as unreachable, never as a crash; there is no way to skip verification.
+TLS: a node with a `ca_file` is reached over TLS, and the agent's certificate must chain
+to that CA and name the address's host (an IP address in its IP subjectAltNames); a node
+without one over plain HTTP. A certificate that does not verify is a `TransportError`
+("TLS certificate verification failed: ..."), so the engine treats the node as
+unreachable, never as a crash; there is no way to skip verification.
 
 A node that is down: once a status poll could not connect (the node is rebooting), the
 next polls first try a bare TCP connect to its address, when that is an IP address, and
 send the request only once that connects. A refused connect costs the client about a
-third of a refused aiohttp request (37 µs against 128 here), and a reboot is 15-20 such
-polls a node, thousands a second in a big batch. A host name goes the usual way (its
-DNS answer is cached by aiohttp; the probe would resolve it each time).
+third of a refused request, and a reboot is 15-20 such polls a node, thousands a second
+in a big batch. A host name goes the usual way (the probe would resolve it once more).
 
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
 with tenacity's explicit stop and wait. `activate` and `rollback` are sent again only when
@@ -52,12 +52,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import json as jsonlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -65,11 +65,11 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
-from yarl import URL
 
 from rollout import clock
 from rollout.agent.status import AgentStatus
 from rollout.drivers.base import NotSent, Refused, TransportError
+from rollout.drivers.wire import Broken, ConnectFailed, Response, Target, Wire
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
@@ -77,16 +77,17 @@ from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
-CONNECTIONS = 64  # requests in flight per session (pooled, fresh)
+CONNECTIONS = 64  # requests in flight on kept connections, and as many on fresh ones
 WATCHES = 256  # status long polls open at once (each holds a connection); more nodes poll
-# Seconds an idle pooled connection is kept: longer than the longest gap between two boot
-# polls (steps.BOOT_POLL_MAX, 2 s), so a node that answers keeps its connection.
+# Seconds an idle connection is kept: longer than the longest gap between two boot polls
+# (steps.BOOT_POLL_MAX, 2 s), so a node that answers keeps its connection.
 KEEPALIVE = 3.0
-URL_CACHE = 8192  # parsed URLs kept: a few per node in flight, bounded at any fleet size
+ADDRESS_CACHE = 8192  # parsed agent addresses kept: bounded at any fleet size
 _ANSWER = 10.0  # seconds an agent has to answer a request (beyond a long poll's wait)
-_SHORT = aiohttp.ClientTimeout(total=_ANSWER, sock_connect=3)
-_STREAM = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-_PROBE_CONNECT = 3.0  # seconds for the bare connect to a node that is down (sock_connect)
+_CONNECT = 3.0  # seconds to make a connection
+_STREAM_CONNECT = 5.0  # ... for an upload
+_STREAM_READ = 60.0  # seconds an upload may stall, and then wait for its answer
+_PROBE_CONNECT = 3.0  # seconds for the bare connect to a node that is down
 
 RetryHook = Callable[[Node, str, int, BaseException], None]
 
@@ -111,10 +112,12 @@ class AgentDriver:
     ) -> None:
         self.pull = pull or PullAccess()  # how nodes reach the image store (pull mode)
         self.fetch_poll = fetch_poll
-        self._pooled: _Pool | None = None  # keep-alive
-        self._once: _Pool | None = None  # a connection per request
-        self._watching: _Pool | None = None  # status long polls
-        self._tokens: dict[str, str] = {}
+        self._wire = Wire(KEEPALIVE)
+        # Slots, made in the running loop when first used (`_slots`).
+        self._kept: asyncio.Semaphore | None = None
+        self._fresh: asyncio.Semaphore | None = None
+        self._watching: asyncio.Semaphore | None = None
+        self._auth: dict[str, str] = {}  # token file -> its request header lines
         self._contexts: dict[str, ssl.SSLContext] = {}
         self.attempts = attempts
         self.wait_max = wait_max
@@ -123,50 +126,57 @@ class AgentDriver:
         self._down: set[str] = set()  # ids of nodes whose last status could not connect
 
     # -- plumbing -----------------------------------------------------------------------
-    def _http(self, fresh: bool = False) -> _Pool:
-        """The keep-alive pool, or with `fresh` the one of a connection per request."""
+    def _slots(self, fresh: bool = False) -> asyncio.Semaphore:
+        """The slots of requests on kept connections, or with `fresh` on fresh ones."""
         if fresh:
-            if self._once is None or self._once.session.closed:
-                self._once = _Pool(force_close=True)
-            return self._once
-        if self._pooled is None or self._pooled.session.closed:
-            self._pooled = _Pool(force_close=False)
-        return self._pooled
+            if self._fresh is None:
+                self._fresh = asyncio.Semaphore(CONNECTIONS)
+            return self._fresh
+        if self._kept is None:
+            self._kept = asyncio.Semaphore(CONNECTIONS)
+        return self._kept
 
-    def _http_watch(self) -> _Pool:
-        """The long polls' own pool: they hold their connection while they wait, so in the
-        keep-alive pool they would starve the other requests of its CONNECTIONS."""
-        if self._watching is None or self._watching.session.closed:
-            self._watching = _Pool(force_close=False, limit=WATCHES)
+    def _watch_slots(self) -> asyncio.Semaphore:
+        """The long polls' own slots: they hold their connection while they wait, so in
+        the others' they would starve the other requests."""
+        if self._watching is None:
+            self._watching = asyncio.Semaphore(WATCHES)
         return self._watching
 
-    def _token(self, node: Node) -> str:
+    def _headers(self, node: Node) -> str:
+        """The node's authentication header lines (its token; the lease holder)."""
         if node.token_file is None:
             raise InputError(f"node {node.id}: no token_file in the inventory")
-        if node.token_file not in self._tokens:
-            what = f"node {node.id}: token file"
-            self._tokens[node.token_file] = read_token(node.token_file, what)
-        return self._tokens[node.token_file]
+        lines = self._auth.get(node.token_file)
+        if lines is None:
+            token = read_token(node.token_file, f"node {node.id}: token file")
+            lines = f"Authorization: Bearer {token}\r\n"
+            if self.lease_holder:
+                lines += f"X-Rollout-Lease: {self.lease_holder}\r\n"
+            self._auth[node.token_file] = lines
+        return lines
 
-    def _headers(self, node: Node) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self._token(node)}"}
-        if self.lease_holder:
-            headers["X-Rollout-Lease"] = self.lease_holder
-        return headers
+    def _target(self, node: Node) -> Target:
+        host, port = _address(node.address)
+        return Target(host, port, node.address, self._ssl(node))
 
-    def _url(self, node: Node, path: str) -> URL:
-        return _agent_url(node.scheme, node.address, path)
-
-    def _ssl(self, node: Node) -> ssl.SSLContext | bool:
-        """The node's TLS client context (verifying against its CA), True for plain HTTP
-        (aiohttp's default; unused with an http:// URL)."""
+    def _ssl(self, node: Node) -> ssl.SSLContext | None:
+        """The node's TLS client context (verifying against its CA), None for plain HTTP."""
         if node.ca_file is None:
-            return True
+            return None
         if node.ca_file not in self._contexts:
             self._contexts[node.ca_file] = client_context(
                 node.ca_file, option=f"node {node.id}: ca_file"
             )
         return self._contexts[node.ca_file]
+
+    def _head(self, node: Node, method: str, path: str, extra: str, length: int | None) -> bytes:
+        """A request's line and headers, ending in the empty line."""
+        size = "" if length is None else f"Content-Length: {length}\r\n"
+        return (
+            f"{method} {path} HTTP/1.1\r\nHost: {node.address}\r\n"
+            f"{self._headers(node)}{extra}{size}\r\n"
+        ).encode("latin-1")
 
     async def _call(
         self,
@@ -177,41 +187,41 @@ class AgentDriver:
         *,
         fresh: bool = False,
     ) -> dict[str, Any]:
-        return (await self._exchange(self._http(fresh), node, method, path, json))[1]
+        return (await self._exchange(self._slots(fresh), node, method, path, json, fresh=fresh))[1]
 
     async def _exchange(
         self,
-        pool: _Pool,
+        slots: asyncio.Semaphore,
         node: Node,
         method: str,
         path: str,
         json: dict[str, Any] | None = None,
         *,
-        headers: dict[str, str] | None = None,
-        params: dict[str, str] | None = None,
-        timeout: aiohttp.ClientTimeout = _SHORT,
-    ) -> tuple[aiohttp.ClientResponse, dict[str, Any]]:
-        """One request through `pool`: the response (its status and headers) and its JSON
-        object body ({} for none); errors as `_answer` maps them."""
+        fresh: bool = False,
+        headers: str = "",
+        timeout: float = _ANSWER,
+    ) -> tuple[Response, dict[str, Any]]:
+        """One request, holding one of `slots`: the answer (its status and headers) and its
+        JSON object body ({} for none); errors as `_answer` maps them."""
+        if json is None:
+            body = None
+            head = self._head(node, method, path, headers, None)
+        else:
+            body = jsonlib.dumps(json).encode()
+            extra = f"{headers}Content-Type: application/json\r\n"
+            head = self._head(node, method, path, extra, len(body))
+        target = self._target(node)
         try:
-            async with (
-                pool.slots,
-                pool.session.request(
-                    method,
-                    self._url(node, path),
-                    json=json,
-                    params=params,
-                    headers=self._headers(node) | headers if headers else self._headers(node),
-                    timeout=timeout,
-                    ssl=self._ssl(node),
-                ) as resp,
-            ):
-                return resp, await _answer(node, resp)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            # Connecting failed: nothing of the request was sent.
+            async with slots:
+                resp = await self._wire.request(
+                    target, head, body, method=method, keep=not fresh,
+                    timeout=timeout, connect_timeout=_CONNECT,
+                )  # fmt: skip
+        except ConnectFailed as exc:  # nothing of the request was sent
             raise NotSent(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except Broken as exc:
             raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
+        return resp, _answer(node, resp)
 
     def _retrying(
         self, node: Node, operation: str, only: type[TransportError] = TransportError
@@ -234,18 +244,18 @@ class AgentDriver:
     async def status(self, node: Node) -> NodeStatus:
         """One status request, not retried: callers poll (a rebooting node is expected).
         A node found down is probed with a bare connect first (module docstring)."""
-        pool = self._http()
+        slots = self._slots()
         if node.id in self._down:
-            await self._connectable(pool, node, "GET /v1/status")
+            await self._connectable(slots, node, "GET /v1/status")
         try:
-            resp, body = await self._exchange(pool, node, "GET", "/v1/status")
+            resp, body = await self._exchange(slots, node, "GET", "/v1/status")
         except NotSent:
             self._down.add(node.id)
             raise
         self._down.discard(node.id)
-        return parse_status(body, resp.headers.get("ETag"))
+        return parse_status(body, resp.headers.get("etag"))
 
-    async def _connectable(self, pool: _Pool, node: Node, what: str) -> None:
+    async def _connectable(self, slots: asyncio.Semaphore, node: Node, what: str) -> None:
         """Return once a TCP connection to `node` can be made (and closed at once); raise
         NotSent as the request would when it cannot. Host names are not probed."""
         target = _ip_target(node.address)
@@ -253,7 +263,7 @@ class AgentDriver:
             return
         family, host, port = target
         loop = asyncio.get_running_loop()
-        async with pool.slots:
+        async with slots:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setblocking(False)
@@ -271,18 +281,17 @@ class AgentDriver:
         from `seen`, or `seen` again after `wait` seconds. None, at once, when it cannot
         be waited for: `seen` has no ETag (an agent from before long polls), or WATCHES
         polls are open already (each holds a connection); the caller polls instead."""
-        pool = self._http_watch()
-        if seen.tag is None or wait <= 0 or pool.slots.locked():
+        slots = self._watch_slots()
+        if seen.tag is None or wait <= 0 or slots.locked():
             return None
         resp, body = await self._exchange(
-            pool, node, "GET", "/v1/status",
-            headers={"If-None-Match": seen.tag},
-            params={"wait": f"{wait:.3f}"},
-            timeout=aiohttp.ClientTimeout(total=wait + _ANSWER, sock_connect=3),
+            slots, node, "GET", f"/v1/status?wait={wait:.3f}",
+            headers=f"If-None-Match: {seen.tag}\r\n",
+            timeout=wait + _ANSWER,
         )  # fmt: skip
         if resp.status == 304:
             return seen
-        return parse_status(body, resp.headers.get("ETag"))
+        return parse_status(body, resp.headers.get("etag"))
 
     async def status_retrying(self, node: Node) -> NodeStatus:
         async for attempt in self._retrying(node, "status"):
@@ -310,28 +319,21 @@ class AgentDriver:
                         on_bytes(len(chunk))
                     yield chunk
 
-        headers = self._headers(node) | {
-            "X-Image-Digest": image.digest,
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(image.size),
-        }
+        extra = f"X-Image-Digest: {image.digest}\r\nContent-Type: application/octet-stream\r\n"
         if image.signature is not None:
-            headers["X-Image-Signature"] = image.signature
-        pool = self._http()
+            extra += f"X-Image-Signature: {image.signature}\r\n"
+        head = self._head(node, "PUT", "/v1/image", extra, image.size)
         try:
-            async with (
-                pool.slots,
-                pool.session.put(
-                    self._url(node, "/v1/image"),
-                    data=body(),
-                    headers=headers,
-                    timeout=_STREAM,
-                    ssl=self._ssl(node),
-                ) as resp,
-            ):
-                answer = await _answer(node, resp)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            async with self._slots():
+                resp = await self._wire.request(
+                    self._target(node), head, body(), method="PUT", timeout=None,
+                    connect_timeout=_STREAM_CONNECT, read_timeout=_STREAM_READ,
+                )  # fmt: skip
+        except ConnectFailed as exc:
+            raise NotSent(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
+        except Broken as exc:
             raise TransportError(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
+        answer = _answer(node, resp)
         return bool(answer.get("written", True))
 
     async def _fetch(
@@ -421,30 +423,10 @@ class AgentDriver:
             )
 
     async def close(self) -> None:
-        for pool in (self._pooled, self._once, self._watching):
-            if pool is not None:
-                await pool.session.close()
+        await self._wire.close()
 
 
-class _Pool:
-    """One aiohttp session and its request slots.
-
-    The slots are taken before aiohttp sees a request, so a request's timeout runs from
-    when it has a connection, not while it waits behind a thousand others (2,000 leases
-    taken at once): the timeout measures the agent, not this process's queue. It also
-    keeps the event loop's turns short, so that a connect is not timed out by a loop busy
-    setting up a herd of requests."""
-
-    def __init__(self, *, force_close: bool, limit: int = CONNECTIONS) -> None:
-        keepalive = None if force_close else KEEPALIVE
-        connector = aiohttp.TCPConnector(
-            limit=limit, force_close=force_close, keepalive_timeout=keepalive
-        )
-        self.session = aiohttp.ClientSession(connector=connector)
-        self.slots = asyncio.Semaphore(limit)
-
-
-@functools.lru_cache(maxsize=URL_CACHE)
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def _ip_target(address: str) -> tuple[socket.AddressFamily, str, int] | None:
     """(family, host, port) of an agent address whose host is an IP address, else None.
 
@@ -463,15 +445,23 @@ def _ip_target(address: str) -> tuple[socket.AddressFamily, str, int] | None:
     return family, str(ip), number
 
 
-@functools.lru_cache(maxsize=URL_CACHE)
-def _agent_url(scheme: str, address: str, path: str) -> URL:
-    """The parsed URL of `path` on the agent at `address` (host:port)."""
-    return URL(f"{scheme}://{address}{path}")
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
+def _address(address: str) -> tuple[str, int]:
+    """(host, port) of an agent address host:port, an IPv6 host without its brackets;
+    ValueError when it is not one.
+
+    >>> _address("127.0.0.5:7000"), _address("[::1]:7443"), _address("node-7.example:80")
+    (('127.0.0.5', 7000), ('::1', 7443), ('node-7.example', 80))
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"agent address {address!r} is not host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-async def _answer(node: Node, resp: aiohttp.ClientResponse) -> dict[str, Any]:
+def _answer(node: Node, resp: Response) -> dict[str, Any]:
     try:
-        body = await resp.json(content_type=None)
+        body = resp.json()
     except ValueError:
         body = None
     if not isinstance(body, dict):
