@@ -16,13 +16,17 @@ waited, tests/test_probe_slots.py.)
 Held rounds: when every check of the policy is `agent` and a round passed, the watcher
 does not poll again every `interval`: it holds one status long poll (`Driver.watch`) for
 the rest of `min_healthy_time` (at most `HOLD_MAX` seconds at a time), when that stands
-for at least `HOLD_ROUNDS` rounds (fewer are cheaper as rounds). The agent answers
-it the moment the node's status changes, so a workload that crashes during that time is
+for at least `HOLD_ROUNDS` rounds (a single round left costs the same request either
+way, and stays a round). The agent answers it the moment the node's status changes, so a workload that crashes during that time is
 seen at once rather than at the next round, and a node costs one request where it cost a
 round per interval (13 of them for 5 s rounds over 60 s). Unchanged at the end means it
 passed throughout. A failed round goes back to rounds every `interval`, so
 `failure_threshold` still counts rounds that far apart. A probe that cannot hold (an
 agent without ETags, the driver's long polls all taken) falls back to rounds.
+
+The first round of `agent` checks is the status the boot wait has just read (the node
+back on its new boot, its workload past starting): a request then would ask the agent
+the same question a moment later (`Probe.first_round`).
 
 `HealthTracker` (pure) turns a sequence of (time, all-checks-ok) observations into a
 verdict. A node is healthy only after passing continuously for `min_healthy_time`; any
@@ -55,10 +59,10 @@ from rollout.policy import AgentCheck, Check, Health, HttpCheck, TcpCheck
 
 PROBES = 64  # http and tcp probes open at once, per rollout
 HOLD_MAX = 30.0  # seconds one held round waits at most (the agent allows 60)
-# Rounds a held poll must stand for. It opens a connection of its own (a pooled status
-# rides the node's kept one), about three pooled requests' client CPU: held in place of
-# two rounds, 2,000 real agents cost the controller 15% more (benchmarks/bench_http.py).
-HOLD_ROUNDS = 3
+# Rounds a held poll must stand for. It rides the node's kept connection, as a round
+# does, but takes one of the driver's long-poll slots and an agent's handler for its
+# whole wait: worth it from two rounds on (benchmarks/bench_http.py).
+HOLD_ROUNDS = 2
 
 # Clocks add up floats: 24 rounds of 5 s may read 119.99999999999999 s. Durations are
 # compared with this much slack so that a check due at the deadline counts as at it.
@@ -138,6 +142,14 @@ class Probe(Protocol):
         prober that is not told of changes (the simulation) looks every `interval`."""
         ...
 
+    def first_round(
+        self, checks: Sequence[Check], target_digest: str, st: NodeStatus
+    ) -> list[CheckResult] | None:
+        """The first round's results read from `st`, the node's status just read (the
+        boot wait's last), when the checks are judged on that alone; else None, and the
+        first round is a round."""
+        ...
+
 
 def probe_session() -> aiohttp.ClientSession:
     """The session of a rollout's probes (and gates): no connection limit of its own, for
@@ -181,6 +193,14 @@ class Prober:
             return None
         if st is seen:  # unchanged (304)
             return results
+        return [_agent_result(st, target_digest) for _ in checks]
+
+    def first_round(
+        self, checks: Sequence[Check], target_digest: str, st: NodeStatus
+    ) -> list[CheckResult] | None:
+        """`agent` checks only: what a status request now would answer (module docstring)."""
+        if not all(isinstance(c, AgentCheck) for c in checks):
+            return None
         return [_agent_result(st, target_digest) for _ in checks]
 
     async def check_all(
@@ -239,9 +259,11 @@ async def watch(
     node: Node,
     target_digest: str,
     on_result: Callable[[CheckResult], None] | None = None,
+    booted: NodeStatus | None = None,
 ) -> tuple[Verdict, str]:
     """Check `node` every interval, or hold it once it passes (held rounds, module
-    docstring), until it is healthy long enough, or fails.
+    docstring), until it is healthy long enough, or fails. `booted`, the status the boot
+    wait just read, is the first round when the prober can judge it (`first_round`).
 
     Returns the verdict and the detail of the last failed check (empty when healthy).
     """
@@ -253,8 +275,9 @@ async def watch(
     )
     last_failure = ""
     passed: list[CheckResult] | None = None  # the last round, when it passed
+    first = None if booted is None else prober.first_round(health.checks, target_digest, booted)
     while True:
-        results = None
+        results, first = first, None
         if passed is not None:
             wait = tracker.until_due(clock.now())
             if math.ceil(wait / health.interval - _EPSILON) >= HOLD_ROUNDS:

@@ -159,9 +159,10 @@ class NodeSteps:
             await self.rollback_node(rec)  # a crash interrupted its rollback
             return
         st = await self._reach(node, self.reach_timeout)
+        booted: NodeStatus | None = None  # the boot wait's last status: the first round
         if rec.activated:
             # Resumed after activation: the boot count recorded before it tells the rest.
-            await self._resume_activated(rec, st)
+            booted = await self._resume_activated(rec, st)
         elif st.done(target):
             rec.boot_count, rec.version = st.boot_count, st.booted_version
             await self.set(rec, NodePhase.SKIPPED, detail="already on the target, committed")
@@ -183,7 +184,7 @@ class NodeSteps:
             rec.boot_count_start = st.boot_count - 1
             rec.boot_count, rec.version = st.boot_count, st.booted_version
             await self.set(rec, NodePhase.BOOTING, detail="adopted: on the target, uncommitted")
-            await self._boot(rec, st.boot_count - 1)  # its workload past starting
+            booted = await self._boot(rec, st.boot_count - 1)  # its workload past starting
         elif not st.committed:
             raise NodeFailed(
                 Reason.ACTIVATE_FAILED,
@@ -202,20 +203,20 @@ class NodeSteps:
                 await self._stage(rec)
             if not await self.control.checkpoint():
                 return
-            await self._activate(rec)
-        await self._verify(rec, prober)
+            booted = await self._activate(rec)
+        await self._verify(rec, prober, booted)
         await self._commit(rec)
 
-    async def _resume_activated(self, rec: NodeRecord, st: NodeStatus) -> None:
-        """The journal says activation was (or was about to be) sent: find out if it was."""
+    async def _resume_activated(self, rec: NodeRecord, st: NodeStatus) -> NodeStatus:
+        """The journal says activation was (or was about to be) sent: find out if it was.
+        The node's status once it is back."""
         start = rec.boot_count_start if rec.boot_count_start is not None else st.boot_count
         if st.boot_count == start and st.busy is None and not st.runs(self.image.digest):
             if st.staged_digest != self.image.digest:
                 await self._stage(rec)
-            await self._activate(rec)  # it never arrived: boot count unchanged, agent idle
-            return
+            return await self._activate(rec)  # it never arrived: boot count unchanged, idle
         await self.set(rec, NodePhase.BOOTING, detail="resumed")
-        await self._boot(rec, start)
+        return await self._boot(rec, start)
 
     async def _reach(self, node: Node, timeout: float) -> NodeStatus:
         deadline = clock.now() + timeout
@@ -261,7 +262,8 @@ class NodeSteps:
             raise NodeFailed(Reason.STAGE_FAILED, f"could not stream the image: {exc}") from exc
         await self.set(rec, NodePhase.STAGED, detail="" if written else "already staged")
 
-    async def _activate(self, rec: NodeRecord) -> None:
+    async def _activate(self, rec: NodeRecord) -> NodeStatus:
+        """Activate, then wait until the node is back; its status then."""
         node, mode = rec.node, self.policy.activation
         start = rec.boot_count if rec.boot_count is not None else 0
         rec.boot_count_start = start
@@ -275,10 +277,11 @@ class NodeSteps:
         except TransportError:
             pass  # the request may have arrived: the boot count tells
         await self.set(rec, NodePhase.BOOTING)
-        await self._boot(rec, start)
+        return await self._boot(rec, start)
 
-    async def _boot(self, rec: NodeRecord, start: int) -> None:
-        """The BOOT step: wait until the node booted past `start`; it must run the target."""
+    async def _boot(self, rec: NodeRecord, start: int) -> NodeStatus:
+        """The BOOT step: wait until the node booted past `start`; it must run the target.
+        Its status then."""
         timeout = self.policy.health.boot_timeout
         st = await self._timed(
             rec,
@@ -292,8 +295,9 @@ class NodeSteps:
                 Reason.FELL_BACK,
                 f"node booted {st.booted_version} instead of the target (it fell back)",
             )
+        return st
 
-    async def _verify(self, rec: NodeRecord, prober: Probe) -> None:
+    async def _verify(self, rec: NodeRecord, prober: Probe, booted: NodeStatus | None) -> None:
         await self.set(rec, NodePhase.VERIFYING)
 
         def seen(r: CheckResult) -> None:
@@ -302,7 +306,7 @@ class NodeSteps:
         verdict, detail = await self._timed(
             rec,
             Step.VERIFY,
-            lambda: watch(prober, self.policy.health, rec.node, self.image.digest, seen),
+            lambda: watch(prober, self.policy.health, rec.node, self.image.digest, seen, booted),
             lambda r: r[0] is Verdict.HEALTHY,
         )
         if verdict is Verdict.UNHEALTHY:

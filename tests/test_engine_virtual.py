@@ -8,6 +8,7 @@ in milliseconds and the tests assert exact virtual seconds. The real-agent tests
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -16,9 +17,10 @@ from rollout import clock
 from rollout.drivers.sim import Healthy, SimDriver, SimFleet, SimProber
 from rollout.engine import Engine
 from rollout.events import Event, StepDone
-from rollout.model import Image, Node, NodePhase, RolloutPhase
+from rollout.health import CheckResult
+from rollout.model import Image, Node, NodePhase, NodeStatus, RolloutPhase
 from rollout.plan import plan_batches
-from rollout.policy import Policy, parse_policy
+from rollout.policy import Check, Policy, parse_policy
 from rollout.record import RolloutResult
 from rollout.steps import BOOT_POLL_MAX, POLL_INTERVAL, poll_delay
 from tests.helpers import seen_at
@@ -129,6 +131,32 @@ async def test_min_healthy_time_between_rounds(checks: list[Any], verified: floa
     assert result.phase is RolloutPhase.SUCCEEDED
     verify = [e.seconds for e in events if isinstance(e, StepDone) and e.step == "verify"]
     assert verify == [pytest.approx(verified, abs=0.01)]
+
+
+class FirstRounds(SimProber):
+    """The simulated prober, recording the statuses it is offered as first rounds."""
+
+    def __init__(self, fleet: SimFleet) -> None:
+        super().__init__(fleet, always)
+        self.offered: list[tuple[int, str | None]] = []
+
+    def first_round(
+        self, checks: Sequence[Check], target_digest: str, st: NodeStatus
+    ) -> list[CheckResult] | None:
+        self.offered.append((st.boot_count, st.booted_digest))
+        return None
+
+
+async def test_each_node_s_boot_status_is_offered_as_its_first_round() -> None:
+    fleet = SimFleet(NODES[:3], V1, boot_seconds=BOOT)
+    driver = SimDriver(fleet)
+    prober = FirstRounds(fleet)
+    engine = Engine(driver, policy(), V2, lambda e: None, prober_for=lambda _: prober)
+    result = await engine.run(plan_batches(NODES[:3], policy()))
+    await driver.close()
+    assert result.phase is RolloutPhase.SUCCEEDED
+    # The status read once each node was back: its second boot, on the target.
+    assert prober.offered == [(2, V2.digest)] * 3
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,7 @@ from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
+_INLINE = 64 << 10  # image bytes read on the event loop rather than in a thread
 CONNECTIONS = 64  # requests in flight on kept connections, and as many on fresh ones
 WATCHES = 256  # status long polls open at once (each holds a connection); more nodes poll
 # Seconds an idle connection is kept: longer than the longest gap between two boot polls
@@ -313,8 +314,17 @@ class AgentDriver:
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None
     ) -> bool:
         async def body() -> AsyncIterator[bytes]:
-            with open(image.path, "rb") as fh:  # noqa: ASYNC230 - reads go to a thread
-                while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+            left = image.size
+            with open(image.path, "rb") as fh:  # noqa: ASYNC230 - big reads go to a thread
+                while True:
+                    # A thread hop costs more than reading a small rest in the loop.
+                    if left <= _INLINE:
+                        chunk = fh.read(_CHUNK)
+                    else:
+                        chunk = await asyncio.to_thread(fh.read, _CHUNK)
+                    if not chunk:
+                        return
+                    left -= len(chunk)
                     if on_bytes is not None:
                         on_bytes(len(chunk))
                     yield chunk

@@ -317,6 +317,12 @@ class SimProber:
         ok = sim.busy is None and self.healthy(node.id, digest, clock.now() - sim.booted_at)
         return [CheckResult(c.type, ok, "simulated") for c in checks]
 
+    def first_round(
+        self, checks: Sequence[Check], target_digest: str, st: NodeStatus
+    ) -> list[CheckResult] | None:
+        """None: the scripted health is not in the status, so the first round is a round."""
+        return None
+
     async def hold(
         self, checks: Sequence[Check], node: Node, target_digest: str, results: list[CheckResult],
         wait: float, interval: float,

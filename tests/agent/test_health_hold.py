@@ -5,14 +5,15 @@ rest of min_healthy_time, which the agent answers the moment its workload change
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from rollout.health import Prober, Verdict, probe_session, watch
-from rollout.model import Node
+from rollout.health import CheckResult, Prober, Verdict, probe_session, watch
+from rollout.model import Node, NodeStatus
 from rollout.policy import AgentCheck, Health, TcpCheck
 from tests.agent.conftest import StartAgent
 from tests.agent.harness import AGENT_PORT, WORKLOAD_PORT, AgentProc
@@ -31,15 +32,24 @@ async def running(start_agent: StartAgent) -> tuple[AgentProc, dict[str, Any]]:
 async def watched(
     agent: AgentProc, tmp_path: Path, health: Health, digest: str,
     during: Callable[[CountingDriver], Awaitable[None]] | None = None,
+    booted: NodeStatus | None = None, seen: list[str] | None = None,
 ) -> tuple[Verdict, str, list[str]]:  # fmt: skip
     """`health.watch` of the agent's node to `digest` with the real prober and driver
-    (`during` runs meanwhile): the verdict, its detail, and the driver's status calls.
+    (`during` runs meanwhile; `booted` the boot wait's status; each result's "kind:
+    detail" into `seen`): the verdict, its detail, and the driver's status calls.
     Within 15 s: rounds of 20 s or more could not end sooner."""
     node = Node("n1", f"{agent.host}:{AGENT_PORT}", {}, str(tmp_path / "token"))
     driver = CountingDriver()
+
+    def result(r: CheckResult) -> None:
+        if seen is not None:
+            seen.append(f"{r.kind}: {r.detail}")
+
     async with probe_session() as session:
         try:
-            task = asyncio.create_task(watch(Prober(driver, session), health, node, digest))
+            task = asyncio.create_task(
+                watch(Prober(driver, session), health, node, digest, result, booted)
+            )
             if during is not None:
                 await during(driver)
             verdict, detail = await asyncio.wait_for(task, 15)
@@ -94,16 +104,54 @@ async def test_other_checks_keep_their_rounds(
     assert calls == ["status"] * 3  # rounds at 0, 0.25 and 0.5 s
 
 
-async def test_a_short_hold_stays_rounds(
+async def test_a_single_round_left_stays_a_round(
     start_agent: StartAgent, images: SampleImages, tmp_path: Path
 ) -> None:
-    """Two rounds left (0.5 s of 0.25 s rounds) are cheaper than a held poll's own
-    connection: rounds at 0, 0.25 and 0.5 s."""
+    """One round left (0.25 s of 0.25 s rounds) is the same one request either way:
+    rounds at 0 and 0.25 s. Two left (0.5 s) are held."""
     agent, _ = await running(start_agent)
+    health = Health(checks=(AgentCheck(),), interval=0.25, min_healthy_time=0.25, deadline=30)
+    verdict, _, calls = await watched(agent, tmp_path, health, images.v1.digest)
+    assert verdict is Verdict.HEALTHY
+    assert calls == ["status"] * 2
     health = Health(checks=(AgentCheck(),), interval=0.25, min_healthy_time=0.5, deadline=30)
     verdict, _, calls = await watched(agent, tmp_path, health, images.v1.digest)
     assert verdict is Verdict.HEALTHY
-    assert calls == ["status"] * 3
+    assert calls == ["status", "watch"]
+
+
+async def test_the_boot_wait_s_status_is_the_first_round(
+    start_agent: StartAgent, images: SampleImages, tmp_path: Path
+) -> None:
+    """Given the status the boot wait read, `agent` checks ask nothing for their first
+    round; a status that fails them is a failed round like any other; a `tcp` check
+    still makes its own first round."""
+    agent, st = await running(start_agent)
+    node = Node("n1", f"{agent.host}:{AGENT_PORT}", {}, str(tmp_path / "token"))
+    health = Health(checks=(AgentCheck(),), interval=0.25, min_healthy_time=0.5, deadline=30)
+    counting = CountingDriver()
+    booted = await counting.status(node)
+    counting.calls.clear()
+    verdict, _, calls = await watched(agent, tmp_path, health, images.v1.digest, booted=booted)
+    assert verdict is Verdict.HEALTHY
+    assert calls == ["watch"]  # in place of rounds at 0, 0.25 and 0.5 s
+    starting = dataclasses.replace(booted, workload="starting", tag=None)
+    seen: list[str] = []
+    verdict, _, calls = await watched(
+        agent, tmp_path, health, images.v1.digest, booted=starting, seen=seen
+    )
+    assert verdict is Verdict.HEALTHY
+    assert seen[0] == "agent: workload starting"  # the first round, failed, from the status
+    assert calls[0] == "status"  # then rounds again
+    both = Health(
+        checks=(AgentCheck(), TcpCheck(port=WORKLOAD_PORT)), interval=0.25,
+        min_healthy_time=0.25, deadline=30,
+    )  # fmt: skip
+    verdict, _, calls = await watched(agent, tmp_path, both, images.v1.digest, booted=booted)
+    assert verdict is Verdict.HEALTHY
+    assert calls == ["status"] * 2
+    await counting.close()
+    assert st["workload"]["state"] == "running"
 
 
 async def _true(value: bool) -> bool:
