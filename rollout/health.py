@@ -17,9 +17,10 @@ Held rounds: when every check of the policy is `agent` and a round passed, the w
 does not poll again every `interval`: it holds one status long poll (`Driver.watch`) for
 the rest of `min_healthy_time` (at most `HOLD_MAX` seconds at a time), when that stands
 for at least `HOLD_ROUNDS` rounds (a single round left costs the same request either
-way, and stays a round). The agent answers it the moment the node's status changes, so a workload that crashes during that time is
-seen at once rather than at the next round, and a node costs one request where it cost a
-round per interval (13 of them for 5 s rounds over 60 s). Unchanged at the end means it
+way, and stays a round). The agent answers it the moment the node's status changes, so
+a workload that crashes during that time is seen at once rather than at the next round,
+and a node costs one request where it cost a round per interval (13 of them for 5 s
+rounds over 60 s). Unchanged at the end means it
 passed throughout. A failed round goes back to rounds every `interval`, so
 `failure_threshold` still counts rounds that far apart. A probe that cannot hold (an
 agent without ETags, the driver's long polls all taken) falls back to rounds.

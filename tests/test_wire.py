@@ -257,7 +257,8 @@ async def test_a_refusal_during_an_upload_ends_it_and_is_the_answer() -> None:
         await runner.cleanup()
 
 
-async def test_a_streamed_upload_arrives_whole() -> None:
+@pytest.mark.parametrize("size", [64 << 20, 0], ids=["64MiB", "empty"])
+async def test_a_streamed_upload_arrives_whole(size: int) -> None:
     got: list[int] = []
 
     async def take(request: web.Request) -> web.Response:
@@ -270,7 +271,6 @@ async def test_a_streamed_upload_arrives_whole() -> None:
     app = web.Application(client_max_size=1 << 30)
     app.router.add_put("/v1/image", take)
     target, runner = await serve(app)
-    size = 64 << 20
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(size >> 20):

@@ -166,12 +166,14 @@ class _Connection(asyncio.Protocol):
         if body is None or isinstance(body, bytes):
             self.transport.write(head + body if body else head)
         else:
-            self.transport.write(head)
+            pending: bytes | None = head  # sent with the first part: one system call
             whole = False
             try:
                 async for chunk in body:
                     if waiter.done():
                         break  # answered already: a refusal
+                    if pending is not None:
+                        chunk, pending = pending + chunk, None
                     self.transport.write(chunk)
                     if self._paused:
                         self._drained = self._loop.create_future()
@@ -179,6 +181,8 @@ class _Connection(asyncio.Protocol):
                             await self._drained
                 else:
                     whole = True
+                    if pending is not None:  # an empty body
+                        self.transport.write(pending)
             except (OSError, TimeoutError):
                 if not waiter.done() or waiter.exception() is not None:
                     raise  # the agent stopped reading without an answer
