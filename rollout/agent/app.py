@@ -308,14 +308,7 @@ async def rollback(request: web.Request) -> web.StreamResponse:
 
 
 async def commit(request: web.Request) -> web.Response:
-    agent, lease = request.app[AGENT_KEY], _lease(request)
-    agent.check_lease(lease, "commit")  # before the body, as for the other switches
-    release = False
-    if (await request.read()).strip():
-        release = (await _json_object(request)).get("release", False)
-        if not isinstance(release, bool):
-            raise AgentError("bad_request", "release: expected true or false", field="release")
-    return web.json_response(await agent.commit(lease=lease, release=release))
+    return web.json_response(await request.app[AGENT_KEY].commit(lease=_lease(request)))
 
 
 def make_app(agent: Agent) -> web.Application:

@@ -680,9 +680,7 @@ class Agent:
     def begin_switch(self, new: AgentState) -> None:
         self._spawn(self._switch(new), name="switch")
 
-    async def commit(self, *, lease: str | None = None, release: bool = False) -> dict[str, Any]:
-        """Mark the booted slot good; with `release`, then release `lease` (the caller's:
-        done with this node, the rollout's next request to it saves one)."""
+    async def commit(self, *, lease: str | None = None) -> dict[str, Any]:
         self.check_lease(lease, "commit")
         if self.busy is Busy.ACTIVATING:
             raise AgentError("busy", "the agent is busy activating; retry later", busy="activating")
@@ -693,8 +691,6 @@ class Agent:
             await self.backend.commit(new)
             self._save(new)
             log.info("commit", slot=str(self.state.booted), digest=self.state.booted_image.digest)
-        if release and lease:
-            self.release_lease(lease)
         return self.status()
 
     # --- shutdown ----------------------------------------------------------------------

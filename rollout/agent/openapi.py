@@ -132,11 +132,9 @@ def document() -> dict[str, Any]:
             "responses": _answers(202, 400, 409, 413),
         }},
         "/v1/commit": {"post": {
-            "summary": "Confirm the booted slot (and, with release, release the lease)",
+            "summary": "Confirm the booted slot",
             "parameters": [lease_header],
-            "requestBody": _json_body({"type": "object", "properties": {
-                "release": {"type": "boolean"}}}, False),
-            "responses": _answers(200, 400, 409, 413),
+            "responses": _answers(200, 409),
         }},
         "/v1/rollback": {"post": {
             "summary": "Boot the last good slot",

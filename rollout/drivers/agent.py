@@ -40,12 +40,6 @@ send the request only once that connects. A refused connect costs the client abo
 third of a refused request, and a reboot is 15-20 such polls a node, thousands a second
 in a big batch. A host name goes the usual way (the probe would resolve it once more).
 
-Leases: a node's lease is released with its commit (`POST /v1/commit {"release": true}`):
-the rollout is done with it, and the release costs no request of its own, on a connection
-of its own, at the end. The renewal sweep and the final release pass it by; a later
-rollback of it (the policy's, or an operator's) takes the lease again first, and is
-refused (`leased`) if another rollout took the node meanwhile.
-
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
 with tenacity's explicit stop and wait. `activate` and `rollback` are sent again only when
 the connection could not even be made (`NotSent`: nothing left); once the request may have
@@ -131,8 +125,6 @@ class AgentDriver:
         self.on_retry = on_retry
         self.lease_holder = lease_holder  # sent on mutating calls (X-Rollout-Lease)
         self._down: set[str] = set()  # ids of nodes whose last status could not connect
-        self._released: set[str] = set()  # ids of nodes whose lease this driver released
-        self._lease_ttl = 300.0  # the ttl of the last lease taken (a rollback's, again)
 
     # -- plumbing -----------------------------------------------------------------------
     def _slots(self, fresh: bool = False) -> asyncio.Semaphore:
@@ -413,22 +405,12 @@ class AgentDriver:
         raise AssertionError("unreachable")
 
     async def commit(self, node: Node) -> NodeStatus:
-        """Commit; with a lease holder, release the node's lease with it (module
-        docstring: Leases)."""
-        body = {"release": True} if self.lease_holder else None
         async for attempt in self._retrying(node, "commit"):
             with attempt:
-                st = parse_status(await self._call(node, "POST", "/v1/commit", json=body))
-                if body is not None:
-                    self._released.add(node.id)
-                return st
+                return parse_status(await self._call(node, "POST", "/v1/commit"))
         raise AssertionError("unreachable")
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
-        """A node whose lease went with its commit is leased again first: Refused
-        ("leased") when another rollout has it meanwhile."""
-        if node.id in self._released:
-            await self._take_lease(node, self._lease_ttl)
         async for attempt in self._retrying(node, "rollback", only=NotSent):
             with attempt:
                 await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True)
@@ -437,24 +419,15 @@ class AgentDriver:
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Take or renew this driver's lease on the node; Refused("leased") if another
-        rollout holds it. True when newly taken. A node released with its commit is not
-        leased again (False): the renewal sweep passes it by."""
+        rollout holds it. True when newly taken."""
         if not self.lease_holder:
             raise ValueError("lease() needs a lease_holder")
-        self._lease_ttl = ttl
-        if node.id in self._released:
-            return False
-        return await self._take_lease(node, ttl)
-
-    async def _take_lease(self, node: Node, ttl: float) -> bool:
         body = {"holder": self.lease_holder, "ttl": ttl}
         answer = await self._call(node, "PUT", "/v1/lease", json=body, fresh=True)
-        self._released.discard(node.id)
         return bool(answer.get("acquired"))
 
     async def release(self, node: Node) -> None:
-        """Release the node's lease, unless it went with its commit."""
-        if self.lease_holder and node.id not in self._released:
+        if self.lease_holder:
             await self._call(
                 node, "DELETE", "/v1/lease", json={"holder": self.lease_holder}, fresh=True
             )

@@ -147,34 +147,6 @@ async def test_release_lets_another_holder_in(start_agent: StartAgent) -> None:
     assert_leased_to(code, body, "r2")
 
 
-async def test_a_commit_may_release_the_holder_s_lease(start_agent: StartAgent) -> None:
-    """`POST /v1/commit {"release": true}`: the commit and the release in one request;
-    refused whole while another holder's lease is in force; a bad `release` is named."""
-    agent = await start_agent()
-    assert (await lease(agent, "r1"))[0] == 200
-    code, body, _ = await agent.request(
-        "POST", "/v1/commit", json_body={"release": True}, headers=as_holder("r2")
-    )
-    assert_leased_to(code, body, "r1")
-    code, body, _ = await agent.request(
-        "POST", "/v1/commit", json_body={"release": "yes"}, headers=as_holder("r1")
-    )
-    assert (code, body["error"], body["field"]) == (400, "bad_request", "release")
-    assert (await agent.status())["lease"]["holder"] == "r1"  # nothing changed
-    code, body, _ = await agent.request(
-        "POST", "/v1/commit", json_body={"release": False}, headers=as_holder("r1")
-    )
-    assert (code, body["committed"], body["lease"]["holder"]) == (200, True, "r1")
-    code, body, _ = await agent.request(
-        "POST", "/v1/commit", json_body={"release": True}, headers=as_holder("r1")
-    )
-    assert (code, body["committed"], body["lease"]) == (200, True, None)  # the answer says so
-    assert [e["holder"] for e in agent.events("lease_released")] == ["r1"]
-    assert (await lease(agent, "r2"))[0] == 200  # another rollout may take it now
-    code, body, _ = await agent.request("POST", "/v1/commit", json_body={"release": True})
-    assert_leased_to(code, body, "r2")
-
-
 async def test_a_short_lease_expires_and_another_holder_takes_it(
     start_agent: StartAgent, images: SampleImages
 ) -> None:
