@@ -184,7 +184,7 @@ class Prober:
         """A status long poll for a policy of `agent` checks only (module docstring); the
         agent tells of a change, so `interval` plays no part."""
         seen = results[0].status if results else None
-        if seen is None or not all(isinstance(c, AgentCheck) for c in checks):
+        if seen is None or not agent_only(checks):
             return None
         try:
             st = await self.driver.watch(node, seen, min(wait, HOLD_MAX))
@@ -200,7 +200,7 @@ class Prober:
         self, checks: Sequence[Check], target_digest: str, st: NodeStatus
     ) -> list[CheckResult] | None:
         """`agent` checks only: what a status request now would answer (module docstring)."""
-        if not all(isinstance(c, AgentCheck) for c in checks):
+        if not agent_only(checks):
             return None
         return [_agent_result(st, target_digest) for _ in checks]
 
@@ -243,6 +243,12 @@ class Prober:
         except DriverError as exc:
             return CheckResult("agent", False, f"status: {exc}")
         return _agent_result(st, target_digest)
+
+
+def agent_only(checks: Sequence[Check]) -> bool:
+    """Whether every check is the `agent` one: judged on the node's status alone, so it
+    can be held and read from the boot wait's status."""
+    return all(isinstance(c, AgentCheck) for c in checks)
 
 
 def _agent_result(st: NodeStatus, target_digest: str) -> CheckResult:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from rollout import clock
-from rollout.drivers.wire import Broken, ConnectFailed, Target, Wire
+from rollout.drivers.wire import Broken, ConnectFailed, Response, Target, Wire
 from tests.helpers import free_port
 
 HOST = "127.0.0.93"
@@ -37,6 +37,12 @@ async def serve(app: web.Application) -> tuple[Target, web.AppRunner]:
     return Target(HOST, port, f"{HOST}:{port}"), runner
 
 
+async def get(wire: Wire, target: Target, path: str, *, keep: bool = True) -> Response:
+    return await wire.request(
+        target, head("GET", path), method="GET", keep=keep, timeout=5, connect_timeout=3
+    )
+
+
 def peers_app(peers: list[int]) -> web.Application:
     """Answers every GET with the client's port (which connection it came on)."""
 
@@ -60,15 +66,13 @@ async def test_a_node_s_requests_share_one_connection_until_it_idles() -> None:
     wire = Wire(keepalive=0.3)
     try:
         for _ in range(3):
-            answer = await wire.request(
-                target, head("GET", "/who"), method="GET", timeout=5, connect_timeout=3
-            )
+            answer = await get(wire, target, "/who")
             assert answer.status == 200
         assert answer.json() == {"n": 3}
         assert len(set(peers)) == 1  # one connection for the three
         assert wire.counts() == (1, 1)
         await until(lambda: wire.counts() == (0, 0), "the idle connection to be dropped")
-        await wire.request(target, head("GET", "/who"), method="GET", timeout=5, connect_timeout=3)
+        await get(wire, target, "/who")
         assert len(set(peers)) == 2  # a new one after the idle time
     finally:
         await wire.close()
@@ -81,13 +85,9 @@ async def test_fresh_requests_and_closing_answers_leave_no_connection_behind() -
     wire = Wire(keepalive=30)
     try:
         for _ in range(2):
-            await wire.request(
-                target, head("GET", "/who"), method="GET", keep=False, timeout=5, connect_timeout=3
-            )
+            await get(wire, target, "/who", keep=False)
         assert len(set(peers)) == 2
-        await wire.request(
-            target, head("GET", "/closing"), method="GET", timeout=5, connect_timeout=3
-        )
+        await get(wire, target, "/closing")
         await until(lambda: wire.counts() == (0, 0), "every connection to be closed")
     finally:
         await wire.close()
@@ -109,9 +109,7 @@ async def test_a_chunked_answer_is_read_whole() -> None:
     target, runner = await serve(app)
     wire = Wire(keepalive=30)
     try:
-        answer = await wire.request(
-            target, head("GET", "/c"), method="GET", timeout=5, connect_timeout=3
-        )
+        answer = await get(wire, target, "/c")
         assert answer.json() == {"a": [1, 2]}
         assert answer.headers["etag"] == '"7"'
     finally:

@@ -69,7 +69,7 @@ from tenacity import (
 from rollout import clock
 from rollout.agent.status import AgentStatus
 from rollout.drivers.base import NotSent, Refused, TransportError
-from rollout.drivers.wire import Broken, ConnectFailed, Response, Target, Wire
+from rollout.drivers.wire import Body, Broken, ConnectFailed, Response, Target, Wire
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
@@ -211,18 +211,29 @@ class AgentDriver:
             body = jsonlib.dumps(json).encode()
             extra = f"{headers}Content-Type: application/json\r\n"
             head = self._head(node, method, path, extra, len(body))
-        target = self._target(node)
+        resp = await self._send(
+            slots, node, method, path, head, body, keep=not fresh,
+            timeout=timeout, connect_timeout=_CONNECT,
+        )  # fmt: skip
+        return resp, _answer(node, resp)
+
+    async def _send(
+        self, slots: asyncio.Semaphore, node: Node, method: str, path: str, head: bytes,
+        body: Body, *, keep: bool, timeout: float | None, connect_timeout: float,
+        read_timeout: float | None = None,
+    ) -> Response:  # fmt: skip
+        """One request through the wire, holding one of `slots`; its failures as the
+        driver's: NotSent when no connection could be made, else TransportError."""
         try:
             async with slots:
-                resp = await self._wire.request(
-                    target, head, body, method=method, keep=not fresh,
-                    timeout=timeout, connect_timeout=_CONNECT,
+                return await self._wire.request(
+                    self._target(node), head, body, method=method, keep=keep,
+                    timeout=timeout, connect_timeout=connect_timeout, read_timeout=read_timeout,
                 )  # fmt: skip
         except ConnectFailed as exc:  # nothing of the request was sent
             raise NotSent(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
         except Broken as exc:
             raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
-        return resp, _answer(node, resp)
 
     def _retrying(
         self, node: Node, operation: str, only: type[TransportError] = TransportError
@@ -333,18 +344,11 @@ class AgentDriver:
         if image.signature is not None:
             extra += f"X-Image-Signature: {image.signature}\r\n"
         head = self._head(node, "PUT", "/v1/image", extra, image.size)
-        try:
-            async with self._slots():
-                resp = await self._wire.request(
-                    self._target(node), head, body(), method="PUT", timeout=None,
-                    connect_timeout=_STREAM_CONNECT, read_timeout=_STREAM_READ,
-                )  # fmt: skip
-        except ConnectFailed as exc:
-            raise NotSent(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
-        except Broken as exc:
-            raise TransportError(f"{node.id}: PUT /v1/image: {_describe(exc)}") from exc
-        answer = _answer(node, resp)
-        return bool(answer.get("written", True))
+        resp = await self._send(
+            self._slots(), node, "PUT", "/v1/image", head, body(), keep=True, timeout=None,
+            connect_timeout=_STREAM_CONNECT, read_timeout=_STREAM_READ,
+        )  # fmt: skip
+        return bool(_answer(node, resp).get("written", True))
 
     async def _fetch(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None
@@ -445,14 +449,13 @@ def _ip_target(address: str) -> tuple[socket.AddressFamily, str, int] | None:
     >>> _ip_target("[::1]:7000"), _ip_target("node-1:7000"), _ip_target("10.0.0.1:x")
     ((<AddressFamily.AF_INET6: 10>, '::1', 7000), None, None)
     """
-    host, _, port = address.rpartition(":")
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-        number = int(port)
+        host, port = _address(address)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return None
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return family, str(ip), number
+    return family, str(ip), port
 
 
 @functools.lru_cache(maxsize=ADDRESS_CACHE)

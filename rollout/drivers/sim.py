@@ -36,9 +36,9 @@ from rollout import clock
 from rollout.agent import state as sm
 from rollout.agent.state import AgentError, AgentState, FallbackReason, Slot, SlotImage
 from rollout.drivers.base import Refused, TransportError
-from rollout.health import HOLD_MAX, CheckResult
+from rollout.health import HOLD_MAX, CheckResult, agent_only
 from rollout.model import ActivationMode, Image, Node, NodeStatus
-from rollout.policy import AgentCheck, Check
+from rollout.policy import Check
 
 Healthy = Callable[[str, str, float], bool]
 _NO_DEADLINE = 1e12  # the commit deadline timer is not simulated
@@ -331,7 +331,7 @@ class SimProber:
         no status to watch, so it looks every `interval` and answers at the first look
         that fails, else after `wait` (at most HOLD_MAX). A real agent answers at the
         change itself, up to an interval sooner."""
-        if not all(isinstance(c, AgentCheck) for c in checks):
+        if not agent_only(checks):
             return None
         end = clock.now() + min(wait, HOLD_MAX)
         while True:
