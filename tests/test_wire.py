@@ -5,7 +5,10 @@ connection under a request, answer garbage, never answer)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -284,5 +287,35 @@ async def test_a_streamed_upload_arrives_whole(size: int) -> None:
         assert got == [size]
         assert wire.counts() == (1, 1)  # kept for the node's next request
     finally:
+        await wire.close()
+        await runner.cleanup()
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector() -> None:
+    """At thousands of connections a second, one left in a reference cycle (its parser
+    holds its callbacks) would wait, with all it holds, for the cyclic collector."""
+    peers: list[int] = []
+    target, runner = await serve(peers_app(peers))
+    wire = Wire(keepalive=30)
+    made: list[weakref.ref[object]] = []
+    connect = wire._connect
+
+    async def watched(target: Target, timeout: float) -> Any:
+        conn = await connect(target, timeout)
+        made.append(weakref.ref(conn))
+        return conn
+
+    wire._connect = watched  # type: ignore[method-assign]
+    gc.disable()
+    try:
+        await get(wire, target, "/who", keep=False)
+        await get(wire, target, "/who")  # kept,
+        await get(wire, target, "/closing")  # then closed by the agent
+        await get(wire, target, "/who")  # kept, then closed by the client
+        await wire.close()
+        assert len(made) == 3
+        await until(lambda: all(ref() is None for ref in made), "the connections to be freed")
+    finally:
+        gc.enable()
         await wire.close()
         await runner.cleanup()

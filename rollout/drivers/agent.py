@@ -55,8 +55,8 @@ import ipaddress
 import json as jsonlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -75,6 +75,8 @@ from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
 from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
+
+T = TypeVar("T")
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
 _INLINE = 64 << 10  # image bytes read on the event loop rather than in a thread
@@ -252,6 +254,29 @@ class AgentDriver:
             reraise=True,
         )
 
+    async def _retried(
+        self,
+        node: Node,
+        operation: str,
+        call: Callable[[], Awaitable[T]],
+        only: type[TransportError] = TransportError,
+    ) -> T:
+        """`call()`, retried on `only` as `_retrying` says. The first attempt is made
+        before tenacity's machinery is set up (about 15 µs and a dozen objects in
+        reference cycles a call, three calls a node), and a failure of it is handed to
+        that machinery as its first attempt: the same attempts, waits and reports."""
+        try:
+            return await call()
+        except only as exc:
+            first: BaseException | None = exc
+        async for attempt in self._retrying(node, operation, only):
+            with attempt:
+                if first is not None:
+                    failed, first = first, None
+                    raise failed
+                return await call()
+        raise AssertionError("unreachable")
+
     # -- Driver -------------------------------------------------------------------------
     async def status(self, node: Node) -> NodeStatus:
         """One status request, not retried: callers poll (a rebooting node is expected).
@@ -306,20 +331,14 @@ class AgentDriver:
         return parse_status(body, resp.headers.get("etag"))
 
     async def status_retrying(self, node: Node) -> NodeStatus:
-        async for attempt in self._retrying(node, "status"):
-            with attempt:
-                return await self.status(node)
-        raise AssertionError("unreachable")
+        return await self._retried(node, "status", lambda: self.status(node))
 
     async def stage(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None = None
     ) -> bool:
         if image.pulled:
             return await self._fetch(node, image, on_bytes)
-        async for attempt in self._retrying(node, "stage"):
-            with attempt:
-                return await self._stage_once(node, image, on_bytes)
-        raise AssertionError("unreachable")
+        return await self._retried(node, "stage", lambda: self._stage_once(node, image, on_bytes))
 
     async def _stage_once(
         self, node: Node, image: Image, on_bytes: Callable[[int], None] | None
@@ -364,16 +383,16 @@ class AgentDriver:
         asks = 0
         while True:
             asks += 1
-            async for attempt in self._retrying(node, "fetch"):
-                with attempt:
-                    answer = await self._call(node, "POST", "/v1/fetch", json=body)
+            answer = await self._retried(
+                node, "fetch", lambda: self._call(node, "POST", "/v1/fetch", json=body)
+            )
             if answer.get("written") is False:
                 return False  # already staged
             while True:
                 await clock.sleep(self.fetch_poll)
-                async for attempt in self._retrying(node, "status"):
-                    with attempt:
-                        raw = await self._call(node, "GET", "/v1/status")
+                raw = await self._retried(
+                    node, "status", lambda: self._call(node, "GET", "/v1/status")
+                )
                 fetch = raw.get("fetch") or {}
                 mine = fetch.get("digest") == image.digest
                 done = int(fetch.get("bytes") or 0) if mine else seen
@@ -402,24 +421,23 @@ class AgentDriver:
     async def activate(self, node: Node, mode: ActivationMode) -> None:
         """Sent again only when it provably never left (NotSent): any other failure may
         have arrived, and the boot count tells the engine."""
-        async for attempt in self._retrying(node, "activate", only=NotSent):
-            with attempt:
-                await self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True)
-                return
-        raise AssertionError("unreachable")
+        await self._retried(
+            node, "activate",
+            lambda: self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True),
+            only=NotSent,
+        )  # fmt: skip
 
     async def commit(self, node: Node) -> NodeStatus:
-        async for attempt in self._retrying(node, "commit"):
-            with attempt:
-                return parse_status(await self._call(node, "POST", "/v1/commit"))
-        raise AssertionError("unreachable")
+        return parse_status(
+            await self._retried(node, "commit", lambda: self._call(node, "POST", "/v1/commit"))
+        )
 
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
-        async for attempt in self._retrying(node, "rollback", only=NotSent):
-            with attempt:
-                await self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True)
-                return
-        raise AssertionError("unreachable")
+        await self._retried(
+            node, "rollback",
+            lambda: self._call(node, "POST", "/v1/rollback", json={"mode": str(mode)}, fresh=True),
+            only=NotSent,
+        )  # fmt: skip
 
     async def lease(self, node: Node, ttl: float) -> bool:
         """Take or renew this driver's lease on the node; Refused("leased") if another
