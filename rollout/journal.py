@@ -18,7 +18,13 @@ Group commit: the engine `write`s entries (buffered) and awaits `flushed()` befo
 action that depends on them; every entry written in one event-loop turn goes to disk in
 one transaction (one fsync) at the start of the next turn, so ten thousand nodes moving
 at once cost one fsync, not ten thousand, and the activation entry is still on disk
-before the activation request leaves. `append` commits at once, after whatever is
+before the activation request leaves. An entry written `lazy` is an observation nothing
+waits for (a node staged, booting, healthy, committed): it goes with the next commit
+anyway, or `LAZY` seconds later at the latest, so nodes answering one at a time do not
+cost an fsync each. A crash may lose such a tail of the journal, never an entry before
+one that was committed (the file is always a prefix of what was written) and never one
+an action depended on: the resumed controller reads those nodes' state from their agents
+as it does for every node it resumes. `append` commits at once, after whatever is
 buffered, so the journal's order is the order things were written in.
 Node locks make one rollout per node: a rollout locks its nodes while it is not finished;
 an overlapping rollout is refused, naming the holder; a lock whose lease expired (its
@@ -108,8 +114,9 @@ class Store(Protocol):
         """Commit `body` now (after anything buffered); durable on return."""
         ...
 
-    def write(self, rollout_id: str, body: Body) -> None:
-        """Buffer `body` for the next group commit (see `flushed`)."""
+    def write(self, rollout_id: str, body: Body, *, lazy: bool = False) -> None:
+        """Buffer `body` for the next group commit (see `flushed`); with `lazy` (an
+        observation no action or answer waits for) the commit may wait `LAZY` seconds."""
         ...
 
     async def flushed(self) -> None:
@@ -133,6 +140,13 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# Seconds an entry written `lazy` (no action or answer waits for it) may stay uncommitted.
+# Most of a node's entries are such observations (staged, booting, verifying, healthy,
+# committed), and nodes answer one at a time: committing each loop turn's entries made 2,200
+# fsyncs for 2,000 real agents, 280 of them for an entry something waited for.
+LAZY = 0.25
 
 
 class SQLiteStore:
@@ -171,6 +185,7 @@ class SQLiteStore:
         self._group: asyncio.Handle | None = None  # the next group commit, scheduled
         self._waiters: list[asyncio.Future[None]] = []  # who awaits it
         self._group_loop: asyncio.AbstractEventLoop | None = None
+        self._soon = False  # the scheduled commit is at the next turn, not a lazy one
 
     def append(self, rollout_id: str, body: Body) -> Entry:
         row = (rollout_id, time.time(), str(body.kind), _dumps(body))
@@ -178,7 +193,7 @@ class SQLiteStore:
             seq = self._commit_locked([row])
         return Entry(seq, rollout_id, row[1], row[2], json.loads(row[3]))
 
-    def write(self, rollout_id: str, body: Body) -> None:
+    def write(self, rollout_id: str, body: Body, *, lazy: bool = False) -> None:
         with self._mutex:
             self._buffer.append((rollout_id, time.time(), str(body.kind), _dumps(body)))
             loop = clock.running_loop()
@@ -186,15 +201,29 @@ class SQLiteStore:
                 # Scheduled on a loop that has ended (a store outliving asyncio.run):
                 # that commit never runs, so this one takes its entries along.
                 self._group = None
-            if self._group is None:
-                self._group, self._group_loop = loop.call_soon(self._commit_group), loop
+            if self._group is None and lazy:
+                self._group, self._soon = loop.call_later(LAZY, self._commit_group), False
+                self._group_loop = loop
+            elif not lazy:
+                self._commit_soon(loop)
 
     async def flushed(self) -> None:
         if self._group is None:
             return
-        waiter = clock.running_loop().create_future()  # one each: cancelling one
+        loop = clock.running_loop()
+        with self._mutex:
+            self._commit_soon(loop)  # someone waits: not lazily
+        waiter = loop.create_future()  # one each: cancelling one
         self._waiters.append(waiter)  # waiter cancels no other
         await waiter
+
+    def _commit_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The group commit at the next turn (a lazy one scheduled is brought forward)."""
+        if self._group is not None and self._group_loop is loop and self._soon:
+            return
+        if self._group is not None:
+            self._group.cancel()
+        self._group, self._group_loop, self._soon = loop.call_soon(self._commit_group), loop, True
 
     def _commit_group(self) -> None:
         with self._mutex:
@@ -328,8 +357,8 @@ class RolloutJournal:
         self.store = store
         self.rollout_id = rollout_id
 
-    def write(self, body: Body) -> None:
-        self.store.write(self.rollout_id, body)
+    def write(self, body: Body, *, lazy: bool = False) -> None:
+        self.store.write(self.rollout_id, body, lazy=lazy)
 
     async def flushed(self) -> None:
         await self.store.flushed()

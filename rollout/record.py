@@ -18,10 +18,11 @@ from rollout.model import Node, NodePhase, Reason, RolloutPhase
 
 
 class Journal(Protocol):
-    """Where the engine writes one rollout's entries: `write` buffers (group commit),
-    `flushed` returns once everything written is on disk."""
+    """Where the engine writes one rollout's entries: `write` buffers (group commit; a
+    `lazy` entry, one no action waits for, may wait longer), `flushed` returns once
+    everything written is on disk."""
 
-    def write(self, body: Body) -> None: ...
+    def write(self, body: Body, *, lazy: bool = False) -> None: ...
 
     async def flushed(self) -> None: ...
 
@@ -29,7 +30,7 @@ class Journal(Protocol):
 class NoJournal:
     """A journal that keeps nothing (an engine run without a store, in tests)."""
 
-    def write(self, body: Body) -> None:
+    def write(self, body: Body, *, lazy: bool = False) -> None:
         return None
 
     async def flushed(self) -> None:

@@ -126,9 +126,10 @@ class NodeSteps:
             rec.detail = detail
         elif not rec.failed:
             rec.detail = ""
-        self.journal.write(rec.snapshot())
+        acts = phase in _ACTS_NEXT
+        self.journal.write(rec.snapshot(), lazy=not acts)
         self._emit(NodeChanged(rec.node.id, rec.batch, phase, reason, detail))
-        if phase in _ACTS_NEXT:
+        if acts:
             await self.journal.flushed()  # durable before the request it announces leaves
 
     def progress(self, rec: NodeRecord) -> Callable[[int], None]:

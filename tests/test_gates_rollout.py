@@ -46,7 +46,7 @@ class ListJournal:
     def __init__(self, entries: Journal) -> None:
         self.entries = entries
 
-    def write(self, body: Body) -> None:
+    def write(self, body: Body, *, lazy: bool = False) -> None:
         self.entries.append((body.kind.value, to_data(body)))
 
     async def flushed(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ from rollout.entries import (
     parse_body,
     to_data,
 )
-from rollout.journal import LockConflict, SQLiteStore, fold, load_state, unfinished
+from rollout.journal import LAZY, LockConflict, SQLiteStore, fold, load_state, unfinished
 from rollout.model import NodePhase, Reason, RolloutPhase
 from tests.helpers import created_entry
 
@@ -220,3 +221,48 @@ def test_a_store_outliving_its_event_loop_still_commits(tmp_path: Path) -> None:
     phases = [e.data["phase"] for e in store.entries("r1") if e.kind == "node"]
     assert phases == ["staging", "staged"]
     store.close()
+
+
+@pytest.mark.looptime
+async def test_a_lazy_entry_waits_at_most_lazy_seconds_unless_something_needs_it(
+    tmp_path: Path,
+) -> None:
+    """A lazy entry (nothing waits for it) is committed LAZY seconds later, or at once
+    with the next entry that is not lazy, or when someone awaits `flushed`; never after
+    an entry written later (the file is a prefix of what was written)."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    created(store, "r1", ["a", "b"])
+    other = sqlite3.connect(path)
+
+    def on_disk() -> list[str]:
+        rows = other.execute("SELECT data FROM entries WHERE kind = 'node' ORDER BY seq")
+        return [json.loads(r[0])["phase"] for r in rows]
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    store.write("r1", NodeSnapshot(id="a", phase=NodePhase.STAGED), lazy=True)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert on_disk() == []  # a turn later: still buffered
+    await asyncio.sleep(LAZY)
+    assert on_disk() == ["staged"]  # LAZY seconds on: committed without anyone asking
+
+    store.write("r1", NodeSnapshot(id="a", phase=NodePhase.BOOTING), lazy=True)
+    store.write("r1", NodeSnapshot(id="b", phase=NodePhase.ACTIVATING))
+    mark = loop.time()
+    await store.flushed()
+    assert on_disk() == ["staged", "booting", "activating"]  # together, in order
+    assert loop.time() == mark  # at the next turn, not LAZY seconds later
+
+    store.write("r1", NodeSnapshot(id="b", phase=NodePhase.BOOTING), lazy=True)
+    mark = loop.time()
+    await store.flushed()  # someone waits: brought forward
+    assert on_disk()[-1] == "booting"
+    assert loop.time() == mark
+
+    store.write("r1", NodeSnapshot(id="b", phase=NodePhase.HEALTHY), lazy=True)
+    store.close()  # nothing written is lost by closing
+    assert on_disk()[-1] == "healthy"
+    assert loop.time() - start == pytest.approx(LAZY)
+    other.close()
