@@ -162,6 +162,13 @@ class NodeSteps:
         st = await self._reach(node, self.reach_timeout)
         booted: NodeStatus | None = None  # the boot wait's last status: the first round
         if rec.activated:
+            start = rec.boot_count_start
+            if st.done(target) and start is not None and st.boot_count > start:
+                # Committed on this activation's boot before the controller stopped; the
+                # entry saying so (written lazily) was lost: nothing is redone.
+                rec.boot_count, rec.version = st.boot_count, st.booted_version
+                await self.set(rec, NodePhase.COMMITTED, detail="resumed: committed already")
+                return
             # Resumed after activation: the boot count recorded before it tells the rest.
             booted = await self._resume_activated(rec, st)
         elif st.done(target):

@@ -82,6 +82,14 @@ class Agents(SimDriver):
         if when == "after":
             await self.world.crash()  # it arrived; the controller died before the answer
 
+    async def commit(self, node: Node) -> NodeStatus:
+        st = await super().commit(node)
+        self.world.commits.append(node.id)
+        if node.id in self.world.crash_at_commit:
+            self.world.crash_at_commit.discard(node.id)
+            await self.world.crash()  # committed; the controller died before the answer
+        return st
+
     async def rollback(self, node: Node, mode: ActivationMode) -> None:
         await super().rollback(node, mode)
         rebooting = sum(1 for n in self.fleet.nodes.values() if n.busy == "booting")
@@ -105,6 +113,8 @@ class World:
         self.sick: set[str] = set()
         self.crash_at: dict[str, str] = {}
         self.rollbacks: list[tuple[str, int]] = []  # (node, nodes rebooting at the request)
+        self.commits: list[str] = []  # every commit request, by node
+        self.crash_at_commit: set[str] = set()  # the controller dies once these committed
         self.drivers: list[Agents] = []
         self.running: asyncio.Task[RolloutResult] | None = None
 
@@ -481,3 +491,29 @@ async def test_a_resumed_node_is_activated_exactly_once(
     assert world.sim["n1"].boot_count == boots
     if final is RolloutPhase.SUCCEEDED:
         assert world.activations() == Counter({n.id: 1 for n in world.nodes})
+
+
+async def test_a_node_committed_before_the_crash_is_not_verified_or_committed_again(
+    world: World,
+) -> None:
+    """The controller dies as the canary's commit is answered, before the COMMITTED entry
+    (an observation, written lazily) is on disk: the journal says it is being verified.
+    Its agent says
+    committed on the target, past the journaled boot count, so the resumed controller
+    records it committed, with no second round of health checks and no second commit."""
+    world.crash_at_commit.add("n1")
+    first = world.controller()
+    rid = world.create(first, policy())
+    task = world.start(first, rid)
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    world.store._buffer.clear()  # what a killed process had not committed is gone
+    assert world.store_state(rid).nodes["n1"].phase in (NodePhase.VERIFYING, NodePhase.HEALTHY)
+    assert world.on("n1") == (V2.digest, True)
+
+    result = await world.execute(world.controller(), rid)
+    assert result.phase is RolloutPhase.SUCCEEDED, result.message
+    assert result.nodes["n1"].phase is NodePhase.COMMITTED
+    assert "committed already" in result.nodes["n1"].detail
+    assert Counter(world.commits) == Counter({n.id: 1 for n in world.nodes})
+    assert world.activations() == Counter({n.id: 1 for n in world.nodes})
