@@ -1,5 +1,6 @@
-"""Which agent calls the driver sends again: an activation only when it provably never
-left (no connection could be made), never once it may have arrived."""
+"""Which agent calls the driver sends again (an activation only when it provably never
+left: no connection could be made; never once it may have arrived), and on which
+connection each goes (one-shot calls on their own, asking the agent to close it)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,51 @@ def test_agent_addresses_are_parsed_once_and_the_cache_stays_bounded(
 def test_an_address_without_a_port_is_refused(address: str) -> None:
     with pytest.raises(ValueError, match="not host:port"):
         _address(address)
+
+
+async def test_one_shot_requests_ask_the_agent_to_close_pooled_ones_do_not(
+    tmp_path: Path,
+) -> None:
+    """activate, rollback and the leases go on a connection of their own with `Connection:
+    close` (the agent closes first, so the TIME_WAIT is its socket's); a node's other
+    requests (here two discards) share one kept connection."""
+    host = "127.0.0.94"
+    seen: list[tuple[str, str | None, int]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        port = request.transport.get_extra_info("peername")[1]
+        seen.append((request.path, request.headers.get("Connection"), port))
+        if request.path == "/v1/image":
+            return web.json_response({"discarded": False})
+        if request.path == "/v1/lease":
+            return web.json_response({"holder": "r1", "acquired": True, "expires_in": 60})
+        return web.json_response({"booting": "b", "mode": "reboot", "boot_count": 1}, status=202)
+
+    app = web.Application()
+    app.router.add_delete("/v1/image", record)
+    app.router.add_put("/v1/lease", record)
+    app.router.add_post("/v1/activate", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port(host)
+    await web.TCPSite(runner, host, port).start()
+    driver = AgentDriver(lease_holder="r1")
+    n = node(tmp_path, f"{host}:{port}")
+    try:
+        await driver.discard(n, "sha256:" + "0" * 64)
+        await driver.lease(n, 60)
+        await driver.activate(n, ActivationMode.REBOOT)
+        await driver.discard(n, "sha256:" + "0" * 64)
+        assert driver._wire.counts() == (1, 1)  # the kept connection, idle
+    finally:
+        await driver.close()
+        await runner.cleanup()
+    assert [(path, conn) for path, conn, _ in seen] == [
+        ("/v1/image", None),
+        ("/v1/lease", "close"),
+        ("/v1/activate", "close"),
+        ("/v1/image", None),
+    ]
+    ports = [p for _, _, p in seen]
+    assert ports[0] == ports[3] and len(set(ports)) == 3

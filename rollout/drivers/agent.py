@@ -16,7 +16,9 @@ Connections:
   rebooted) is not reused; an idempotent request (GET, PUT, DELETE) is sent once more on
   a fresh connection if the agent closed the reused one just as it was written, and
   `commit` is retried here.
-- a fresh connection, closed after the answer, for the rest: `activate` and `rollback`,
+- a fresh connection, closed after the answer (`Connection: close`: the agent closes it
+  first, so the TIME_WAIT is on its side, not the controller's), for the rest: `activate`
+  and `rollback`,
   which are not idempotent, so they never ride a reused connection that could fail
   without telling whether the request arrived; and the leases, taken, renewed and
   released for every node of the fleet at once or in a sweep, which kept would leave one
@@ -206,6 +208,8 @@ class AgentDriver:
     ) -> tuple[Response, dict[str, Any]]:
         """One request, holding one of `slots`: the answer (its status and headers) and its
         JSON object body ({} for none); errors as `_answer` maps them."""
+        if fresh:  # the agent closes first: its socket, not ours, waits out TIME_WAIT
+            headers += "Connection: close\r\n"
         if json is None:
             body = None
             head = self._head(node, method, path, headers, None)
