@@ -18,11 +18,10 @@ Connections:
   `commit` is retried here.
 - a fresh connection, closed after the answer (`Connection: close`: the agent closes it
   first, so the TIME_WAIT is on its side, not the controller's), for the rest: `activate`
-  and `rollback`,
-  which are not idempotent, so they never ride a reused connection that could fail
-  without telling whether the request arrived; and the leases, taken, renewed and
-  released for every node of the fleet at once or in a sweep, which kept would leave one
-  idle socket per node behind.
+  and `rollback`, which are not idempotent, so they never ride a reused connection that
+  could fail without telling whether the request arrived; and the leases, taken, renewed
+  and released for every node of the fleet at once or in a sweep, which kept would leave
+  one idle socket per node behind.
 
 At most `CONNECTIONS` requests are in flight on kept connections and as many on fresh
 ones, and `WATCHES` long polls (each holds its connection while it waits); more wait for a
