@@ -4,6 +4,9 @@ connection each goes (one-shot calls on their own, asking the agent to close it)
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -91,9 +94,10 @@ def test_an_address_without_a_port_is_refused(address: str) -> None:
 async def test_one_shot_requests_ask_the_agent_to_close_pooled_ones_do_not(
     tmp_path: Path,
 ) -> None:
-    """activate, rollback and the leases go on a connection of their own with `Connection:
-    close` (the agent closes first, so the TIME_WAIT is its socket's); a node's other
-    requests (here two discards) share one kept connection."""
+    """The leases (and rollback) go on a connection of their own with `Connection: close`
+    (the agent closes first, so the TIME_WAIT is its socket's); activate rides the node's
+    kept connection, also saying close (the node reboots); a node's other requests (here
+    discards) share one kept connection."""
     host = "127.0.0.94"
     seen: list[tuple[str, str | None, int]] = []
 
@@ -120,9 +124,9 @@ async def test_one_shot_requests_ask_the_agent_to_close_pooled_ones_do_not(
     try:
         await driver.discard(n, "sha256:" + "0" * 64)
         await driver.lease(n, 60)
-        await driver.activate(n, ActivationMode.REBOOT)
+        await driver.activate(n, ActivationMode.REBOOT)  # on the discard's, then closed
         await driver.discard(n, "sha256:" + "0" * 64)
-        assert driver._wire.counts() == (1, 1)  # the kept connection, idle
+        assert driver._wire.counts() == (1, 1)  # the new kept connection, idle
     finally:
         await driver.close()
         await runner.cleanup()
@@ -133,4 +137,110 @@ async def test_one_shot_requests_ask_the_agent_to_close_pooled_ones_do_not(
         ("/v1/image", None),
     ]
     ports = [p for _, _, p in seen]
-    assert ports[0] == ports[3] and len(set(ports)) == 3
+    assert ports[2] == ports[0] and len(set(ports)) == 3
+
+
+async def read_request(reader: asyncio.StreamReader) -> str:
+    """A request's method and path; its body is read and dropped."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    method, path, _ = head.split(" ", 2)
+    return f"{method} {path}"
+
+
+def answer(status: str, body: Mapping[str, object]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+SWITCHING = {"booting": "B", "mode": "reboot", "boot_count": 1}
+
+
+@pytest.mark.parametrize(
+    ("arrived", "again", "outcome"),
+    [
+        (False, "switch", None),
+        (True, "busy", TransportError),
+        (True, "nothing_staged", TransportError),
+        (True, "down", TransportError),
+    ],
+    ids=[
+        "first-lost-second-switches",
+        "first-arrived-second-busy",
+        "first-arrived-image-consumed",
+        "first-arrived-agent-down",
+    ],
+)
+async def test_an_activate_whose_kept_connection_is_closed_under_it(
+    tmp_path: Path, arrived: bool, again: str, outcome: type[Exception] | None
+) -> None:
+    """The agent closes the kept connection as the activate arrives, unanswered. It is
+    sent once more on a fresh connection: switching then is success; `busy` (the first
+    arrived and its switch runs), `nothing_staged` (its switch consumed the image) or no
+    agent any more (it went down to boot) is a TransportError that is not NotSent (the
+    engine reads the boot count): never a second activation, and never a Refused that
+    would fail the node."""
+    host = "127.0.0.95"
+    seen: list[tuple[int, str]] = []
+    switches = 0
+    conns = 0
+    server: asyncio.Server | None = None
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns, switches
+        conns += 1
+        mine = conns
+        try:
+            while True:
+                what = await read_request(reader)
+                seen.append((mine, what))
+                if what.startswith("DELETE"):
+                    writer.write(answer("200 OK", {"discarded": False}))
+                elif mine == 1:  # the activate, on the kept connection
+                    if arrived:
+                        switches += 1
+                        if again == "down" and server is not None:
+                            server.close()  # it stops listening, to boot
+                    writer.transport.abort()
+                    return
+                elif again == "switch":
+                    switches += 1
+                    writer.write(answer("202 Accepted", SWITCHING))
+                else:
+                    refusal = {"error": again, "message": "refused", "busy": "activating"}
+                    writer.write(answer("409 Conflict", refusal))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    port = free_port(host)
+    server = await asyncio.start_server(handler, host, port)
+    tries: list[str] = []
+    driver = AgentDriver(attempts=3, wait_max=0.01, on_retry=lambda _n, op, i, e: tries.append(op))
+    n = node(tmp_path, f"{host}:{port}")
+    try:
+        await driver.discard(n, "sha256:" + "0" * 64)  # the kept connection
+        if outcome is None:
+            await driver.activate(n, ActivationMode.REBOOT)
+        else:
+            with pytest.raises(outcome) as err:
+                await driver.activate(n, ActivationMode.REBOOT)
+            assert not isinstance(err.value, NotSent)
+    finally:
+        await driver.close()
+        server.close()
+    assert switches == 1  # exactly one activation, whichever arrived
+    sent = [what for _, what in seen if what.startswith("POST")]
+    assert sent == ["POST /v1/activate"] * (1 if again == "down" else 2)
+    assert seen[1][0] == 1  # the first went on the discard's connection
+    assert tries == ["activate"]

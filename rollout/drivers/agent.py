@@ -16,12 +16,17 @@ Connections:
   rebooted) is not reused; an idempotent request (GET, PUT, DELETE) is sent once more on
   a fresh connection if the agent closed the reused one just as it was written, and
   `commit` is retried here.
+- `activate` goes on that connection too when the node has one (the stage's), with
+  `Connection: close`: the node reboots after it. Not idempotent, it is not simply sent
+  again if the reused connection fails before any answer; it is sent once more on a
+  fresh connection, and the agent's answer tells whether the first had arrived (`busy`
+  with the switch it started, or `nothing_staged` once that consumed the image: then it
+  is not done twice).
 - a fresh connection, closed after the answer (`Connection: close`: the agent closes it
-  first, so the TIME_WAIT is on its side, not the controller's), for the rest: `activate`
-  and `rollback`, which are not idempotent, so they never ride a reused connection that
-  could fail without telling whether the request arrived; and the leases, taken, renewed
-  and released for every node of the fleet at once or in a sweep, which kept would leave
-  one idle socket per node behind.
+  first, so the TIME_WAIT is on its side, not the controller's), for the rest:
+  `rollback`, which is rare; and the leases, taken, renewed and released for every node
+  of the fleet at once or in a sweep, which kept would leave one idle socket per node
+  behind.
 
 At most `CONNECTIONS` requests are in flight on kept connections and as many on fresh
 ones, and `WATCHES` long polls (each holds its connection while it waits); more wait for a
@@ -43,9 +48,10 @@ in a big batch. A host name goes the usual way (the probe would resolve it once 
 
 Retries: only idempotent calls are retried on transport errors (status, stage, commit),
 with tenacity's explicit stop and wait. `activate` and `rollback` are sent again only when
-the connection could not even be made (`NotSent`: nothing left); once the request may have
-reached the agent, the engine learns what happened from the agent's `boot_count` instead
-of risking a second boot.
+the connection could not even be made (`NotSent`: nothing left), and `activate` once when
+its reused connection was closed under it (above); once the request may have reached the
+agent, the engine learns what happened from the agent's `boot_count` instead of risking
+a second boot.
 """
 
 from __future__ import annotations
@@ -70,7 +76,15 @@ from tenacity import (
 from rollout import clock
 from rollout.agent.status import AgentStatus
 from rollout.drivers.base import NotSent, Refused, TransportError
-from rollout.drivers.wire import Body, Broken, ConnectFailed, Response, Target, Wire
+from rollout.drivers.wire import (
+    Body,
+    Broken,
+    ConnectFailed,
+    Response,
+    Target,
+    Unanswered,
+    Wire,
+)
 from rollout.errors import InputError
 from rollout.model import ActivationMode, Image, Node, NodeStatus
 from rollout.pull import PullAccess
@@ -78,6 +92,15 @@ from rollout.tls import certificate_problem, client_context
 from rollout.tokens import read_token
 
 T = TypeVar("T")
+
+# What an agent answers an activate sent again after the first one arrived and its switch
+# consumed the staged image (`busy`, while the switch runs, is a TransportError already).
+_SWITCHED = frozenset({"nothing_staged"})
+
+
+class _Unanswered(TransportError):
+    """A request on a reused connection that was closed under it before any answer."""
+
 
 _CHUNK = 1 << 20  # image bytes per read and per write to the socket
 _INLINE = 64 << 10  # image bytes read on the event loop rather than in a thread
@@ -190,8 +213,12 @@ class AgentDriver:
         json: dict[str, Any] | None = None,
         *,
         fresh: bool = False,
+        reuse: bool = False,
     ) -> dict[str, Any]:
-        return (await self._exchange(self._slots(fresh), node, method, path, json, fresh=fresh))[1]
+        """One request's JSON answer: on the node's kept connection, or with `fresh` on
+        one of its own, closed after (with `reuse`, the kept one if the node has one)."""
+        slots = self._slots(fresh)
+        return (await self._exchange(slots, node, method, path, json, fresh=fresh, reuse=reuse))[1]
 
     async def _exchange(
         self,
@@ -202,6 +229,7 @@ class AgentDriver:
         json: dict[str, Any] | None = None,
         *,
         fresh: bool = False,
+        reuse: bool = False,
         headers: str = "",
         timeout: float = _ANSWER,
     ) -> tuple[Response, dict[str, Any]]:
@@ -217,26 +245,29 @@ class AgentDriver:
             extra = f"{headers}Content-Type: application/json\r\n"
             head = self._head(node, method, path, extra, len(body))
         resp = await self._send(
-            slots, node, method, path, head, body, keep=not fresh,
+            slots, node, method, path, head, body, keep=not fresh, reuse=not fresh or reuse,
             timeout=timeout, connect_timeout=_CONNECT,
         )  # fmt: skip
         return resp, _answer(node, resp)
 
     async def _send(
         self, slots: asyncio.Semaphore, node: Node, method: str, path: str, head: bytes,
-        body: Body, *, keep: bool, timeout: float | None, connect_timeout: float,
-        read_timeout: float | None = None,
+        body: Body, *, keep: bool, reuse: bool | None = None, timeout: float | None,
+        connect_timeout: float, read_timeout: float | None = None,
     ) -> Response:  # fmt: skip
         """One request through the wire, holding one of `slots`; its failures as the
-        driver's: NotSent when no connection could be made, else TransportError."""
+        driver's: NotSent when no connection could be made, _Unanswered when a reused one
+        was closed under it before any answer, else TransportError."""
         try:
             async with slots:
                 return await self._wire.request(
-                    self._target(node), head, body, method=method, keep=keep,
+                    self._target(node), head, body, method=method, keep=keep, reuse=reuse,
                     timeout=timeout, connect_timeout=connect_timeout, read_timeout=read_timeout,
                 )  # fmt: skip
         except ConnectFailed as exc:  # nothing of the request was sent
             raise NotSent(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
+        except Unanswered as exc:
+            raise _Unanswered(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
         except Broken as exc:
             raise TransportError(f"{node.id}: {method} {path}: {_describe(exc)}") from exc
 
@@ -422,13 +453,33 @@ class AgentDriver:
         return bool(answer.get("discarded"))
 
     async def activate(self, node: Node, mode: ActivationMode) -> None:
-        """Sent again only when it provably never left (NotSent): any other failure may
-        have arrived, and the boot count tells the engine."""
-        await self._retried(
-            node, "activate",
-            lambda: self._call(node, "POST", "/v1/activate", json={"mode": str(mode)}, fresh=True),
-            only=NotSent,
-        )  # fmt: skip
+        """On the node's kept connection (the stage's) when it has one, closed after.
+        Sent again only when it provably never left (NotSent), or once, on a fresh
+        connection, when the kept one was closed under it before any answer: the agent's
+        answer to the second then tells whether the first arrived (`busy` while that switch
+        runs, `nothing_staged` once it consumed the staged image: it did, and the boot
+        count tells the engine the rest). Any other failure may have arrived: the boot
+        count tells the engine."""
+        body = {"mode": str(mode)}
+        try:
+            await self._retried(
+                node, "activate",
+                lambda: self._call(node, "POST", "/v1/activate", json=body, fresh=True, reuse=True),
+                only=NotSent,
+            )  # fmt: skip
+            return
+        except _Unanswered as exc:
+            first: TransportError = exc
+        if self.on_retry:
+            self.on_retry(node, "activate", 1, first)
+        try:
+            await self._call(node, "POST", "/v1/activate", json=body, fresh=True)
+        except NotSent as exc:  # the agent went down: after the first, or on its own
+            raise TransportError(f"{first}; sent again: {exc}") from exc
+        except Refused as exc:
+            if exc.code in _SWITCHED:
+                raise TransportError(f"{first}; sent again, the agent says {exc}") from exc
+            raise
 
     async def commit(self, node: Node) -> NodeStatus:
         return parse_status(

@@ -16,7 +16,8 @@ another), dropped after `keepalive` seconds idle or as soon as the agent closes 
 rebooted). A request that asks for a fresh connection (`keep=False`) gets its own and
 closes it after the answer. An idempotent request (GET, PUT, DELETE) that fails on a
 reused connection before any byte of an answer arrived is sent once more on a fresh one:
-the agent may have closed that connection just as it was written, as aiohttp does.
+the agent may have closed that connection just as it was written, as aiohttp does. Any
+other request failing so is `Unanswered`, for the caller to decide.
 
 Errors: `ConnectFailed` when no connection could be made (so nothing was sent, which the
 driver's `NotSent` promises), `Broken` for anything after (a timeout, a reset, an answer
@@ -48,6 +49,12 @@ class ConnectFailed(WireError):
 
 class Broken(WireError):
     """The connection was made, then the exchange failed (timeout, reset, not HTTP)."""
+
+
+class Unanswered(Broken):
+    """A reused connection was closed or reset under a request that is not sent again
+    here (a POST), before any byte of an answer: most likely the agent had closed it just
+    as the request was written, but it may have arrived; the caller decides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +228,16 @@ class Wire:
         *,
         method: str,
         keep: bool = True,
+        reuse: bool | None = None,
         timeout: float | None,
         connect_timeout: float,
         read_timeout: float | None = None,
     ) -> Response:
         """Send `head` (the request line and headers, ending in an empty line) and `body`
-        to `target`, on its idle connection when `keep` and there is one; within
-        `timeout` seconds in all (None: no limit) once connected."""
-        conn = self._take(target) if keep else None
+        to `target`, on its idle connection when `reuse` (default: `keep`) and there is
+        one, keeping the connection afterwards when `keep`; within `timeout` seconds in
+        all (None: no limit) once connected."""
+        conn = self._take(target) if (keep if reuse is None else reuse) else None
         reused = conn is not None
         while True:
             if conn is None:
@@ -241,6 +250,8 @@ class Wire:
                 if reused and not conn.answered and method in _IDEMPOTENT and _resendable(body):
                     conn, reused = None, False  # it was closed under us: once more, fresh
                     continue
+                if reused and not conn.answered and not isinstance(exc, TimeoutError):
+                    raise Unanswered(_why(exc)) from exc
                 if isinstance(exc, Broken):
                     raise
                 raise Broken(_why(exc)) from exc
