@@ -11,12 +11,12 @@ so the agents' CPU is not counted) per request:
 - `status, pooled`: `GET /v1/status` on the node's kept connection (the driver's own
   HTTP/1.1 client, rollout.drivers.wire), as the boot status, the held health poll and
   the commit of a node in flight are;
-- `lease, fresh`: `PUT /v1/lease` on a new TCP connection per request, as the leases,
-  `activate` and `rollback` are;
+- `lease, fresh`: `PUT /v1/lease` on a new TCP connection per request, as the leases
+  and `rollback` are (and the first request after a reboot, on a connection then kept);
 - `status, sim`: the same call on the simulated driver (bench_http's comparison run).
 
 A node of bench_http's rollout makes 8 requests (lease, reach status, stage, activate,
-boot status, held poll, commit, release) on 5 TCP connections; multiplied by these
+boot status, held poll, commit, release) on 4 TCP connections; multiplied by these
 figures it gives the HTTP driver's share of the controller's CPU per node, which no
 change to the engine can reduce. Nothing is asserted: these are measurements.
 """
