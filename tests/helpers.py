@@ -389,3 +389,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+async def read_request(reader: asyncio.StreamReader) -> str:
+    """For raw test servers: one HTTP request's method and path; its body (by
+    Content-Length) is read and dropped."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    length = 0
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    method, path, _ = head.split(" ", 2)
+    return f"{method} {path}"

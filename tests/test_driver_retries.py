@@ -15,7 +15,7 @@ from aiohttp import web
 from rollout.drivers.agent import ADDRESS_CACHE, AgentDriver, _address
 from rollout.drivers.base import NotSent, TransportError
 from rollout.model import ActivationMode, Node
-from tests.helpers import free_port
+from tests.helpers import free_port, read_request
 
 
 def node(tmp_path: Path, address: str) -> Node:
@@ -138,19 +138,6 @@ async def test_one_shot_requests_ask_the_agent_to_close_pooled_ones_do_not(
     ]
     ports = [p for _, _, p in seen]
     assert ports[2] == ports[0] and len(set(ports)) == 3
-
-
-async def read_request(reader: asyncio.StreamReader) -> str:
-    """A request's method and path; its body is read and dropped."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode()
-    length = 0
-    for line in head.split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    await reader.readexactly(length)
-    method, path, _ = head.split(" ", 2)
-    return f"{method} {path}"
 
 
 def answer(status: str, body: Mapping[str, object]) -> bytes:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from rollout import clock
 from rollout.drivers.wire import Broken, ConnectFailed, Response, Target, Unanswered, Wire
-from tests.helpers import free_port
+from tests.helpers import free_port, read_request
 
 HOST = "127.0.0.93"
 
@@ -127,11 +127,6 @@ async def raw_server(handler: Handler) -> tuple[Target, asyncio.Server]:
     port = free_port(HOST)
     server = await asyncio.start_server(handler, HOST, port)
     return Target(HOST, port, f"{HOST}:{port}"), server
-
-
-async def read_request(reader: asyncio.StreamReader) -> str:
-    line = (await reader.readuntil(b"\r\n\r\n")).decode()
-    return line.split(" ", 2)[0] + " " + line.split(" ", 2)[1]
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
